@@ -1,0 +1,100 @@
+// Bindings for the CUDA kernels: device pointers arrive as integers (torch's data_ptr()),
+// the stream as an integer (torch.cuda.current_stream().cuda_stream). The Python layer
+// (emdpo_core/kernels.py) checks devices, dtypes, shapes and layouts before calling.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifdef EMDPO_HAVE_CUDA
+#include "cuda/listwise_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+#ifdef EMDPO_HAVE_CUDA
+namespace {
+
+template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+bool is_float32(const std::string& dtype) {
+  if (dtype == "float32") return true;
+  if (dtype == "float64") return false;
+  throw py::type_error("dtype: expected 'float32' or 'float64', got '" + dtype + "'");
+}
+
+}  // namespace
+
+void register_cuda(py::module_& m) {
+  m.attr("cuda") = true;
+  m.attr("cuda_compiler") = EMDPO_CUDA_COMPILER;
+  m.attr("cuda_architectures") = EMDPO_CUDA_ARCHS;
+  using namespace emdpo;
+
+  m.def("cuda_listwise_loglik",
+        [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
+           uintptr_t n_ranked, int64_t N, int64_t M, int64_t K, double beta, uintptr_t out,
+           uintptr_t first_bad, uintptr_t stream) {
+          py::gil_scoped_release release;
+          auto fb = ptr<unsigned long long>(first_bad);
+          if (is_float32(dtype))
+            cuda::listwise_loglik<float>(ptr<float>(policy), ptr<float>(ref),
+                                         ptr<int64_t>(offsets), ptr<int64_t>(n_ranked), N, M, K,
+                                         beta, ptr<float>(out), fb, ptr<void>(stream));
+          else
+            cuda::listwise_loglik<double>(ptr<double>(policy), ptr<double>(ref),
+                                          ptr<int64_t>(offsets), ptr<int64_t>(n_ranked), N, M,
+                                          K, beta, ptr<double>(out), fb, ptr<void>(stream));
+        });
+
+  m.def("cuda_e_step_workspace_bytes", &cuda::e_step_workspace_bytes);
+  m.def("cuda_e_step",
+        [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
+           uintptr_t n_ranked, uintptr_t record_weights, uintptr_t annotator_offsets,
+           uintptr_t log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
+           uintptr_t resp, uintptr_t annot_ll, uintptr_t loglik, uintptr_t record_ll,
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+          py::gil_scoped_release release;
+          auto fb = ptr<unsigned long long>(first_bad);
+          if (is_float32(dtype))
+            cuda::e_step<float>(ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
+                                ptr<int64_t>(n_ranked), ptr<float>(record_weights),
+                                ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
+                                M, K, H, beta, ptr<float>(resp), ptr<float>(annot_ll),
+                                ptr<double>(loglik), ptr<float>(record_ll), fb,
+                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+          else
+            cuda::e_step<double>(ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
+                                 ptr<int64_t>(n_ranked), ptr<double>(record_weights),
+                                 ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
+                                 M, K, H, beta, ptr<double>(resp), ptr<double>(annot_ll),
+                                 ptr<double>(loglik), ptr<double>(record_ll), fb,
+                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+        });
+
+  m.def("cuda_loss_workspace_bytes", &cuda::loss_workspace_bytes);
+  m.def("cuda_listwise_dpo_loss_and_grad",
+        [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
+           uintptr_t n_ranked, uintptr_t weights, uintptr_t scale, int64_t N, int64_t M,
+           int64_t K, double beta, uintptr_t loss, uintptr_t grad, uintptr_t record_loss,
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+          py::gil_scoped_release release;
+          auto fb = ptr<unsigned long long>(first_bad);
+          if (is_float32(dtype))
+            cuda::listwise_dpo_loss_and_grad<float>(
+                ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
+                ptr<int64_t>(n_ranked), ptr<float>(weights), ptr<double>(scale), N, M, K, beta,
+                ptr<double>(loss), ptr<float>(grad), ptr<float>(record_loss), fb,
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+          else
+            cuda::listwise_dpo_loss_and_grad<double>(
+                ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
+                ptr<int64_t>(n_ranked), ptr<double>(weights), ptr<double>(scale), N, M, K, beta,
+                ptr<double>(loss), ptr<double>(grad), ptr<double>(record_loss), fb,
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+        });
+}
+#else
+void register_cuda(py::module_& m) { m.attr("cuda") = false; }
+#endif

@@ -1,0 +1,212 @@
+// pybind11 bindings: the private module emdpo_core._core.
+//
+// The Python layer (emdpo_core/kernels.py) validates arguments and converts dtypes before it
+// calls in here; these functions re-check what they rely on for memory safety (dtype,
+// contiguity, sizes) so that a direct call with bad buffers raises instead of crashing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/listwise_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+const T* in_ptr(const py::array& a, const char* name, int64_t size) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(name) + ": expected a C-contiguous array of " +
+                         py::str(py::dtype::of<T>()).cast<std::string>());
+  if (int64_t(a.size()) != size)
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(size) +
+                          " elements, got " + std::to_string(a.size()));
+  return static_cast<const T*>(a.data());
+}
+
+template <typename T>
+const T* opt_in_ptr(const py::object& a, const char* name, int64_t size) {
+  if (a.is_none()) return nullptr;
+  return in_ptr<T>(a.cast<py::array>(), name, size);
+}
+
+template <typename T>
+T* out_ptr(py::array& a, const char* name, int64_t size) {
+  in_ptr<T>(a, name, size);
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": output array is read-only");
+  return static_cast<T*>(a.mutable_data());
+}
+
+template <typename T>
+T* opt_out_ptr(py::object& a, const char* name, int64_t size) {
+  if (a.is_none()) return nullptr;
+  py::array arr = a.cast<py::array>();
+  return out_ptr<T>(arr, name, size);
+}
+
+bool is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
+
+template <typename T>
+int64_t listwise_loglik_impl(py::array policy, py::array ref, py::array offsets,
+                             py::object n_ranked, int64_t N, int64_t M, int64_t K, double beta,
+                             py::array out) {
+  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* r = in_ptr<T>(ref, "ref_logps", M);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
+  T* y = out_ptr<T>(out, "out", N * K);
+  py::gil_scoped_release release;
+  return emdpo::cpu::listwise_loglik<T>(p, r, o, nr, N, M, K, beta, y);
+}
+
+template <typename T>
+py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
+                      py::object record_weights, py::array annotator_offsets,
+                      py::array log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
+                      double beta, py::array resp, py::array annot_ll, py::object record_ll) {
+  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* r = in_ptr<T>(ref, "ref_logps", M);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
+  const T* w = opt_in_ptr<T>(record_weights, "record_weights", N);
+  const int64_t* ao = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", H + 1);
+  const double* lw = in_ptr<double>(log_weights, "log_weights", K);
+  T* g = out_ptr<T>(resp, "responsibilities", H * K);
+  T* s = out_ptr<T>(annot_ll, "annotator_loglik", H * K);
+  T* rl = opt_out_ptr<T>(record_ll, "record_loglik", N * K);
+  double loglik = 0.0;
+  int64_t bad;
+  {
+    py::gil_scoped_release release;
+    bad = emdpo::cpu::e_step<T>(p, r, o, nr, w, ao, lw, N, M, K, H, beta, g, s, &loglik, rl);
+  }
+  return py::make_tuple(bad, loglik);
+}
+
+template <typename T>
+py::tuple loss_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
+                    py::object weights, py::array scale, int64_t N, int64_t M, int64_t K,
+                    double beta, py::array grad, py::object record_loss) {
+  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* r = in_ptr<T>(ref, "ref_logps", M);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
+  const T* w = opt_in_ptr<T>(weights, "weights", K * N);
+  const double* sc = in_ptr<double>(scale, "scale", K);
+  T* g = out_ptr<T>(grad, "grad", K * M);
+  T* rl = opt_out_ptr<T>(record_loss, "record_loss", K * N);
+  double loss = 0.0;
+  int64_t bad;
+  {
+    py::gil_scoped_release release;
+    bad = emdpo::cpu::listwise_dpo_loss_and_grad<T>(p, r, o, nr, w, sc, N, M, K, beta, &loss,
+                                                    g, rl);
+  }
+  return py::make_tuple(bad, loss);
+}
+
+void check_sizes(int64_t N, int64_t M, int64_t K) {
+  if (N < 1 || M < 2 || K < 1)
+    throw py::value_error("sizes: expected N >= 1, M >= 2, K >= 1, got N=" +
+                          std::to_string(N) + ", M=" + std::to_string(M) +
+                          ", K=" + std::to_string(K));
+}
+
+void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) {
+  // Memory safety of the kernels rests on these; kernels.py checks them first with better
+  // messages, this is the last line of defence for direct callers.
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  if (emdpo::cpu::first_bad_offset(o, N + 1, M, 2) >= 0)
+    throw py::value_error("offsets: not a valid layout");
+  if (!n_ranked.is_none()) {
+    const int64_t* nr = in_ptr<int64_t>(n_ranked.cast<py::array>(), "n_ranked", N);
+    if (emdpo::cpu::first_bad_n_ranked(nr, o, N) >= 0)
+      throw py::value_error("n_ranked: out of range");
+  }
+}
+
+}  // namespace
+
+void register_cuda(py::module_& m);  // cuda_bindings.cpp
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "emdpo-core compiled kernels (private; use the emdpo_core package)";
+  m.attr("__version__") = EMDPO_VERSION;
+  m.attr("cxx_compiler") = EMDPO_CXX_COMPILER;
+#ifdef EMDPO_HAVE_OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  m.def("num_threads", &emdpo::cpu::num_threads, "OpenMP threads the kernels use");
+
+  m.def(
+      "first_bad_offset",
+      [](py::array offsets, int64_t total, int64_t min_gap) {
+        const int64_t n = int64_t(offsets.size());
+        const int64_t* o = in_ptr<int64_t>(offsets, "offsets", n);
+        return emdpo::cpu::first_bad_offset(o, n, total, min_gap);
+      },
+      py::arg("offsets"), py::arg("total"), py::arg("min_gap"));
+  m.def(
+      "first_bad_n_ranked",
+      [](py::array n_ranked, py::array offsets) {
+        const int64_t N = int64_t(n_ranked.size());
+        const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+        const int64_t* nr = in_ptr<int64_t>(n_ranked, "n_ranked", N);
+        return emdpo::cpu::first_bad_n_ranked(nr, o, N);
+      },
+      py::arg("n_ranked"), py::arg("offsets"));
+
+  m.def(
+      "listwise_loglik",
+      [](py::array policy, py::array ref, py::array offsets, py::object n_ranked, int64_t N,
+         int64_t M, int64_t K, double beta, py::array out) {
+        check_sizes(N, M, K);
+        check_layout(offsets, n_ranked, N, M);
+        return is_float32(policy)
+                   ? listwise_loglik_impl<float>(policy, ref, offsets, n_ranked, N, M, K, beta, out)
+                   : listwise_loglik_impl<double>(policy, ref, offsets, n_ranked, N, M, K, beta, out);
+      },
+      "Returns the first record with non-finite rewards, or -1.");
+
+  m.def(
+      "e_step",
+      [](py::array policy, py::array ref, py::array offsets, py::object n_ranked,
+         py::object record_weights, py::array annotator_offsets, py::array log_weights,
+         int64_t N, int64_t M, int64_t K, int64_t H, double beta, py::array resp,
+         py::array annot_ll, py::object record_ll) {
+        check_sizes(N, M, K);
+        check_layout(offsets, n_ranked, N, M);
+        const int64_t* ao = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", H + 1);
+        if (H < 1 || emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)
+          throw py::value_error("annotator_offsets: not a valid layout");
+        return is_float32(policy)
+                   ? e_step_impl<float>(policy, ref, offsets, n_ranked, record_weights,
+                                        annotator_offsets, log_weights, N, M, K, H, beta, resp,
+                                        annot_ll, record_ll)
+                   : e_step_impl<double>(policy, ref, offsets, n_ranked, record_weights,
+                                         annotator_offsets, log_weights, N, M, K, H, beta, resp,
+                                         annot_ll, record_ll);
+      },
+      "Returns (first record with non-finite rewards or -1, total log-likelihood).");
+
+  m.def(
+      "listwise_dpo_loss_and_grad",
+      [](py::array policy, py::array ref, py::array offsets, py::object n_ranked,
+         py::object weights, py::array scale, int64_t N, int64_t M, int64_t K, double beta,
+         py::array grad, py::object record_loss) {
+        check_sizes(N, M, K);
+        check_layout(offsets, n_ranked, N, M);
+        return is_float32(policy)
+                   ? loss_impl<float>(policy, ref, offsets, n_ranked, weights, scale, N, M, K,
+                                      beta, grad, record_loss)
+                   : loss_impl<double>(policy, ref, offsets, n_ranked, weights, scale, N, M, K,
+                                       beta, grad, record_loss);
+      },
+      "Returns (first record with non-finite rewards or -1, total loss).");
+
+  register_cuda(m);
+}

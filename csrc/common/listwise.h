@@ -1,0 +1,133 @@
+// Per-record Plackett-Luce math, written once for the CPU loops and the CUDA kernels.
+//
+// Record layout (DESIGN.md section 1): the m responses of a record sit best first in
+// consecutive slots; the first L positions are ranked (1 <= L <= m-1). With the implicit
+// rewards r_j = beta * (logpi(y_j) - logpi_ref(y_j)) the record's log-likelihood is
+//     ll = sum_{t<L} (r_t - LSE_t),   LSE_t = logsumexp_{s>=t} r_s,
+// and its derivative with respect to logpi(y_j) is
+//     beta * ([j < L] - exp(r_j - LSE_T) * Q_T),   T = min(j, L-1),
+//     Q_T = sum_{t<=T} exp(LSE_T - LSE_t)   (so Q_T = Q_{T-1} * exp(LSE_T - LSE_{T-1}) + 1).
+// Every exponent above is <= 0 (LSE_t is non-increasing in t and r_j <= LSE_T for j >= T),
+// so nothing overflows even for rewards of +-1e5, and Q_T <= T + 1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define EMDPO_HD __host__ __device__ __forceinline__
+#else
+#define EMDPO_HD inline
+#endif
+
+namespace emdpo {
+
+// The type per-record math runs in: float inputs stay float (enough for ~1e-5 relative
+// accuracy per record), double stays double. Sums over records always use double.
+template <typename T> struct compute_type { using type = T; };
+
+EMDPO_HD float exp_(float x) { return expf(x); }
+EMDPO_HD double exp_(double x) { return exp(x); }
+EMDPO_HD float log_(float x) { return logf(x); }
+EMDPO_HD double log_(double x) { return log(x); }
+EMDPO_HD float abs_(float x) { return fabsf(x); }
+EMDPO_HD double abs_(double x) { return fabs(x); }
+// True for finite x; written with comparisons only so it survives any math flags.
+template <typename A> EMDPO_HD bool finite_(A x) { return abs_(x) < A(INFINITY); }
+
+// Log-likelihood of one record under one type: a backward pass over the slots keeping a
+// running (max, scaled sum) pair, one exp per slot and one log per ranked position.
+// `p` and `ref` point at the record's first slot. Sets `finite` to false when any reward
+// is NaN or infinite (the result is then meaningless and the caller raises).
+template <typename A, typename T>
+EMDPO_HD A record_loglik(const T* p, const T* ref, int64_t m, int64_t L, A beta, bool& finite) {
+  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
+  bool ok = finite_(mx);
+  A z = A(1);
+  A ll = A(0);
+  for (int64_t t = m - 2; t >= 0; --t) {
+    const A r = beta * (A(p[t]) - A(ref[t]));
+    ok = ok && finite_(r);
+    const A d = r - mx;
+    const A e = exp_(-abs_(d));
+    if (d > A(0)) {
+      z = z * e + A(1);
+      mx = r;
+    } else {
+      z = z + e;
+    }
+    if (t < L) ll += r - mx - log_(z);
+  }
+  finite = finite && ok;
+  return ll;
+}
+
+// Log-likelihood and its gradient for one record under one type. Writes
+// g[j] = coef * d ll / d logpi(y_j) for every slot j of the record and returns ll.
+// g[0..L-1] doubles as scratch for LSE_t between the two passes, so the kernel needs no
+// temporary beyond the output it writes anyway.
+template <typename A, typename T, typename G>
+EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A beta, A coef,
+                              G* g, bool& finite) {
+  // Backward pass: LSE_t for t < L into g[t], and ll.
+  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
+  bool ok = finite_(mx);
+  A z = A(1);
+  A ll = A(0);
+  for (int64_t t = m - 2; t >= 0; --t) {
+    const A r = beta * (A(p[t]) - A(ref[t]));
+    ok = ok && finite_(r);
+    const A d = r - mx;
+    const A e = exp_(-abs_(d));
+    if (d > A(0)) {
+      z = z * e + A(1);
+      mx = r;
+    } else {
+      z = z + e;
+    }
+    if (t < L) {
+      const A lse = mx + log_(z);
+      ll += r - lse;
+      g[t] = G(lse);
+    }
+  }
+  finite = finite && ok;
+  // Forward pass: prefix sums Q_T and the gradient.
+  const A scale = coef * beta;
+  A q = A(0);
+  A lse_prev = A(0);
+  for (int64_t j = 0; j < m; ++j) {
+    const A r = beta * (A(p[j]) - A(ref[j]));
+    A ranked = A(0);
+    if (j < L) {
+      const A lse = A(g[j]);
+      q = (j == 0) ? A(1) : q * exp_(lse - lse_prev) + A(1);
+      lse_prev = lse;
+      ranked = A(1);
+    }
+    g[j] = G(scale * (ranked - exp_(r - lse_prev) * q));
+  }
+  return ll;
+}
+
+// Finish one annotator of the E-step from its per-type sums S_k:
+// log g_k = log eta_k + S_k - lse, lse = logsumexp_j (log eta_j + S_j). Returns lse.
+template <typename T>
+EMDPO_HD double finish_annotator(const double* S, const double* log_weights, int64_t K,
+                                 T* resp_row, T* annot_ll_row) {
+  double mx = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) {
+    const double v = log_weights[k] + S[k];
+    mx = v > mx ? v : mx;
+  }
+  double z = 0.0;
+  for (int64_t k = 0; k < K; ++k) z += exp(log_weights[k] + S[k] - mx);
+  const double lse = mx + log(z);
+  for (int64_t k = 0; k < K; ++k) {
+    resp_row[k] = T(exp(log_weights[k] + S[k] - lse));
+    annot_ll_row[k] = T(S[k]);
+  }
+  return lse;
+}
+
+}  // namespace emdpo

@@ -1,0 +1,43 @@
+"""emdpo-core: a fast compiled core for EM-DPO.
+
+Listwise (Plackett-Luce) log-likelihoods, fused E-steps and weighted DPO losses over cached
+policy log-probabilities, on CPU (C++/OpenMP) and CUDA. See DESIGN.md for the math.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._bookkeeping import group_by_annotator
+from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+
+__version__ = _core.__version__
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "EStepResult",
+    "listwise_loglik",
+    "e_step",
+    "listwise_dpo_loss_and_grad",
+    "group_by_annotator",
+]
+
+
+def build_info() -> dict:
+    """What the compiled core was built with.
+
+    Returns a dict with ``version``, ``cuda`` (bool: CUDA kernels compiled in), ``openmp``
+    (bool), ``num_threads`` (OpenMP threads the CPU kernels use now), ``cxx_compiler`` and,
+    for CUDA builds, ``cuda_compiler`` and ``cuda_architectures``.
+    """
+    info = {
+        "version": _core.__version__,
+        "cuda": bool(_core.cuda),
+        "openmp": bool(_core.openmp),
+        "num_threads": int(_core.num_threads()),
+        "cxx_compiler": _core.cxx_compiler,
+    }
+    if _core.cuda:
+        info["cuda_compiler"] = _core.cuda_compiler
+        info["cuda_architectures"] = _core.cuda_architectures
+    return info

@@ -1,0 +1,259 @@
+"""torch inputs for the kernels: CPU tensors run the C++ kernels zero-copy, CUDA tensors the
+CUDA kernels on the current stream. Imported only when a torch tensor is passed in, so the
+NumPy path never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from . import _core
+from . import kernels as _k
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _require_tensor(x, name, device):
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x), device=device)
+    if x.device != device:
+        raise ValueError(
+            f"{name}: on {x.device}, but policy_logps is on {device}; put all inputs on one device")
+    return x
+
+
+def _float_tensor(x, name, device, dims=(1,)):
+    x = _require_tensor(x, name, device)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected a float32 or float64 tensor, got {x.dtype}")
+    if x.dim() not in dims:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in dims)}, got shape "
+                         f"{tuple(x.shape)}")
+    return x.detach().contiguous()
+
+
+def _index_tensor(x, name, device):
+    x = _require_tensor(x, name, device)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor (int64), got {x.dtype}")
+    if x.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D integer tensor, got shape {tuple(x.shape)}")
+    return x.to(torch.int64).contiguous()
+
+
+def _numpy(x):
+    return None if x is None else x.detach().cpu().numpy()
+
+
+# Index arrays (offsets, n_ranked, annotator_offsets) are checked on the host. On CUDA that
+# costs a device-to-host copy, so tensors already checked are remembered by (pointer, size,
+# version counter): an in-place change bumps torch's version counter and forces a re-check.
+_checked: "OrderedDict[tuple, bool]" = OrderedDict()
+
+
+def _check_cached(key, check):
+    if key in _checked:
+        _checked.move_to_end(key)
+        return
+    check()
+    _checked[key] = True
+    if len(_checked) > 32:
+        _checked.popitem(last=False)
+
+
+def _key(*tensors):
+    return tuple((t.data_ptr(), t.numel(), t._version, str(t.device)) if t is not None else None
+                 for t in tensors)
+
+
+def _check_layout_cuda(offsets, n_ranked, M):
+    def check():
+        o = offsets.cpu().numpy()
+        N = _k._check_offsets(o, M)
+        _k._check_n_ranked(None if n_ranked is None else n_ranked.cpu().numpy(), o, N)
+
+    _check_cached(("layout", M) + _key(offsets, n_ranked), check)
+
+
+def _require_cuda_build():
+    if not getattr(_core, "cuda", False):
+        raise RuntimeError(
+            "emdpo_core was built without CUDA, so it cannot run on CUDA tensors. Reinstall from "
+            "source on a machine with nvcc on PATH: EMDPO_WITH_CUDA=ON pip install --no-binary "
+            "emdpo-core --force-reinstall emdpo-core (or `pip install .` in a checkout); "
+            "emdpo_core.build_info() shows what was built.")
+
+
+def _prepare(policy_logps, ref_logps):
+    device = policy_logps.device
+    p = _float_tensor(policy_logps, "policy_logps", device, dims=(1, 2))
+    one = p.dim() == 1
+    if one:
+        p = p.unsqueeze(0)
+    if p.shape[1] < 2:
+        raise ValueError(f"policy_logps: expected shape (K, M) with M >= 2, got {tuple(p.shape)}")
+    ref = _float_tensor(ref_logps, "ref_logps", device)
+    if ref.shape[0] != p.shape[1]:
+        raise ValueError(f"ref_logps: expected shape ({p.shape[1]},) to match policy_logps' "
+                         f"M={p.shape[1]}, got {tuple(ref.shape)}")
+    if ref.dtype != p.dtype:
+        raise TypeError(f"ref_logps: dtype {ref.dtype} does not match policy_logps' dtype "
+                        f"{p.dtype}; pass both as float32 or both as float64")
+    return p, ref, one, device
+
+
+def _raise_if_bad(first_bad, p, ref, offsets, beta):
+    bad = int(first_bad.item())
+    if bad >= 0:
+        o = offsets.cpu().numpy()
+        b = int(o[bad + 1])
+        _k._raise_non_finite(bad, p[:, :b].cpu().numpy(), ref[:b].cpu().numpy(), o, beta)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _dtype_name(t):
+    return "float32" if t.dtype == torch.float32 else "float64"
+
+
+def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
+    p, ref, _, device = _prepare(policy_logps, ref_logps)
+    if device.type == "cpu":
+        return torch.from_numpy(_k.listwise_loglik(p.numpy(), ref.numpy(), _numpy(
+            _index_tensor(offsets, "offsets", device)), beta=beta, n_ranked=_numpy(
+            None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device))))
+    _require_cuda_build()
+    beta = _k._check_beta(beta)
+    offsets = _index_tensor(offsets, "offsets", device)
+    nr = None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device)
+    K, M = p.shape
+    _check_layout_cuda(offsets, nr, M)
+    N = offsets.shape[0] - 1
+    out = torch.empty((N, K), dtype=p.dtype, device=device)
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
+    _core.cuda_listwise_loglik(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(),
+                               _ptr(nr), N, M, K, beta, out.data_ptr(), first_bad.data_ptr(),
+                               _stream(device))
+    _raise_if_bad(first_bad, p, ref, offsets, beta)
+    return out
+
+
+def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
+           n_ranked=None, record_weights=None, return_record_loglik=False):
+    p, ref, _, device = _prepare(policy_logps, ref_logps)
+    if device.type == "cpu":
+        r = _k.e_step(p.numpy(), ref.numpy(), _numpy(_index_tensor(offsets, "offsets", device)),
+                      _numpy(_index_tensor(annotator_offsets, "annotator_offsets", device)),
+                      _numpy(log_weights) if isinstance(log_weights, torch.Tensor) else log_weights,
+                      beta=beta,
+                      n_ranked=None if n_ranked is None else _numpy(
+                          _index_tensor(n_ranked, "n_ranked", device)),
+                      record_weights=_numpy(record_weights) if isinstance(
+                          record_weights, torch.Tensor) else record_weights,
+                      return_record_loglik=return_record_loglik)
+        conv = (lambda a: None if a is None else torch.from_numpy(a))
+        return _k.EStepResult(conv(r.responsibilities), r.loglik, conv(r.annotator_loglik),
+                              conv(r.record_loglik))
+    _require_cuda_build()
+    beta = _k._check_beta(beta)
+    K, M = p.shape
+    offsets = _index_tensor(offsets, "offsets", device)
+    nr = None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device)
+    ao = _index_tensor(annotator_offsets, "annotator_offsets", device)
+    _check_layout_cuda(offsets, nr, M)
+    N = offsets.shape[0] - 1
+    _check_cached(("annotators", N) + _key(ao),
+                  lambda: _k._check_annotator_offsets(ao.cpu().numpy(), N))
+    H = ao.shape[0] - 1
+    lw = torch.from_numpy(_k._check_log_weights(
+        log_weights.detach().cpu().numpy() if isinstance(log_weights, torch.Tensor)
+        else log_weights, K)).to(device)
+    cw = None
+    if record_weights is not None:
+        cw = _float_tensor(record_weights, "record_weights", device).to(p.dtype)
+        if cw.shape != (N,):
+            raise ValueError(f"record_weights: expected shape ({N},), got {tuple(cw.shape)}")
+        if not bool(torch.all(torch.isfinite(cw) & (cw >= 0))):
+            _k._check_record_weights(cw.cpu().numpy(), N, cw.cpu().numpy().dtype)
+    resp = torch.empty((H, K), dtype=p.dtype, device=device)
+    annot_ll = torch.empty((H, K), dtype=p.dtype, device=device)
+    rec = torch.empty((N, K), dtype=p.dtype, device=device) if return_record_loglik else None
+    loglik = torch.empty((1,), dtype=torch.float64, device=device)
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
+    ws_bytes = _core.cuda_e_step_workspace_bytes(N, H, K)
+    ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
+    _core.cuda_e_step(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr),
+                      _ptr(cw), ao.data_ptr(), lw.data_ptr(), N, M, K, H, beta, resp.data_ptr(),
+                      annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec), first_bad.data_ptr(),
+                      ws.data_ptr(), ws_bytes, _stream(device))
+    _raise_if_bad(first_bad, p, ref, offsets, beta)
+    return _k.EStepResult(resp, float(loglik.item()), annot_ll, rec)
+
+
+def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
+                               n_ranked=None, reduction="sum", return_tensors=False):
+    """Returns (loss, grad) like the NumPy version. With return_tensors=True the loss is a
+    0-d float64 tensor on the input's device (no host synchronisation for the value)."""
+    p, ref, one, device = _prepare(policy_logps, ref_logps)
+    beta = _k._check_beta(beta)
+    reduction = _k._check_reduction(reduction)
+    K, M = p.shape
+    if device.type == "cpu":
+        w = None if weights is None else _float_tensor(weights, "weights", device, dims=(1, 2))
+        loss, grad = _k.listwise_dpo_loss_and_grad(
+            p[0].numpy() if one else p.numpy(), ref.numpy(),
+            _numpy(_index_tensor(offsets, "offsets", device)), _numpy(w), beta=beta,
+            n_ranked=None if n_ranked is None else _numpy(_index_tensor(n_ranked, "n_ranked", device)),
+            reduction=reduction)
+        grad = torch.from_numpy(grad)
+        if reduction == "none":
+            return torch.from_numpy(loss), grad
+        return (torch.tensor(loss, dtype=torch.float64) if return_tensors else loss), grad
+    _require_cuda_build()
+    offsets = _index_tensor(offsets, "offsets", device)
+    nr = None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device)
+    _check_layout_cuda(offsets, nr, M)
+    N = offsets.shape[0] - 1
+    w = None
+    if weights is not None:
+        w = _float_tensor(weights, "weights", device, dims=(1, 2)).to(p.dtype)
+        want = [(N,), (K, N)] if K == 1 else [(K, N)]
+        if tuple(w.shape) not in want:
+            raise ValueError(f"weights: expected shape {' or '.join(map(str, want))}, got "
+                             f"{tuple(w.shape)}")
+        w = w.reshape(K, N).contiguous()
+    if reduction in ("sum", "none"):
+        scale = torch.ones(K, dtype=torch.float64, device=device)
+    elif reduction == "mean":
+        scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
+    else:
+        totals = (torch.full((K,), float(N), dtype=torch.float64, device=device) if w is None
+                  else w.sum(dim=1, dtype=torch.float64))
+        if not bool((totals > 0).all()):
+            _k._loss_scale(reduction, w.cpu().numpy(), K, N)  # raises with the message
+        scale = 1.0 / totals
+    grad = torch.empty((K, M), dtype=p.dtype, device=device)
+    rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
+    loss = torch.empty((), dtype=torch.float64, device=device)
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
+    ws_bytes = _core.cuda_loss_workspace_bytes(N, K)
+    ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
+    _core.cuda_listwise_dpo_loss_and_grad(
+        _dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr), _ptr(w),
+        scale.data_ptr(), N, M, K, beta, loss.data_ptr(), grad.data_ptr(), _ptr(rec),
+        first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
+    _raise_if_bad(first_bad, p, ref, offsets, beta)
+    if one:
+        grad = grad[0]
+    if reduction == "none":
+        return (rec[0] if one else rec), grad
+    return (loss if return_tensors else float(loss.item())), grad
