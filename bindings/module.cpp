@@ -141,6 +141,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("openmp") = false;
 #endif
   m.def("num_threads", &emdpo::cpu::num_threads, "OpenMP threads the kernels use");
+  m.def("cpu_isa", &emdpo::cpu::cpu_isa, "instruction set of the CPU kernels");
 
   m.def(
       "first_bad_offset",

@@ -27,7 +27,9 @@ def build_info() -> dict:
     """What the compiled core was built with.
 
     Returns a dict with ``version``, ``cuda`` (bool: CUDA kernels compiled in), ``openmp``
-    (bool), ``num_threads`` (OpenMP threads the CPU kernels use now), ``cxx_compiler`` and,
+    (bool), ``num_threads`` (OpenMP threads the CPU kernels use now), ``cpu_isa`` (the
+    vector instruction set the CPU kernels picked at load time: "avx512", "avx2" or
+    "baseline"; the environment variable EMDPO_CPU_ISA caps it), ``cxx_compiler`` and,
     for CUDA builds, ``cuda_compiler`` and ``cuda_architectures``.
     """
     info = {
@@ -35,6 +37,7 @@ def build_info() -> dict:
         "cuda": bool(_core.cuda),
         "openmp": bool(_core.openmp),
         "num_threads": int(_core.num_threads()),
+        "cpu_isa": _core.cpu_isa(),
         "cxx_compiler": _core.cxx_compiler,
     }
     if _core.cuda:

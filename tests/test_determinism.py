@@ -30,21 +30,34 @@ for red in ("sum", "mean", "weighted_mean"):
                                                n_ranked=n_ranked, reduction=red)
     h.update(np.float64(loss).tobytes()); h.update(grad.tobytes())
 h.update(ec.listwise_loglik(p, r, offsets, beta=2.0, n_ranked=n_ranked).tobytes())
-print(ec.build_info()["num_threads"], h.hexdigest())
+print(ec.build_info()["num_threads"], ec.build_info()["cpu_isa"], h.hexdigest())
 """
 
 
-def run_with_threads(n):
-    env = dict(os.environ, OMP_NUM_THREADS=str(n))
+def run(threads, isa=None):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop("EMDPO_CPU_ISA", None)
+    if isa:
+        env["EMDPO_CPU_ISA"] = isa
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                          check=True)
-    threads, digest = out.stdout.split()
-    return int(threads), digest
+    n, used_isa, digest = out.stdout.split()
+    return int(n), used_isa, digest
 
 
 def test_bitwise_identical_across_thread_counts():
-    t1, d1 = run_with_threads(1)
-    t2, d2 = run_with_threads(2)
-    t4, d4 = run_with_threads(4)  # more threads than cores: still the same association
+    t1, _, d1 = run(1)
+    t2, _, d2 = run(2)
+    t4, _, d4 = run(4)  # more threads than cores: still the same association
     assert (t1, t2, t4) == (1, 2, 4)
     assert d1 == d2 == d4
+
+
+def test_bitwise_identical_across_instruction_sets():
+    """The baseline, AVX2 and AVX-512 builds of the record loops (whichever this machine
+    has) use different lane widths but the same IEEE operations per record."""
+    results = {run(2, isa)[1:] for isa in ("baseline", "avx2", "avx512")}
+    isas = {isa for isa, _ in results}
+    digests = {digest for _, digest in results}
+    assert "baseline" in isas
+    assert len(digests) == 1, results

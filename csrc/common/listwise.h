@@ -14,52 +14,83 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/fastmath.h"
+
 #if defined(__CUDACC__)
 #define EMDPO_HD __host__ __device__ __forceinline__
 #else
-#define EMDPO_HD inline
+// Always inlined: the CPU kernels are compiled once per instruction set (target clones)
+// and each clone must get its own vectorized copy of this math.
+#define EMDPO_HD EMDPO_ALWAYS_INLINE
 #endif
 
 namespace emdpo {
+inline namespace EMDPO_ISA_NS {
 
 // The type per-record math runs in: float inputs stay float (enough for ~1e-5 relative
 // accuracy per record), double stays double. Sums over records always use double.
 template <typename T> struct compute_type { using type = T; };
 
+// float: the device's expf/logf on the GPU; on the CPU, polynomials that vectorize
+// (common/fastmath.h). The scalar and vectorized CPU paths share them, so they agree bitwise.
+#if defined(__CUDA_ARCH__)
 EMDPO_HD float exp_(float x) { return expf(x); }
-EMDPO_HD double exp_(double x) { return exp(x); }
 EMDPO_HD float log_(float x) { return logf(x); }
+#else
+EMDPO_HD float exp_(float x) { return fastmath::expf(x); }
+EMDPO_HD float log_(float x) { return fastmath::logf(x); }
+#endif
+EMDPO_HD double exp_(double x) { return exp(x); }
 EMDPO_HD double log_(double x) { return log(x); }
 EMDPO_HD float abs_(float x) { return fabsf(x); }
 EMDPO_HD double abs_(double x) { return fabs(x); }
+template <typename A> EMDPO_HD A min_zero(A x) { return x < A(0) ? x : A(0); }
 // True for finite x; written with comparisons only so it survives any math flags.
 template <typename A> EMDPO_HD bool finite_(A x) { return abs_(x) < A(INFINITY); }
 
+// One step of the backward pass: fold reward r into the running pair (mx, z) with
+// sum_{s>=t} exp(r_s) = exp(mx) * z. Branch-free so that vectorized callers can use it;
+// z stays >= 1, so log(z) is always safe.
+template <typename A>
+EMDPO_HD void push_reward(A r, A& mx, A& z) {
+  const A d = r - mx;
+  const A e = exp_(-abs_(d));
+  const bool up = d > A(0);
+  z = up ? z * e + A(1) : z + e;
+  mx = up ? r : mx;
+}
+
+// Products of the running sums z (each in [1, m]) are flushed into a log once they pass
+// this bound, so a record costs about one log instead of one per ranked position while the
+// product stays far from overflow in float.
+template <typename A> EMDPO_HD A prod_flush_bound() { return A(1.8e19); }
+
 // Log-likelihood of one record under one type: a backward pass over the slots keeping a
-// running (max, scaled sum) pair, one exp per slot and one log per ranked position.
-// `p` and `ref` point at the record's first slot. Sets `finite` to false when any reward
-// is NaN or infinite (the result is then meaningless and the caller raises).
+// running (max, scaled sum) pair, one exp per slot; ll = sum_{t<L} (r_t - mx_t) -
+// log(prod_{t<L} z_t), with LSE_t = mx_t + log z_t. `p` and `ref` point at the record's
+// first slot. Sets `finite` to false when any reward is NaN or infinite (the result is
+// then meaningless and the caller raises).
 template <typename A, typename T>
 EMDPO_HD A record_loglik(const T* p, const T* ref, int64_t m, int64_t L, A beta, bool& finite) {
   A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
   bool ok = finite_(mx);
   A z = A(1);
-  A ll = A(0);
+  A sum_r = A(0), log_sum = A(0), prod_z = A(1);
   for (int64_t t = m - 2; t >= 0; --t) {
     const A r = beta * (A(p[t]) - A(ref[t]));
     ok = ok && finite_(r);
-    const A d = r - mx;
-    const A e = exp_(-abs_(d));
-    if (d > A(0)) {
-      z = z * e + A(1);
-      mx = r;
-    } else {
-      z = z + e;
+    push_reward(r, mx, z);
+    if (t < L) {
+      sum_r += r - mx;
+      prod_z *= z;
     }
-    if (t < L) ll += r - mx - log_(z);
+    if (prod_z > prod_flush_bound<A>()) {
+      log_sum += log_(prod_z);
+      prod_z = A(1);
+    }
   }
   finite = finite && ok;
-  return ll;
+  return sum_r - (log_sum + log_(prod_z));
 }
 
 // Log-likelihood and its gradient for one record under one type. Writes
@@ -77,14 +108,7 @@ EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A 
   for (int64_t t = m - 2; t >= 0; --t) {
     const A r = beta * (A(p[t]) - A(ref[t]));
     ok = ok && finite_(r);
-    const A d = r - mx;
-    const A e = exp_(-abs_(d));
-    if (d > A(0)) {
-      z = z * e + A(1);
-      mx = r;
-    } else {
-      z = z + e;
-    }
+    push_reward(r, mx, z);
     if (t < L) {
       const A lse = mx + log_(z);
       ll += r - lse;
@@ -101,7 +125,9 @@ EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A 
     A ranked = A(0);
     if (j < L) {
       const A lse = A(g[j]);
-      q = (j == 0) ? A(1) : q * exp_(lse - lse_prev) + A(1);
+      // LSE is non-increasing, so the exponent is <= 0 except at j = 0, where q = 0 and the
+      // clamp keeps 0 * exp(.) finite: q becomes 1 there without a special case.
+      q = q * exp_(min_zero(lse - lse_prev)) + A(1);
       lse_prev = lse;
       ranked = A(1);
     }
@@ -130,4 +156,5 @@ EMDPO_HD double finish_annotator(const double* S, const double* log_weights, int
   return lse;
 }
 
+}  // namespace EMDPO_ISA_NS
 }  // namespace emdpo

@@ -9,23 +9,102 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "common/listwise.h"
+#include "cpu/listwise_isa.h"
+#include "cpu/listwise_records.h"
+
+// The baseline build of the record loops (SSE2 on x86-64: 4 float lanes).
+EMDPO_DEFINE_RECORD_LOOPS(baseline, 4, 4)
 
 namespace emdpo {
 namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // records per reduction piece; fixed, never thread-dependent
-constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
-
-inline int64_t ranked_of(const int64_t* n_ranked, int64_t i, int64_t m) {
-  return n_ranked ? n_ranked[i] : m - 1;
-}
+using records::kNoBad;
 
 inline int64_t as_result(int64_t first_bad) { return first_bad == kNoBad ? -1 : first_bad; }
+
+// ---------------------------------------------------------------------------------------
+// Instruction-set dispatch. The record loops are compiled three times, for AVX-512 (16
+// float lanes), AVX2 (8) and the baseline (4), in separate translation units with their own
+// compiler flags, and the best the machine supports is picked once at run time, so a
+// portable wheel still uses wide vectors. Every version performs the same IEEE operations
+// per record (-ffp-contract=off in CMakeLists.txt: no fused multiply-adds), so results are
+// bitwise identical whichever version runs.
+enum class Isa { base, avx2, avx512 };
+
+// The best instruction set the machine supports, capped by the environment variable
+// EMDPO_CPU_ISA (baseline | avx2 | avx512) when set: for tests and benchmarks that compare
+// the versions, and as an escape hatch.
+Isa detect_isa() {
+  Isa best = Isa::base;
+#ifdef EMDPO_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) best = Isa::avx512;
+  else if (__builtin_cpu_supports("avx2")) best = Isa::avx2;
+#endif
+  const char* cap = std::getenv("EMDPO_CPU_ISA");
+  if (cap && std::strcmp(cap, "baseline") == 0) return Isa::base;
+  if (cap && std::strcmp(cap, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
+  return best;
+}
+
+const Isa kIsa = detect_isa();
+
+}  // namespace
+
+const char* cpu_isa() {
+  switch (kIsa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+namespace {
+
+inline int64_t chunk_loglik(const float* p, int64_t M, int64_t K, const float* ref,
+                            const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,
+                            float beta, float* out, int64_t stride) {
+#ifdef EMDPO_X86_DISPATCH
+  if (kIsa == Isa::avx512) return records_loglik_avx512_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+  if (kIsa == Isa::avx2) return records_loglik_avx2_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+#endif
+  return records_loglik_baseline_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+}
+inline int64_t chunk_loglik(const double* p, int64_t M, int64_t K, const double* ref,
+                            const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,
+                            double beta, double* out, int64_t stride) {
+#ifdef EMDPO_X86_DISPATCH
+  if (kIsa == Isa::avx512) return records_loglik_avx512_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+  if (kIsa == Isa::avx2) return records_loglik_avx2_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+#endif
+  return records_loglik_baseline_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+}
+inline int64_t chunk_loglik_grad(const float* p, const float* ref, const int64_t* o,
+                                 const int64_t* nr, const float* w, float scale, int64_t lo,
+                                 int64_t hi, float beta, float* g, float* ll) {
+#ifdef EMDPO_X86_DISPATCH
+  if (kIsa == Isa::avx512) return records_loglik_grad_avx512_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+  if (kIsa == Isa::avx2) return records_loglik_grad_avx2_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+#endif
+  return records_loglik_grad_baseline_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+}
+inline int64_t chunk_loglik_grad(const double* p, const double* ref, const int64_t* o,
+                                 const int64_t* nr, const double* w, double scale, int64_t lo,
+                                 int64_t hi, double beta, double* g, double* ll) {
+#ifdef EMDPO_X86_DISPATCH
+  if (kIsa == Isa::avx512) return records_loglik_grad_avx512_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+  if (kIsa == Isa::avx2) return records_loglik_grad_avx2_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+#endif
+  return records_loglik_grad_baseline_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+}
 
 }  // namespace
 
@@ -33,18 +112,19 @@ template <typename T>
 int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                         const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
                         T* out) {
-  using A = typename compute_type<T>::type;
+  const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   int64_t first_bad = kNoBad;
-#pragma omp parallel for schedule(static) reduction(min : first_bad)
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t off = offsets[i];
-    const int64_t m = offsets[i + 1] - off;
-    const int64_t L = ranked_of(n_ranked, i, m);
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      out[i * K + k] = T(record_loglik<A>(policy + k * M + off, ref + off, m, L, A(beta), finite));
+#pragma omp parallel reduction(min : first_bad)
+  {
+    std::vector<T> buf(K * kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
+      first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
+                                                   T(beta), buf.data(), kChunk));
+      for (int64_t i = lo; i < hi; ++i)
+        for (int64_t k = 0; k < K; ++k) out[i * K + k] = buf[k * kChunk + (i - lo)];
     }
-    if (!finite) first_bad = std::min(first_bad, i);
   }
   return as_result(first_bad);
 }
@@ -55,7 +135,6 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
                const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
                double beta, T* responsibilities, T* annotator_loglik, double* loglik,
                T* record_ll) {
-  using A = typename compute_type<T>::type;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   // An annotator whose records all fall inside one chunk is finished by that chunk. One
   // that crosses chunk boundaries leaves a partial sum in its first chunk (slot "tail") and
@@ -69,29 +148,32 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
 #pragma omp parallel reduction(min : first_bad)
   {
     std::vector<double> S(K);
+    std::vector<T> ll(K * kChunk);  // this chunk's per-record log-likelihoods, type-major
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
-      // First annotator with a record at or after lo: the last h with aoff[h] <= lo that
-      // still has records beyond lo.
+      first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
+                                                   T(beta), ll.data(), kChunk));
+      if (record_ll)
+        for (int64_t i = lo; i < hi; ++i)
+          for (int64_t k = 0; k < K; ++k) record_ll[i * K + k] = ll[k * kChunk + (i - lo)];
+      // First annotator with a record at or after lo: the last h with aoff[h] <= lo (it is
+      // never an empty one, since an empty annotator at lo is followed by one starting at lo).
       int64_t h = int64_t(std::upper_bound(aoff, aoff + H + 1, lo) - aoff) - 1;
       for (; h < H && aoff[h] < hi; ++h) {
         const int64_t a = aoff[h], b = aoff[h + 1];
         if (a == b) continue;  // annotators without records are finished below
-        std::fill(S.begin(), S.end(), 0.0);
         const int64_t seg_lo = std::max(a, lo), seg_hi = std::min(b, hi);
-        for (int64_t i = seg_lo; i < seg_hi; ++i) {
-          const int64_t off = offsets[i];
-          const int64_t m = offsets[i + 1] - off;
-          const int64_t L = ranked_of(n_ranked, i, m);
-          const double c_i = record_weights ? double(record_weights[i]) : 1.0;
-          bool finite = true;
-          for (int64_t k = 0; k < K; ++k) {
-            const A ll = record_loglik<A>(policy + k * M + off, ref + off, m, L, A(beta), finite);
-            if (record_ll) record_ll[i * K + k] = T(ll);
-            S[k] += c_i * double(ll);
+        for (int64_t k = 0; k < K; ++k) {
+          const T* llk = ll.data() + k * kChunk - lo;
+          double acc = 0.0;
+          if (record_weights) {
+            for (int64_t i = seg_lo; i < seg_hi; ++i)
+              acc += double(record_weights[i]) * double(llk[i]);
+          } else {
+            for (int64_t i = seg_lo; i < seg_hi; ++i) acc += double(llk[i]);
           }
-          if (!finite) first_bad = std::min(first_bad, i);
+          S[k] = acc;
         }
         if (a >= lo && b <= hi) {
           lse[h] = finish_annotator<T>(S.data(), log_weights, K, responsibilities + h * K,
@@ -136,33 +218,28 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
                                    const int64_t* n_ranked, const T* weights,
                                    const double* scale, int64_t N, int64_t M, int64_t K,
                                    double beta, double* loss, T* grad, T* record_loss) {
-  using A = typename compute_type<T>::type;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   std::vector<double> chunk_loss(n_chunks * K, 0.0);
   int64_t first_bad = kNoBad;
-#pragma omp parallel for schedule(static) reduction(min : first_bad)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
-    for (int64_t k = 0; k < K; ++k) {
-      const T* p = policy + k * M;
-      T* g = grad + k * M;
-      const T* w = weights ? weights + k * N : nullptr;
-      double acc = 0.0;
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t off = offsets[i];
-        const int64_t m = offsets[i + 1] - off;
-        const int64_t L = ranked_of(n_ranked, i, m);
-        const A w_i = w ? A(w[i]) : A(1);
-        bool finite = true;
-        // d loss / d logpi = -scale_k * w_i * d ll / d logpi.
-        const A ll = record_loglik_grad<A>(p + off, ref + off, m, L, A(beta),
-                                           A(-scale[k]) * w_i, g + off, finite);
-        const double l_i = -double(w_i) * double(ll);
-        if (record_loss) record_loss[k * N + i] = T(l_i);
-        acc += l_i;
-        if (!finite) first_bad = std::min(first_bad, i);
+#pragma omp parallel reduction(min : first_bad)
+  {
+    std::vector<T> ll(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* w = weights ? weights + k * N : nullptr;
+        first_bad = std::min(first_bad, chunk_loglik_grad(policy + k * M, ref, offsets, n_ranked,
+                                                          w, T(scale[k]), lo, hi, T(beta),
+                                                          grad + k * M, ll.data()));
+        double acc = 0.0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const double l_i = -(w ? double(w[i]) : 1.0) * double(ll[i - lo]);
+          if (record_loss) record_loss[k * N + i] = T(l_i);
+          acc += l_i;
+        }
+        chunk_loss[c * K + k] = acc;
       }
-      chunk_loss[c * K + k] = acc;
     }
   }
   double total = 0.0;

@@ -40,5 +40,8 @@ int64_t first_bad_n_ranked(const int64_t* n_ranked, const int64_t* offsets, int6
 
 int num_threads();
 
+// The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
+const char* cpu_isa();
+
 }  // namespace cpu
 }  // namespace emdpo
