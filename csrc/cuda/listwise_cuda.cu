@@ -15,8 +15,8 @@
 //
 // E-step reduction per annotator (S_hk = sum_i c_i ll_ik), parallel for any annotator sizes:
 //   1. e_step_tiles: inside each tile, a segmented reduction by annotator (warp shuffle
-//      suffix scan, then a short walk over the following warps' heads). An annotator that
-//      lies inside the tile is finished there (written to S). An annotator crossing the
+//      suffix scan, then a short walk over the following warps' heads). The sum of an
+//      annotator that lies inside the tile is complete there (written to S). One crossing the
 //      tile's left edge leaves its in-tile sum in first_part[k][tile], one that starts in
 //      the tile and crosses its right edge leaves it in last_part[k][tile]. Tiles whose
 //      first record starts an annotator write first_part = 0.
@@ -29,6 +29,8 @@
 //   4. e_step_finish: one thread per annotator: finish_annotator (common header), and a
 //      block sum of the annotators' log-normalisers.
 //   5. sum_parts: one block adds the per-block sums into loglik.
+// Workspace (caller-allocated, size from (N, H, K) alone): S in float64, H*K doubles, plus
+// about 2K doubles per tile and one int64 per tile; nothing is allocated here.
 #include "cuda/listwise_cuda.h"
 
 #include <cuda_runtime.h>
