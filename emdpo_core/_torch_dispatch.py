@@ -5,6 +5,7 @@ NumPy path never imports torch.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -51,15 +52,20 @@ def _numpy(x):
 # Index arrays (offsets, n_ranked, annotator_offsets) are checked on the host. On CUDA that
 # costs a device-to-host copy, so tensors already checked are remembered by (pointer, size,
 # version counter): an in-place change bumps torch's version counter and forces a re-check.
-_checked: "OrderedDict[tuple, bool]" = OrderedDict()
+# The entry also holds weak references to the tensors themselves: once a checked tensor is
+# freed, a new tensor can get the same memory, size and version 0, and must not inherit the
+# check (the kernels index memory with these arrays).
+_checked: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def _check_cached(key, check):
-    if key in _checked:
+def _check_cached(key, check, tensors):
+    refs = _checked.get(key)
+    if refs is not None and all((r is None and t is None) or (r is not None and r() is t)
+                                for r, t in zip(refs, tensors)):
         _checked.move_to_end(key)
         return
     check()
-    _checked[key] = True
+    _checked[key] = tuple(None if t is None else weakref.ref(t) for t in tensors)
     if len(_checked) > 32:
         _checked.popitem(last=False)
 
@@ -75,10 +81,13 @@ def _check_layout_cuda(offsets, n_ranked, M):
         N = _k._check_offsets(o, M)
         _k._check_n_ranked(None if n_ranked is None else n_ranked.cpu().numpy(), o, N)
 
-    _check_cached(("layout", M) + _key(offsets, n_ranked), check)
+    _check_cached(("layout", M) + _key(offsets, n_ranked), check, (offsets, n_ranked))
 
 
-def _require_cuda_build():
+def _require_cuda_build(device):
+    if device.type != "cuda":
+        raise ValueError(f"policy_logps: tensors on {device} are not supported; use CPU or CUDA "
+                         f"tensors")
     if not getattr(_core, "cuda", False):
         raise RuntimeError(
             "emdpo_core was built without CUDA, so it cannot run on CUDA tensors. Reinstall from "
@@ -125,13 +134,25 @@ def _dtype_name(t):
     return "float32" if t.dtype == torch.float32 else "float64"
 
 
+def _weight_tensor(x, name, device, dtype, dims=(1,)):
+    """Real-valued weights as a contiguous tensor of the compute dtype (integers accepted,
+    as on the NumPy path)."""
+    x = _require_tensor(x, name, device)
+    if x.dtype.is_complex:
+        raise TypeError(f"{name}: expected real numbers, got {x.dtype}")
+    if x.dim() not in dims:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in dims)}, got shape "
+                         f"{tuple(x.shape)}")
+    return x.detach().to(dtype).contiguous()
+
+
 def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
     p, ref, _, device = _prepare(policy_logps, ref_logps)
     if device.type == "cpu":
         return torch.from_numpy(_k.listwise_loglik(p.numpy(), ref.numpy(), _numpy(
             _index_tensor(offsets, "offsets", device)), beta=beta, n_ranked=_numpy(
             None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device))))
-    _require_cuda_build()
+    _require_cuda_build(device)
     beta = _k._check_beta(beta)
     offsets = _index_tensor(offsets, "offsets", device)
     nr = None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device)
@@ -140,9 +161,10 @@ def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
     N = offsets.shape[0] - 1
     out = torch.empty((N, K), dtype=p.dtype, device=device)
     first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
-    _core.cuda_listwise_loglik(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(),
-                               _ptr(nr), N, M, K, beta, out.data_ptr(), first_bad.data_ptr(),
-                               _stream(device))
+    with torch.cuda.device(device):
+        _core.cuda_listwise_loglik(_dtype_name(p), p.data_ptr(), ref.data_ptr(),
+                                   offsets.data_ptr(), _ptr(nr), N, M, K, beta, out.data_ptr(),
+                                   first_bad.data_ptr(), _stream(device))
     _raise_if_bad(first_bad, p, ref, offsets, beta)
     return out
 
@@ -163,7 +185,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         conv = (lambda a: None if a is None else torch.from_numpy(a))
         return _k.EStepResult(conv(r.responsibilities), r.loglik, conv(r.annotator_loglik),
                               conv(r.record_loglik))
-    _require_cuda_build()
+    _require_cuda_build(device)
     beta = _k._check_beta(beta)
     K, M = p.shape
     offsets = _index_tensor(offsets, "offsets", device)
@@ -172,14 +194,14 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     _check_layout_cuda(offsets, nr, M)
     N = offsets.shape[0] - 1
     _check_cached(("annotators", N) + _key(ao),
-                  lambda: _k._check_annotator_offsets(ao.cpu().numpy(), N))
+                  lambda: _k._check_annotator_offsets(ao.cpu().numpy(), N), (ao,))
     H = ao.shape[0] - 1
     lw = torch.from_numpy(_k._check_log_weights(
         log_weights.detach().cpu().numpy() if isinstance(log_weights, torch.Tensor)
         else log_weights, K)).to(device)
     cw = None
     if record_weights is not None:
-        cw = _float_tensor(record_weights, "record_weights", device).to(p.dtype)
+        cw = _weight_tensor(record_weights, "record_weights", device, p.dtype)
         if cw.shape != (N,):
             raise ValueError(f"record_weights: expected shape ({N},), got {tuple(cw.shape)}")
         if not bool(torch.all(torch.isfinite(cw) & (cw >= 0))):
@@ -191,10 +213,11 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
     ws_bytes = _core.cuda_e_step_workspace_bytes(N, H, K)
     ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
-    _core.cuda_e_step(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr),
-                      _ptr(cw), ao.data_ptr(), lw.data_ptr(), N, M, K, H, beta, resp.data_ptr(),
-                      annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec), first_bad.data_ptr(),
-                      ws.data_ptr(), ws_bytes, _stream(device))
+    with torch.cuda.device(device):
+        _core.cuda_e_step(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(),
+                          _ptr(nr), _ptr(cw), ao.data_ptr(), lw.data_ptr(), N, M, K, H, beta,
+                          resp.data_ptr(), annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec),
+                          first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
     _raise_if_bad(first_bad, p, ref, offsets, beta)
     return _k.EStepResult(resp, float(loglik.item()), annot_ll, rec)
 
@@ -218,19 +241,21 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         if reduction == "none":
             return torch.from_numpy(loss), grad
         return (torch.tensor(loss, dtype=torch.float64) if return_tensors else loss), grad
-    _require_cuda_build()
+    _require_cuda_build(device)
     offsets = _index_tensor(offsets, "offsets", device)
     nr = None if n_ranked is None else _index_tensor(n_ranked, "n_ranked", device)
     _check_layout_cuda(offsets, nr, M)
     N = offsets.shape[0] - 1
     w = None
     if weights is not None:
-        w = _float_tensor(weights, "weights", device, dims=(1, 2)).to(p.dtype)
+        w = _weight_tensor(weights, "weights", device, p.dtype, dims=(1, 2))
         want = [(N,), (K, N)] if K == 1 else [(K, N)]
         if tuple(w.shape) not in want:
             raise ValueError(f"weights: expected shape {' or '.join(map(str, want))}, got "
                              f"{tuple(w.shape)}")
         w = w.reshape(K, N).contiguous()
+        if not bool(torch.isfinite(w).all()):
+            _k._loss_weights(w.cpu().numpy(), K, N, w.cpu().numpy().dtype, one)  # raises
     if reduction in ("sum", "none"):
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
@@ -247,10 +272,11 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
     first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
     ws_bytes = _core.cuda_loss_workspace_bytes(N, K)
     ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
-    _core.cuda_listwise_dpo_loss_and_grad(
-        _dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr), _ptr(w),
-        scale.data_ptr(), N, M, K, beta, loss.data_ptr(), grad.data_ptr(), _ptr(rec),
-        first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
+    with torch.cuda.device(device):
+        _core.cuda_listwise_dpo_loss_and_grad(
+            _dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr), _ptr(w),
+            scale.data_ptr(), N, M, K, beta, loss.data_ptr(), grad.data_ptr(), _ptr(rec),
+            first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
     _raise_if_bad(first_bad, p, ref, offsets, beta)
     if one:
         grad = grad[0]
