@@ -265,7 +265,10 @@ def _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, *, beta
     so_host = _check_source_offsets(so.cpu().numpy(), K, S)  # K+1 numbers: a small copy
     sw = None
     if sample_weights is not None:
-        sw = td._float_tensor(sample_weights, "sample_weights", device).to(lp.dtype)
+        sw = td._require_tensor(sample_weights, "sample_weights", device)
+        if sw.dtype.is_complex or sw.dtype == torch.bool:
+            raise TypeError(f"sample_weights: expected real numbers, got {sw.dtype}")
+        sw = sw.detach().to(lp.dtype)
         if tuple(sw.shape) != (S,):
             raise ValueError(f"sample_weights: expected shape ({S},), got {tuple(sw.shape)}")
         counts = torch.from_numpy(np.diff(so_host)).to(device)
