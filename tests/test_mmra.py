@@ -237,7 +237,8 @@ def test_regret_matrix_overflow_is_reported():
 _DETERMINISM_SCRIPT = textwrap.dedent("""
     import hashlib, numpy as np, emdpo_core as ec
     rng = np.random.default_rng(5)
-    so = np.array([0, 13000, 13001, 30000, 52001], dtype=np.int64)
+    # K * S = 480,004 terms: above the kernel's 2**18 threshold for using the thread team.
+    so = np.array([0, 13000, 13001, 70000, 120001], dtype=np.int64)
     S = int(so[-1])
     lp = rng.normal(-40, 3, size=(4, S)); ref = rng.normal(-40, 3, size=S)
     w = rng.uniform(0, 1, size=S)
