@@ -395,9 +395,15 @@ def _silence_highs_banner():
             os.close(devnull)
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_solvers() -> tuple:
+    # cvxpy probes every solver's import on each call (~1.5 ms, as long as a small LP solve).
+    return tuple(_import_cvxpy().installed_solvers())
+
+
 def _lp_solver(cp, solver):
     """The cvxpy solver name: HiGHS (exact simplex) when installed, else cvxpy's choice."""
-    installed = cp.installed_solvers()
+    installed = list(_installed_solvers())
     if solver is None:
         if "HIGHS" in installed:
             _silence_highs_banner()
@@ -729,7 +735,7 @@ def mmra_exact(policy_probs, *, beta, context_weights=None, group_weights=None, 
                          "regret for some type")
     cp = _import_cvxpy()
     if solver is None:
-        solver = "CLARABEL" if "CLARABEL" in cp.installed_solvers() else None
+        solver = "CLARABEL" if "CLARABEL" in _installed_solvers() else None
     else:
         solver = _lp_solver(cp, solver)
     idx = np.flatnonzero(allowed)
