@@ -50,7 +50,9 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, check=True,
                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # The results CSV itself does not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!results"],
                                cwd=HERE, check=True, capture_output=True, text=True).stdout
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -217,20 +219,23 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per case")
     ap.add_argument("--csv", default=DEFAULT_CSV, help="CSV file to append rows to")
+    ap.add_argument("--only", choices=("regret", "lp"), default=None,
+                    help="run only the regret_matrix or only the LP/hedge cases")
     args = ap.parse_args(argv)
     rec = Recorder(args.csv)
     print(f"device: {rec.common['device']} ({rec.common['cpu_count']} cores, "
           f"{rec.common['omp_threads']} OpenMP threads, load {rec.common['load_avg_1m']}); "
           f"commit {rec.common['commit']}")
-    if args.quick:
-        repeats = args.repeats or 10
-        bench_regret_matrix(rec, [(4, 20_000)], repeats)
-        bench_lp(rec, [2, 8, 32, 64], repeats, hedge_Ks={2, 8, 32}, hedge_repeats=1)
-    else:
-        repeats = args.repeats or 30
-        bench_regret_matrix(rec, [(4, 100_000), (16, 400_000), (64, 640_000)], repeats)
-        bench_lp(rec, [2, 4, 8, 16, 32, 64, 128, 256], repeats,
-                 hedge_Ks={2, 4, 8, 16, 32, 64, 128, 256}, hedge_repeats=3)
+    repeats = args.repeats or (10 if args.quick else 30)
+    if args.only in (None, "regret"):
+        sizes = [(4, 20_000)] if args.quick else [(4, 100_000), (16, 400_000), (64, 640_000)]
+        bench_regret_matrix(rec, sizes, repeats)
+    if args.only in (None, "lp"):
+        if args.quick:
+            bench_lp(rec, [2, 8, 32, 64], repeats, hedge_Ks={2, 8, 32}, hedge_repeats=1)
+        else:
+            Ks = [2, 4, 8, 16, 32, 64, 128, 256]
+            bench_lp(rec, Ks, repeats, hedge_Ks=set(Ks), hedge_repeats=3)
     rec.write()
 
 

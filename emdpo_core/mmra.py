@@ -42,6 +42,7 @@ __all__ = [
     "mmra",
     "mmra_exact",
     "MixturePolicy",
+    "exact_mixture_regret",
     "REGRET_KINDS",
     "HEDGE_ITERATIONS",
 ]
@@ -379,6 +380,7 @@ def _silence_highs_banner():
         except (OSError, ValueError, AttributeError):  # no usable fd 1: nothing to silence
             highspy.Highs()
             return
+        # Process-wide for a moment: anything else written to fd 1 meanwhile is lost too.
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, 1)
@@ -425,7 +427,6 @@ class _LP(NamedTuple):
     problem: object
     matrix: object  # cp.Parameter (K, K): the group-weighted regret matrix, scaled
     weights: object  # cp.Variable (K,)
-    bound: object  # cp.Constraint: matrix @ weights <= t
 
 
 def _build_lp(K: int) -> _LP:
@@ -436,9 +437,8 @@ def _build_lp(K: int) -> _LP:
     M = cp.Parameter((K, K), name="weighted_regret")
     w = cp.Variable(K, nonneg=True, name="weights")
     t = cp.Variable(name="max_regret")
-    bound = M @ w <= t
-    problem = cp.Problem(cp.Minimize(t), [bound, cp.sum(w) == 1])
-    return _LP(problem, M, w, bound)
+    problem = cp.Problem(cp.Minimize(t), [M @ w <= t, cp.sum(w) == 1])
+    return _LP(problem, M, w)
 
 
 _lp_cache_lock = threading.Lock()  # cvxpy problems are not thread-safe: set + solve together
@@ -462,10 +462,11 @@ def _solve(cp, problem, solver, what: str):
         raise RuntimeError(f"{what}: the solver {solver or 'chosen by cvxpy'} returned status "
                            f"{status!r}; expected 'optimal'")
     if status == "optimal_inaccurate":
+        hint = " solver='HIGHS' (the default when installed) solves the LP exactly." if (
+            what == "mmra") else ""
         warnings.warn(f"{what}: the solver {solver or 'chosen by cvxpy'} reports an inaccurate "
                       f"solution (status 'optimal_inaccurate'); the returned max_regret is "
-                      f"recomputed from the weights. solver='HIGHS' solves the LP exactly.",
-                      RuntimeWarning, stacklevel=3)
+                      f"recomputed from the weights.{hint}", RuntimeWarning, stacklevel=3)
     return status
 
 
@@ -739,18 +740,30 @@ def mmra_exact(policy_probs, *, beta, context_weights=None, group_weights=None, 
     else:
         solver = _lp_solver(cp, solver)
     idx = np.flatnonzero(allowed)
-    # Only responses some allowed policy can produce carry entropy terms (q = 0 elsewhere).
+    # Centre on m = the uniform mixture of the allowed policies:
+    #     KL(q || pi_k) = KL(q || m) + sum_a q_a log(m_a / pi_k,a),
+    # a shared convex term plus a term linear in w, both of the size of the regrets. (Writing
+    # it as -entropy(q) + cross-entropy instead subtracts two numbers of size log A, and the
+    # interior-point solver then stops short of its tolerances on larger instances.)
+    m = Pl[idx].mean(axis=0)  # (C, A); positive wherever an allowed policy is
+    Y = np.empty((K, idx.size))
+    for k in range(K):
+        Y[k] = np.sum(rhol[None, :, None] * (_xlogy(Pl[idx], m[None]) -
+                                             _xlogy(Pl[idx], Pl[k][None])), axis=(1, 2))
+    # Only responses some allowed policy can produce carry divergence terms (q = 0 elsewhere).
     Pa = Pl[idx].reshape(idx.size, -1)
     support = np.flatnonzero(Pa.max(axis=0) > 0)
     Pa = Pa[:, support]
     rho_flat = np.repeat(rhol, A)[support]
-    cX = c[:, None] * X[:, idx]
+    m_flat = m.reshape(-1)[support]
     u = cp.Variable(idx.size, nonneg=True)
     t = cp.Variable()
+    # h is an epigraph variable for the shared divergence, so its exponential cones are built
+    # once rather than once per type; every c_k > 0, so h is tight at the optimum.
+    h = cp.Variable()
     q = Pa.T @ u
-    neg_entropy = -cp.sum(cp.multiply(rho_flat, cp.entr(q)))
-    cons = [cp.sum(u) == 1]
-    cons += [c[k] * neg_entropy + cX[k] @ u <= t for k in range(K)]
+    cons = [cp.sum(u) == 1, cp.sum(cp.multiply(rho_flat, cp.rel_entr(q, m_flat))) <= h]
+    cons += [c[k] * (h + Y[k] @ u) <= t for k in range(K)]
     problem = cp.Problem(cp.Minimize(t), cons)
     status = _solve(cp, problem, solver, "mmra_exact")
     w = np.zeros(K)
