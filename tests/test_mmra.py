@@ -599,6 +599,24 @@ def test_mmra_exact_beats_fine_simplex_grid(seed):
     assert res.max_regret <= lin.max_regret + 1e-7 * max(1.0, lin.max_regret)
 
 
+def test_mmra_exact_larger_instance_beats_random_mixtures():
+    pytest.importorskip("cvxpy", reason="cvxpy not installed (pip install cvxpy)")
+    rng = np.random.default_rng(70)
+    K, C, A, beta = 8, 10, 30, 2.0
+    P = random_tabular(rng, K, C, A, concentration=0.5)
+    res = ec.mmra_exact(P, beta=beta)
+    assert res.status == "optimal"
+    # 3000 random mixtures, half of them sparse (few policies), plus every pure policy.
+    cands = np.concatenate([rng.dirichlet(np.ones(K), size=1500),
+                            rng.dirichlet(np.full(K, 0.1), size=1500), np.eye(K)])
+    rho = np.full(C, 1.0 / C)
+    best = grid_regrets(P, rho, beta, cands).max(axis=1).min()
+    assert res.max_regret <= best + 1e-7 * max(1.0, best)  # CLARABEL tolerance, as above
+    np.testing.assert_allclose(res.regrets,
+                               mmra_mod.exact_mixture_regret(res.weights, P, beta=beta),
+                               rtol=1e-12)
+
+
 def test_mmra_exact_group_weights_and_support():
     pytest.importorskip("cvxpy", reason="cvxpy not installed (pip install cvxpy)")
     # Policy 2 gives mass to response 3, which type 0's policy never produces: any weight on
