@@ -130,6 +130,7 @@ void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) 
 }  // namespace
 
 void register_cuda(py::module_& m);  // cuda_bindings.cpp
+void register_regret(py::module_& m);  // regret_bindings.cpp
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "emdpo-core compiled kernels (private; use the emdpo_core package)";
@@ -210,4 +211,5 @@ PYBIND11_MODULE(_core, m) {
       "Returns (first record with non-finite rewards or -1, total loss).");
 
   register_cuda(m);
+  register_regret(m);
 }

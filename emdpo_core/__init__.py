@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _core
 from ._bookkeeping import group_by_annotator
 from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from .mmra import MixturePolicy, MMRAResult, mmra, mmra_exact, regret_matrix
 
 __version__ = _core.__version__
 
@@ -20,6 +21,11 @@ __all__ = [
     "e_step",
     "listwise_dpo_loss_and_grad",
     "group_by_annotator",
+    "regret_matrix",
+    "mmra",
+    "mmra_exact",
+    "MMRAResult",
+    "MixturePolicy",
 ]
 
 

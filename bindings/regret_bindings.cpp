@@ -1,0 +1,111 @@
+// Bindings of the MMRA regret-matrix kernels (CPU always, CUDA when built).
+//
+// The Python layer (emdpo_core/mmra.py) validates arguments and converts dtypes before it
+// calls in here; the CPU binding re-checks what memory safety rests on (dtypes, contiguity,
+// sizes, source_offsets) so that a direct call with bad buffers raises instead of crashing.
+// CUDA pointers arrive as integers (torch's data_ptr()) with the stream as an integer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cpu/listwise_cpu.h"
+#include "cpu/regret_cpu.h"
+#ifdef EMDPO_HAVE_CUDA
+#include "cuda/regret_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+const T* regret_in_ptr(const py::array& a, const char* name, int64_t size) {
+  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(name) + ": expected a C-contiguous array of " +
+                         py::str(py::dtype::of<T>()).cast<std::string>());
+  if (int64_t(a.size()) != size)
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(size) +
+                          " elements, got " + std::to_string(a.size()));
+  return static_cast<const T*>(a.data());
+}
+
+void check_kind(int kind) {
+  if (kind != 0 && kind != 1)
+    throw py::value_error("kind: expected 0 (reward) or 1 (kl), got " + std::to_string(kind));
+}
+
+template <typename T>
+int64_t regret_matrix_impl(py::array logps, py::object ref, py::array offsets,
+                           py::object weights, int64_t K, int64_t S, int kind, double beta,
+                           py::array out) {
+  const T* lp = regret_in_ptr<T>(logps, "sample_logps", K * S);
+  const T* r = nullptr;
+  if (!ref.is_none()) r = regret_in_ptr<T>(ref.cast<py::array>(), "sample_ref_logps", S);
+  if (kind == 0 && r == nullptr)
+    throw py::value_error("sample_ref_logps: required for kind='reward'");
+  const int64_t* o = regret_in_ptr<int64_t>(offsets, "source_offsets", K + 1);
+  // Every source needs at least one sample: the kernel divides by each source's weight.
+  if (emdpo::cpu::first_bad_offset(o, K + 1, S, 1) >= 0)
+    throw py::value_error("source_offsets: not a valid layout");
+  const T* w = nullptr;
+  if (!weights.is_none()) w = regret_in_ptr<T>(weights.cast<py::array>(), "sample_weights", S);
+  if (!py::isinstance<py::array_t<double>>(out) || !(out.flags() & py::array::c_style) ||
+      int64_t(out.size()) != K * K || !out.writeable())
+    throw py::type_error("out: expected a writeable C-contiguous float64 array of K*K elements");
+  double* R = static_cast<double*>(out.mutable_data());
+  py::gil_scoped_release release;
+  return emdpo::cpu::regret_matrix<T>(lp, r, o, w, K, S, kind, beta, R);
+}
+
+#ifdef EMDPO_HAVE_CUDA
+template <typename T> T* dev_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+#endif
+
+}  // namespace
+
+void register_regret(py::module_& m) {
+  m.def(
+      "regret_matrix",
+      [](py::array logps, py::object ref, py::array offsets, py::object weights, int64_t K,
+         int64_t S, int kind, double beta, py::array out) {
+        if (K < 1 || S < 1)
+          throw py::value_error("sizes: expected K >= 1 and S >= 1, got K=" +
+                                std::to_string(K) + ", S=" + std::to_string(S));
+        check_kind(kind);
+        return py::isinstance<py::array_t<float>>(logps)
+                   ? regret_matrix_impl<float>(logps, ref, offsets, weights, K, S, kind, beta, out)
+                   : regret_matrix_impl<double>(logps, ref, offsets, weights, K, S, kind, beta, out);
+      },
+      py::arg("sample_logps"), py::arg("sample_ref_logps"), py::arg("source_offsets"),
+      py::arg("sample_weights"), py::arg("K"), py::arg("S"), py::arg("kind"), py::arg("beta"),
+      py::arg("out"),
+      "R (K, K) float64 into `out`. Returns -1, or a sample index when R is not finite.");
+
+#ifdef EMDPO_HAVE_CUDA
+  m.def("cuda_regret_matrix_workspace_bytes", &emdpo::cuda::regret_matrix_workspace_bytes);
+  m.def("cuda_regret_matrix",
+        [](const std::string& dtype, uintptr_t logps, uintptr_t ref, uintptr_t offsets,
+           uintptr_t weights, int64_t K, int64_t S, int kind, double beta, uintptr_t out,
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+          check_kind(kind);
+          if (dtype != "float32" && dtype != "float64")
+            throw py::type_error("dtype: expected 'float32' or 'float64', got '" + dtype + "'");
+          py::gil_scoped_release release;
+          auto fb = dev_ptr<unsigned long long>(first_bad);
+          if (dtype == "float32")
+            emdpo::cuda::regret_matrix<float>(dev_ptr<float>(logps), dev_ptr<float>(ref),
+                                              dev_ptr<int64_t>(offsets), dev_ptr<float>(weights),
+                                              K, S, kind, beta, dev_ptr<double>(out), fb,
+                                              dev_ptr<void>(workspace), workspace_bytes,
+                                              dev_ptr<void>(stream));
+          else
+            emdpo::cuda::regret_matrix<double>(dev_ptr<double>(logps), dev_ptr<double>(ref),
+                                               dev_ptr<int64_t>(offsets),
+                                               dev_ptr<double>(weights), K, S, kind, beta,
+                                               dev_ptr<double>(out), fb, dev_ptr<void>(workspace),
+                                               workspace_bytes, dev_ptr<void>(stream));
+        });
+#endif
+}

@@ -1,0 +1,855 @@
+"""MinMax Regret Aggregation (MMRA): one policy that leaves no annotator type far behind.
+
+Given K type policies pi_1..pi_K (one per latent annotator type, from EM-DPO), MMRA picks
+mixture weights w over the policies (a sequence-level mixture: draw policy j with probability
+w_j, then generate the whole answer with it) minimizing the worst type's regret
+(DESIGN.md section 1, MMRA):
+
+    regret_matrix   R[k, j] = regret of type k when served by policy j, estimated from cached
+                    samples of each policy (compiled kernel, CPU or CUDA).
+    mmra            the linear program  min_w max_k c_k (R w)_k  over the simplex, solved
+                    exactly with cvxpy (built once per K with Parameters, re-solved fast), or
+                    with optimistic multiplicative weights (``solver="hedge"``, the method of
+                    the authors' code) as a cross-check and baseline.
+    mmra_exact      for finite response sets, the exact regret of the mixed policy,
+                    max_k beta sum_c rho_c KL(sum_j w_j pi_j(.|c) || pi_k(.|c)), which is convex
+                    in w (exponential cone).
+    MixturePolicy   sampling a component per request: the mixture the LP assumes.
+
+cvxpy is imported only inside the functions that solve (lazily), so ``import emdpo_core``
+works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import threading
+import warnings
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from . import _core
+from .kernels import _check_beta, _describe, _float_array, _index_array, _is_torch
+
+__all__ = [
+    "MMRAResult",
+    "regret_matrix",
+    "mmra",
+    "mmra_exact",
+    "MixturePolicy",
+    "exact_mixture_regret",
+    "REGRET_KINDS",
+    "HEDGE_ITERATIONS",
+]
+
+REGRET_KINDS = ("reward", "kl")
+HEDGE_ITERATIONS = 100_000  # the authors' code runs this many multiplicative-weights steps
+
+
+class MMRAResult(NamedTuple):
+    """Result of :func:`mmra` and :func:`mmra_exact`.
+
+    weights: (K,) float64 mixture weights over the policies (non-negative, sum to 1).
+    max_regret: the objective at ``weights``: max_k c_k regrets_k (c = group weights, default
+        1), recomputed from the returned weights.
+    regrets: (K,) float64 regret of each type under the mixture (unweighted by c): R @ weights
+        for :func:`mmra`, the exact KL regret for :func:`mmra_exact`.
+    status: the solver's status ("optimal", or "optimal_inaccurate" with a warning); for
+        ``solver="hedge"`` "approximate (hedge, T iterations, duality gap <= g)", where g is a
+        certified bound on max_regret minus the true optimum.
+    """
+
+    weights: np.ndarray
+    max_regret: float
+    regrets: np.ndarray
+    status: str
+
+
+# ----------------------------------------------------------------------------------------
+# Regret matrices
+
+
+def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind="reward",
+                  sample_weights=None):
+    """Regret of each type under each policy, from cached samples of every policy.
+
+    Samples s of policy j occupy ``source_offsets[j]:source_offsets[j+1]``;
+    ``sample_logps[k, s] = log pi_k(y_s | x_s)`` and ``sample_ref_logps[s] = log pi_ref(y_s |
+    x_s)``. With the (weighted) mean over policy j's samples written E_j:
+
+        reward:  A[k, j] = E_j[log pi_k - log pi_ref],   R[k, j] = beta (A[k, k] - A[k, j])
+                 (the authors' definition: the gap in type k's implicit reward; can be < 0)
+        kl:      R[k, j] = beta E_j[log pi_j - log pi_k]   (a Monte-Carlo estimate of
+                 beta KL(pi_j || pi_k), the exact loss in type k's KL-regularized value)
+
+    The reduction runs in a compiled kernel accumulating in float64, bitwise identical for any
+    number of threads. Non-finite log-probabilities raise a ValueError naming the entry.
+
+    Args:
+        sample_logps: (K, S) float32/float64, one row per type, one column per sample.
+        sample_ref_logps: (S,) same dtype; required for kind="reward", unused (may be None)
+            for kind="kl".
+        source_offsets: (K+1,) integers, 0 first, S last; every policy needs >= 1 sample.
+        beta: DPO temperature, > 0.
+        kind: "reward" or "kl".
+        sample_weights: (S,) non-negative weights (e.g. prompt weights or exact probabilities
+            for tabular policies), positive sum within each source; default plain means.
+
+    Returns:
+        (K, K) float64 array (a float64 tensor on the input's device for torch input).
+
+    Example:
+        >>> import numpy as np, emdpo_core as ec
+        >>> # 2 types; samples 0-1 come from policy 0, samples 2-3 from policy 1
+        >>> lp = np.log([[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.8, 0.8]])
+        >>> R = ec.regret_matrix(lp, None, [0, 2, 4], beta=1.0, kind="kl")
+        >>> R.round(3).tolist()
+        [[0.0, 1.386], [1.609, 0.0]]
+    """
+    if _is_torch(sample_logps):
+        return _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, beta=beta,
+                                    kind=kind, sample_weights=sample_weights)
+    beta = _check_beta(beta)
+    kind_code = _check_kind(kind)
+    lp = _float_array(sample_logps, "sample_logps", ndims=(2,))
+    K, S = lp.shape
+    if K < 1 or S < 1:
+        raise ValueError(f"sample_logps: expected shape (K, S) with K >= 1 and S >= 1, got "
+                         f"{lp.shape}")
+    ref = _check_ref(sample_ref_logps, lp, kind)
+    so = _check_source_offsets(_index_array(source_offsets, "source_offsets"), K, S)
+    sw = _check_sample_weights(sample_weights, so, S, lp.dtype)
+    R = np.empty((K, K), dtype=np.float64)
+    bad = _core.regret_matrix(lp, ref if kind_code == 0 else None, so, sw, K, S, kind_code,
+                              beta, R)
+    if bad >= 0:
+        _raise_regret_non_finite(lp, ref if kind_code == 0 else None, so, beta)
+    return R
+
+
+def _check_kind(kind) -> int:
+    if kind not in REGRET_KINDS:
+        raise ValueError(f"kind: expected one of {REGRET_KINDS}, got {kind!r}")
+    return REGRET_KINDS.index(kind)
+
+
+def _check_ref(sample_ref_logps, lp: np.ndarray, kind: str):
+    if sample_ref_logps is None:
+        if kind == "reward":
+            raise ValueError("sample_ref_logps: required for kind='reward' (the implicit reward "
+                             "is beta * (log pi_k - log pi_ref)); got None")
+        return None
+    ref = _float_array(sample_ref_logps, "sample_ref_logps")
+    if ref.shape[0] != lp.shape[1]:
+        raise ValueError(f"sample_ref_logps: expected shape ({lp.shape[1]},) to match "
+                         f"sample_logps' S={lp.shape[1]}, got {ref.shape}")
+    if ref.dtype != lp.dtype:
+        raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' dtype "
+                        f"{lp.dtype}; pass both as float32 or both as float64")
+    return ref
+
+
+def _check_source_offsets(so: np.ndarray, K: int, S: int) -> np.ndarray:
+    if so.shape[0] != K + 1:
+        raise ValueError(f"source_offsets: expected K+1 = {K + 1} entries (one source policy per "
+                         f"row of sample_logps), got {so.shape[0]}")
+    bad = _core.first_bad_offset(so, S, 1)
+    if bad >= 0:
+        if bad == 0:
+            raise ValueError(f"source_offsets: expected source_offsets[0] == 0, got {so[0]}")
+        if so[bad] > S:
+            raise ValueError(f"source_offsets: entry {bad} is {so[bad]}, beyond the number of "
+                             f"samples S={S}")
+        if so[bad] <= so[bad - 1]:
+            raise ValueError(
+                f"source_offsets: every policy needs at least one sample, so the offsets must "
+                f"increase; policy {bad - 1} spans source_offsets[{bad - 1}]={so[bad - 1]} to "
+                f"source_offsets[{bad}]={so[bad]}")
+        raise ValueError(f"source_offsets: expected source_offsets[-1] == S == {S} (the number "
+                         f"of samples), got {so[-1]}")
+    return so
+
+
+def _check_sample_weights(sample_weights, so: np.ndarray, S: int, dtype):
+    if sample_weights is None:
+        return None
+    if _is_torch(sample_weights):
+        raise TypeError(f"sample_weights: got a {_describe(sample_weights)}; mix of torch and "
+                        f"NumPy inputs")
+    a = np.asarray(sample_weights)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"sample_weights: expected real numbers, got dtype {a.dtype}")
+    if a.shape != (S,):
+        raise ValueError(f"sample_weights: expected shape ({S},) (one per sample), got {a.shape}")
+    a64 = a.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(a64) | (a64 < 0))
+    if bad.size:
+        raise ValueError(f"sample_weights: expected finite values >= 0, got {a64[bad[0]]} at "
+                         f"index {bad[0]}")
+    # A sum of non-negative numbers is positive iff one of them is, whatever the order.
+    positive = np.add.reduceat((a64 > 0).astype(np.int64), so[:-1])
+    empty = np.flatnonzero(positive == 0)
+    if empty.size:
+        j = int(empty[0])
+        raise ValueError(f"sample_weights: the samples of policy {j} (source_offsets[{j}]="
+                         f"{so[j]} to {so[j + 1]}) all have weight 0; each policy needs a "
+                         f"positive total weight")
+    w = np.ascontiguousarray(a64.astype(dtype))
+    if dtype == np.float32 and np.any(np.add.reduceat((w > 0).astype(np.int64), so[:-1]) == 0):
+        raise ValueError("sample_weights: weights underflow to 0 in float32; pass float64 "
+                         "log-probabilities or rescale the weights")
+    return w
+
+
+def _raise_regret_non_finite(lp, ref, so, beta):
+    """Error path: find the first non-finite input, else report an overflow."""
+    K, S = lp.shape
+    rows, cols = np.nonzero(~np.isfinite(lp))
+    if rows.size:
+        first = int(np.argmin(cols * K + rows))  # first sample, then first type
+        k, s = int(rows[first]), int(cols[first])
+        j = int(np.searchsorted(so, s, side="right") - 1)
+        raise ValueError(
+            f"sample_logps: non-finite value {lp[k, s]} at [type {k}, sample {s}] (a sample of "
+            f"policy {j}); log-probabilities must be finite (a -inf means type {k}'s policy gives "
+            f"zero probability to a sample of policy {j}, so its regret is infinite)")
+    if ref is not None:
+        bad = np.flatnonzero(~np.isfinite(ref))
+        if bad.size:
+            s = int(bad[0])
+            raise ValueError(f"sample_ref_logps: non-finite value {ref[s]} at sample {s}; "
+                             f"log-probabilities must be finite")
+    raise ValueError(f"sample_logps: the regret sums overflow float64 (beta={beta}, largest "
+                     f"|log-probability| {float(np.max(np.abs(lp))):.3g}); rescale the "
+                     f"log-probabilities or beta")
+
+
+def _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, *, beta, kind,
+                         sample_weights):
+    """torch input: CPU tensors run the CPU kernel zero-copy, CUDA tensors the CUDA kernel on
+    the current stream. Returns a float64 tensor on the input's device."""
+    import torch
+
+    from . import _torch_dispatch as td
+
+    device = sample_logps.device
+    if device.type == "cpu":
+        to_np = (lambda x: x.detach().numpy() if isinstance(x, torch.Tensor) else x)
+        return torch.from_numpy(regret_matrix(
+            to_np(sample_logps), to_np(sample_ref_logps), to_np(source_offsets), beta=beta,
+            kind=kind, sample_weights=to_np(sample_weights)))
+    td._require_cuda_build()
+    beta = _check_beta(beta)
+    kind_code = _check_kind(kind)
+    lp = td._float_tensor(sample_logps, "sample_logps", device, dims=(2,))
+    K, S = lp.shape
+    if K < 1 or S < 1:
+        raise ValueError(f"sample_logps: expected shape (K, S) with K >= 1 and S >= 1, got "
+                         f"{tuple(lp.shape)}")
+    ref = None
+    if sample_ref_logps is None:
+        _check_ref(None, None, kind)  # raises for kind="reward"
+    else:
+        ref = td._float_tensor(sample_ref_logps, "sample_ref_logps", device)
+        if ref.shape[0] != S:
+            raise ValueError(f"sample_ref_logps: expected shape ({S},) to match sample_logps' "
+                             f"S={S}, got {tuple(ref.shape)}")
+        if ref.dtype != lp.dtype:
+            raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' "
+                            f"dtype {lp.dtype}; pass both as float32 or both as float64")
+    so = td._index_tensor(source_offsets, "source_offsets", device)
+    so_host = _check_source_offsets(so.cpu().numpy(), K, S)  # K+1 numbers: a small copy
+    sw = None
+    if sample_weights is not None:
+        sw = td._require_tensor(sample_weights, "sample_weights", device)
+        if sw.dtype.is_complex or sw.dtype == torch.bool:
+            raise TypeError(f"sample_weights: expected real numbers, got {sw.dtype}")
+        sw = sw.detach().to(lp.dtype)
+        if tuple(sw.shape) != (S,):
+            raise ValueError(f"sample_weights: expected shape ({S},), got {tuple(sw.shape)}")
+        counts = torch.from_numpy(np.diff(so_host)).to(device)
+        source = torch.repeat_interleave(torch.arange(K, device=device), counts)
+        n_positive = torch.zeros(K, dtype=torch.int64, device=device).index_add_(
+            0, source, (sw > 0).to(torch.int64))
+        if not bool(torch.all(torch.isfinite(sw) & (sw >= 0))) or not bool(
+                torch.all(n_positive > 0)):
+            _check_sample_weights(sw.cpu().numpy(), so_host, S, np.float64)  # raises
+        sw = sw.contiguous()
+    R = torch.empty((K, K), dtype=torch.float64, device=device)
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
+    ws_bytes = _core.cuda_regret_matrix_workspace_bytes(K, S)
+    ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
+    _core.cuda_regret_matrix(td._dtype_name(lp), lp.data_ptr(),
+                             td._ptr(ref if kind_code == 0 else None), so.data_ptr(),
+                             td._ptr(sw), K, S, kind_code, beta, R.data_ptr(),
+                             first_bad.data_ptr(), ws.data_ptr(), ws_bytes, td._stream(device))
+    if int(first_bad.item()) >= 0:
+        _raise_regret_non_finite(lp.cpu().numpy(),
+                                 None if kind_code == 1 else ref.cpu().numpy(), so_host, beta)
+    return R
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks shared by the solvers
+
+
+def _check_regret(regret) -> np.ndarray:
+    if _is_torch(regret):
+        regret = regret.detach().cpu().numpy()
+    R = np.asarray(regret)
+    if R.dtype.kind not in "fiu":
+        raise TypeError(f"regret: expected a real (K, K) array, got dtype {R.dtype}")
+    R = np.ascontiguousarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"regret: expected a square (K, K) array with K >= 1 (rows = types, "
+                         f"columns = policies), got shape {R.shape}")
+    bad = np.flatnonzero(~np.isfinite(R.reshape(-1)))
+    if bad.size:
+        k, j = divmod(int(bad[0]), R.shape[1])
+        raise ValueError(f"regret: non-finite value {R[k, j]} at [type {k}, policy {j}]; the "
+                         f"regret matrix must be finite")
+    return R
+
+
+def _check_group_weights(group_weights, K: int) -> np.ndarray:
+    if group_weights is None:
+        return np.ones(K)
+    if _is_torch(group_weights):
+        group_weights = group_weights.detach().cpu().numpy()
+    c = np.asarray(group_weights)
+    if c.dtype.kind not in "fiu":
+        raise TypeError(f"group_weights: expected real numbers, got dtype {c.dtype}")
+    c = np.ascontiguousarray(c, dtype=np.float64)
+    if c.shape != (K,):
+        raise ValueError(f"group_weights: expected shape ({K},) (one per type), got {c.shape}")
+    bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
+    if bad.size:
+        raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
+                         f"{bad[0]}")
+    return c
+
+
+def _clean_simplex(w, K: int) -> np.ndarray:
+    """Solver output -> a probability vector (clip the solver's tiny negatives, renormalize)."""
+    w = np.clip(np.asarray(w, dtype=np.float64).reshape(K), 0.0, None)
+    total = w.sum()
+    if not (np.isfinite(total) and total > 0):
+        raise RuntimeError(f"mmra: the solver returned invalid weights {w!r}")
+    return w / total
+
+
+# ----------------------------------------------------------------------------------------
+# The LP with cvxpy
+
+
+def _import_cvxpy():
+    try:
+        import cvxpy as cp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "emdpo_core.mmra needs cvxpy for the exact solvers: pip install 'emdpo-core[mmra]' "
+            "(or pip install cvxpy); solver='hedge' works without it") from e
+    return cp
+
+
+_highs_banner_lock = threading.Lock()
+_highs_banner_done = False
+
+
+def _silence_highs_banner():
+    """HiGHS prints a copyright banner on the C-level stdout the first time a Highs object is
+    made in a process, even with logging off. Make that first object here with stdout pointed
+    at the null device, so solver output stays silent."""
+    global _highs_banner_done
+    with _highs_banner_lock:
+        if _highs_banner_done:
+            return
+        _highs_banner_done = True
+        try:
+            import highspy
+        except ImportError:  # pragma: no cover - HiGHS comes with cvxpy or scipy
+            return
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):  # no usable fd 1: nothing to silence
+            highspy.Highs()
+            return
+        # Process-wide for a moment: anything else written to fd 1 meanwhile is lost too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            highspy.Highs()
+            try:  # flush C stdio buffers while they still point at the null device
+                import ctypes
+
+                ctypes.CDLL(None).fflush(None)
+            except (OSError, AttributeError, TypeError):  # pragma: no cover - non-POSIX
+                pass
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_solvers() -> tuple:
+    # cvxpy probes every solver's import on each call (~1.5 ms, as long as a small LP solve).
+    return tuple(_import_cvxpy().installed_solvers())
+
+
+def _lp_solver(cp, solver):
+    """The cvxpy solver name: HiGHS (exact simplex) when installed, else cvxpy's choice."""
+    installed = list(_installed_solvers())
+    if solver is None:
+        if "HIGHS" in installed:
+            _silence_highs_banner()
+            return "HIGHS"
+        return None
+    if not isinstance(solver, str):
+        raise TypeError(f"solver: expected None, 'hedge' or a cvxpy solver name, got "
+                        f"{type(solver).__name__}")
+    name = solver.upper()
+    if name not in installed:
+        raise ValueError(f"solver: {solver!r} is not an installed cvxpy solver; installed: "
+                         f"{installed} (or 'hedge')")
+    if name == "HIGHS":
+        _silence_highs_banner()
+    return name
+
+
+class _LP(NamedTuple):
+    problem: object
+    matrix: object  # cp.Parameter (K, K): the group-weighted regret matrix, scaled
+    weights: object  # cp.Variable (K,)
+
+
+def _build_lp(K: int) -> _LP:
+    """min t  s.t.  M w <= t,  w >= 0,  sum w = 1, with M = diag(c) R a Parameter (DPP: the
+    problem is canonicalized once and re-solved for new values of M). Group weights enter M,
+    so one problem serves every c of the same K."""
+    cp = _import_cvxpy()
+    M = cp.Parameter((K, K), name="weighted_regret")
+    w = cp.Variable(K, nonneg=True, name="weights")
+    t = cp.Variable(name="max_regret")
+    problem = cp.Problem(cp.Minimize(t), [M @ w <= t, cp.sum(w) == 1])
+    return _LP(problem, M, w)
+
+
+_lp_cache_lock = threading.Lock()  # cvxpy problems are not thread-safe: set + solve together
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_lp(K: int) -> _LP:
+    return _build_lp(K)
+
+
+def _solve(cp, problem, solver, what: str):
+    try:
+        with warnings.catch_warnings():
+            # cvxpy warns "Solution may be inaccurate"; that is reported through the status.
+            warnings.simplefilter("ignore", UserWarning)
+            problem.solve(solver=solver, verbose=False)
+    except cp.error.SolverError as e:
+        raise RuntimeError(f"{what}: the solver {solver or 'chosen by cvxpy'} failed: {e}") from e
+    status = problem.status
+    if status not in ("optimal", "optimal_inaccurate"):
+        raise RuntimeError(f"{what}: the solver {solver or 'chosen by cvxpy'} returned status "
+                           f"{status!r}; expected 'optimal'")
+    if status == "optimal_inaccurate":
+        hint = " solver='HIGHS' (the default when installed) solves the LP exactly." if (
+            what == "mmra") else ""
+        warnings.warn(f"{what}: the solver {solver or 'chosen by cvxpy'} reports an inaccurate "
+                      f"solution (status 'optimal_inaccurate'); the returned max_regret is "
+                      f"recomputed from the weights.{hint}", RuntimeWarning, stacklevel=3)
+    return status
+
+
+def _solve_lp(lp: _LP, M: np.ndarray, solver) -> tuple:
+    """Solve the LP for M = diag(c) R; returns (weights, status)."""
+    cp = _import_cvxpy()
+    K = M.shape[0]
+    # Scale to max |entry| = 1 so that the solver's absolute tolerances act relatively.
+    scale = float(np.max(np.abs(M)))
+    lp.matrix.value = M / scale if scale > 0 else M
+    status = _solve(cp, lp.problem, solver, "mmra")
+    return _clean_simplex(lp.weights.value, K), status
+
+
+def mmra(regret, *, group_weights=None, solver=None, hedge_iterations=HEDGE_ITERATIONS):
+    """MinMax Regret Aggregation: mixture weights minimizing the worst type's regret.
+
+    Solves the linear program
+
+        min_{w in simplex}  max_k  c_k (R w)_k
+
+    (R[k, j] = regret of type k served by policy j, e.g. from :func:`regret_matrix`; c =
+    group weights). With cvxpy the LP is built once per K with Parameters (DPP) and re-solved
+    for every new matrix, silently, by HiGHS when installed (an exact simplex solution) or
+    the solver named. ``solver="hedge"`` instead runs optimistic multiplicative weights on the
+    zero-sum game min_w max_p p^T diag(c) R w (the method of the authors' code), with step
+    1 / (2 max|c R|): its duality gap after T steps is at most 4 max|c R| ln(K) / T
+    (Syrgkanis et al. 2015, RVU property of optimistic Hedge), and the certified gap of the
+    averaged strategies is reported in ``status``.
+
+    Args:
+        regret: (K, K) finite real matrix, rows = types, columns = policies.
+        group_weights: (K,) positive finite per-type weights c; default all 1.
+        solver: None (HiGHS, else cvxpy's default), a cvxpy solver name, or "hedge".
+        hedge_iterations: T for solver="hedge" (default 100,000, as in the authors' code).
+
+    Returns:
+        MMRAResult(weights (K,), max_regret = max_k c_k (R w)_k, regrets = R @ w, status).
+
+    Example:
+        >>> import numpy as np, emdpo_core as ec
+        >>> R = np.array([[0.0, 2.0], [1.0, 0.0]])  # type 0 loses 2 under policy 1, ...
+        >>> r = ec.mmra(R)
+        >>> r.weights.round(4).tolist(), round(r.max_regret, 4)
+        ([0.6667, 0.3333], 0.6667)
+    """
+    R = _check_regret(regret)
+    K = R.shape[0]
+    c = _check_group_weights(group_weights, K)
+    M = c[:, None] * R
+    if isinstance(solver, str) and solver.lower() == "hedge":
+        T = _check_iterations(hedge_iterations)
+        w, p = _hedge(M, T)
+        regrets = R @ w
+        max_regret = float(np.max(c * regrets))
+        gap = max(0.0, max_regret - float(np.min(p @ M)))
+        return MMRAResult(w, max_regret, regrets, f"approximate (hedge, {T} iterations, "
+                                                  f"duality gap <= {gap:.3g})")
+    cp = _import_cvxpy()
+    name = _lp_solver(cp, solver)
+    with _lp_cache_lock:
+        w, status = _solve_lp(_cached_lp(K), M, name)
+    regrets = R @ w
+    return MMRAResult(w, float(np.max(c * regrets)), regrets, status)
+
+
+# ----------------------------------------------------------------------------------------
+# Optimistic multiplicative weights (the authors' method), as a cross-check and baseline
+
+
+def _check_iterations(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)):
+        raise TypeError(f"hedge_iterations: expected a positive integer, got "
+                        f"{type(T).__name__}")
+    if T < 1:
+        raise ValueError(f"hedge_iterations: expected a positive integer, got {T}")
+    return int(T)
+
+
+@numba.njit(cache=True, nogil=True)
+def _softmax_into(scores, out):
+    mx = scores[0]
+    for i in range(1, scores.shape[0]):
+        if scores[i] > mx:
+            mx = scores[i]
+    total = 0.0
+    for i in range(scores.shape[0]):
+        out[i] = math.exp(scores[i] - mx)
+        total += out[i]
+    for i in range(scores.shape[0]):
+        out[i] /= total
+
+
+@numba.njit(cache=True, nogil=True)
+def _optimistic_hedge(M, iterations, step):
+    """Optimistic Hedge for both players of min_w max_p p^T M w (M: types x policies).
+
+    Round t: the policy player plays w_t, the type player p_t; each sees its payoff vector
+    (losses M^T p_t, gains M w_t) and plays next softmax(-+step * (cumulative + last)), i.e.
+    Hedge that also counts the last payoff once more as a forecast of the next one.
+    Returns the time averages (w_bar, p_bar)."""
+    n_types, n_policies = M.shape
+    w = np.full(n_policies, 1.0 / n_policies)
+    p = np.full(n_types, 1.0 / n_types)
+    cum_loss = np.zeros(n_policies)
+    cum_gain = np.zeros(n_types)
+    loss = np.zeros(n_policies)
+    gain = np.zeros(n_types)
+    sum_w = np.zeros(n_policies)
+    sum_p = np.zeros(n_types)
+    score_w = np.zeros(n_policies)
+    score_p = np.zeros(n_types)
+    for _ in range(iterations):
+        loss[:] = 0.0
+        for k in range(n_types):
+            g = 0.0
+            for j in range(n_policies):
+                g += M[k, j] * w[j]
+                loss[j] += p[k] * M[k, j]
+            gain[k] = g
+        for j in range(n_policies):
+            sum_w[j] += w[j]
+            cum_loss[j] += loss[j]
+            score_w[j] = -step * (cum_loss[j] + loss[j])
+        for k in range(n_types):
+            sum_p[k] += p[k]
+            cum_gain[k] += gain[k]
+            score_p[k] = step * (cum_gain[k] + gain[k])
+        _softmax_into(score_w, w)
+        _softmax_into(score_p, p)
+    return sum_w / iterations, sum_p / iterations
+
+
+def _hedge(M: np.ndarray, iterations: int):
+    scale = float(np.max(np.abs(M)))
+    step = 0.5 / scale if scale > 0 else 1.0  # 1 / (2 L): the RVU condition (see mmra)
+    w, p = _optimistic_hedge(np.ascontiguousarray(M, dtype=np.float64), iterations, step)
+    return w / w.sum(), p / p.sum()
+
+
+# ----------------------------------------------------------------------------------------
+# Exact tabular MMRA (exponential cone)
+
+
+def _check_policy_probs(policy_probs) -> np.ndarray:
+    if _is_torch(policy_probs):
+        policy_probs = policy_probs.detach().cpu().numpy()
+    P = np.asarray(policy_probs)
+    if P.dtype.kind not in "fiu":
+        raise TypeError(f"policy_probs: expected real probabilities, got dtype {P.dtype}")
+    P = np.ascontiguousarray(P, dtype=np.float64)
+    if P.ndim == 2:
+        P = P[:, None, :]  # one context
+    if P.ndim != 3 or min(P.shape) < 1:
+        raise ValueError(f"policy_probs: expected shape (K, C, A) (policies x contexts x "
+                         f"responses) or (K, A), got {np.shape(policy_probs)}")
+    bad = np.flatnonzero(~(np.isfinite(P.reshape(-1)) & (P.reshape(-1) >= 0)))
+    if bad.size:
+        idx = np.unravel_index(int(bad[0]), P.shape)
+        raise ValueError(f"policy_probs: expected finite probabilities >= 0, got "
+                         f"{P[idx]} at [policy {idx[0]}, context {idx[1]}, response {idx[2]}]")
+    sums = P.sum(axis=2)
+    bad = np.flatnonzero(np.abs(sums.reshape(-1) - 1.0) > 1e-6)
+    if bad.size:
+        k, cc = divmod(int(bad[0]), P.shape[1])
+        raise ValueError(f"policy_probs: each policy's distribution over responses must sum to "
+                         f"1 (within 1e-6); [policy {k}, context {cc}] sums to {sums[k, cc]}")
+    return P / sums[:, :, None]
+
+
+def _check_context_weights(context_weights, C: int) -> np.ndarray:
+    if context_weights is None:
+        return np.full(C, 1.0 / C)
+    if _is_torch(context_weights):
+        context_weights = context_weights.detach().cpu().numpy()
+    rho = np.asarray(context_weights)
+    if rho.dtype.kind not in "fiu":
+        raise TypeError(f"context_weights: expected real numbers, got dtype {rho.dtype}")
+    rho = rho.astype(np.float64)
+    if rho.shape != (C,):
+        raise ValueError(f"context_weights: expected shape ({C},) (one per context), got "
+                         f"{rho.shape}")
+    bad = np.flatnonzero(~(np.isfinite(rho) & (rho >= 0)))
+    if bad.size:
+        raise ValueError(f"context_weights: expected finite values >= 0, got {rho[bad[0]]} at "
+                         f"index {bad[0]}")
+    if not rho.sum() > 0:
+        raise ValueError("context_weights: all zero; at least one context needs weight")
+    return rho / rho.sum()
+
+
+def _xlogy(x, y):
+    """x * log(y) with 0 * log(anything) = 0."""
+    out = np.zeros(np.broadcast(x, y).shape)
+    np.multiply(x, np.log(y, out=np.full_like(out, -np.inf), where=y > 0), out=out, where=x > 0)
+    return out
+
+
+def exact_mixture_regret(weights, policy_probs, *, beta, context_weights=None) -> np.ndarray:
+    """(K,) exact regret of each type under the mixture q = sum_j w_j pi_j:
+    beta * sum_c rho_c KL(q(.|c) || pi_k(.|c)) (inf where q puts mass outside pi_k's support).
+    """
+    beta = _check_beta(beta)
+    P = _check_policy_probs(policy_probs)
+    rho = _check_context_weights(context_weights, P.shape[1])
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (P.shape[0],):
+        raise ValueError(f"weights: expected shape ({P.shape[0]},), got {w.shape}")
+    q = np.einsum("j,jca->ca", w, P)
+    neg_entropy = float(np.sum(rho[:, None] * _xlogy(q, q)))
+    cross = np.sum(rho[None, :, None] * _xlogy(q[None], P), axis=(1, 2))  # sum q log pi_k
+    return beta * (neg_entropy - cross)
+
+
+def mmra_exact(policy_probs, *, beta, context_weights=None, group_weights=None, solver=None):
+    """Exact MMRA for finite response sets: the mixture minimizing the exact worst regret,
+
+        min_{w in simplex} max_k c_k beta sum_c rho_c KL( sum_j w_j pi_j(.|c) || pi_k(.|c) ).
+
+    Each type's regret is convex in w: with q = sum_j w_j pi_j it is
+    beta (-H_rho(q) + sum_j w_j X[k, j]), H_rho the rho-weighted entropy (concave) and
+    X[k, j] = -sum_c rho_c sum_a pi_j(a|c) log pi_k(a|c) a cross-entropy (linear in w), so the
+    problem is one exponential-cone program with C*A entropy terms (solved by cvxpy, CLARABEL
+    by default). The linear :func:`mmra` with kind="kl" regrets bounds this from above
+    (KL is convex in its first argument); this solves the regret of the mixture itself.
+    A policy whose support is not inside some type's support would give that type infinite
+    regret, so it gets weight 0.
+
+    The returned ``regrets`` and ``max_regret`` are recomputed exactly in NumPy from the
+    returned weights (not taken from the solver's objective).
+
+    Args:
+        policy_probs: (K, C, A) probabilities pi_k(a | c) of K policies over A responses in C
+            contexts (rows sum to 1); (K, A) for one context.
+        beta: > 0.
+        context_weights: (C,) non-negative context weights rho, normalized to sum 1; default
+            uniform.
+        group_weights: (K,) positive per-type weights c; default 1.
+        solver: a cvxpy solver supporting the exponential cone; default CLARABEL when
+            installed, else cvxpy's choice.
+
+    Returns:
+        MMRAResult(weights, max_regret = max_k c_k regrets_k, regrets (K,), status).
+
+    Example:
+        >>> import numpy as np, emdpo_core as ec
+        >>> P = np.array([[0.9, 0.1], [0.1, 0.9]])  # two policies, one context, two responses
+        >>> r = ec.mmra_exact(P, beta=1.0)
+        >>> r.weights.round(3).tolist()
+        [0.5, 0.5]
+    """
+    beta = _check_beta(beta)
+    P = _check_policy_probs(policy_probs)
+    K, C, A = P.shape
+    rho = _check_context_weights(context_weights, C)
+    c = _check_group_weights(group_weights, K)
+    live = rho > 0
+    Pl, rhol = P[:, live], rho[live]
+    # X[k, j] = -sum_c rho_c sum_a pi_j(a|c) log pi_k(a|c); inf when pi_j leaves pi_k's support.
+    X = np.empty((K, K))
+    for k in range(K):
+        X[k] = -np.sum(rhol[None, :, None] * _xlogy(Pl, Pl[k][None]), axis=(1, 2))
+    allowed = np.all(np.isfinite(X), axis=0)
+    if not allowed.any():
+        raise ValueError("policy_probs: every policy puts probability on a response that some "
+                         "type's policy gives probability 0, so every mixture has infinite "
+                         "regret for some type")
+    cp = _import_cvxpy()
+    if solver is None:
+        solver = "CLARABEL" if "CLARABEL" in _installed_solvers() else None
+    else:
+        solver = _lp_solver(cp, solver)
+    idx = np.flatnonzero(allowed)
+    # Centre on m = the uniform mixture of the allowed policies:
+    #     KL(q || pi_k) = KL(q || m) + sum_a q_a log(m_a / pi_k,a),
+    # a shared convex term plus a term linear in w, both of the size of the regrets. (Writing
+    # it as -entropy(q) + cross-entropy instead subtracts two numbers of size log A, and the
+    # interior-point solver then stops short of its tolerances on larger instances.)
+    m = Pl[idx].mean(axis=0)  # (C, A); positive wherever an allowed policy is
+    Y = np.empty((K, idx.size))
+    for k in range(K):
+        Y[k] = np.sum(rhol[None, :, None] * (_xlogy(Pl[idx], m[None]) -
+                                             _xlogy(Pl[idx], Pl[k][None])), axis=(1, 2))
+    # Only responses some allowed policy can produce carry divergence terms (q = 0 elsewhere).
+    Pa = Pl[idx].reshape(idx.size, -1)
+    support = np.flatnonzero(Pa.max(axis=0) > 0)
+    Pa = Pa[:, support]
+    rho_flat = np.repeat(rhol, A)[support]
+    m_flat = m.reshape(-1)[support]
+    u = cp.Variable(idx.size, nonneg=True)
+    t = cp.Variable()
+    # h is an epigraph variable for the shared divergence, so its exponential cones are built
+    # once rather than once per type; every c_k > 0, so h is tight at the optimum.
+    h = cp.Variable()
+    q = Pa.T @ u
+    cons = [cp.sum(u) == 1, cp.sum(cp.multiply(rho_flat, cp.rel_entr(q, m_flat))) <= h]
+    cons += [c[k] * (h + Y[k] @ u) <= t for k in range(K)]
+    problem = cp.Problem(cp.Minimize(t), cons)
+    status = _solve(cp, problem, solver, "mmra_exact")
+    w = np.zeros(K)
+    w[idx] = _clean_simplex(u.value, idx.size)
+    regrets = exact_mixture_regret(w, P, beta=beta, context_weights=rho)
+    return MMRAResult(w, float(np.max(c * regrets)), regrets, status)
+
+
+# ----------------------------------------------------------------------------------------
+# Serving the mixture
+
+
+class MixturePolicy:
+    """A sequence-level mixture of policies: each request draws one component j with
+    probability w_j and is answered entirely by it (the mixture the MMRA LP optimizes).
+
+    Args:
+        weights: (K,) probabilities (non-negative, sum to 1 within 1e-6), or an MMRAResult.
+        policies: K callables (e.g. generate functions); any call signature.
+        random_state: None, an int seed or a numpy Generator.
+
+    Attributes:
+        weights: (K,) float64 normalized weights.
+        last_component: index of the component that answered the latest call (None before).
+
+    Example:
+        >>> import emdpo_core as ec
+        >>> mix = ec.MixturePolicy([0.25, 0.75], [lambda x: "A:" + x, lambda x: "B:" + x],
+        ...                        random_state=0)
+        >>> answer = mix("hello")
+        >>> answer == ("A:" if mix.last_component == 0 else "B:") + "hello"
+        True
+    """
+
+    def __init__(self, weights, policies, *, random_state=None):
+        if isinstance(weights, MMRAResult):
+            weights = weights.weights
+        policies = list(policies)
+        if not policies:
+            raise ValueError("policies: expected at least one callable, got none")
+        for j, f in enumerate(policies):
+            if not callable(f):
+                raise TypeError(f"policies: entry {j} is a {type(f).__name__}, not callable")
+        w = np.asarray(_real_vector(weights), dtype=np.float64)
+        if w.shape != (len(policies),):
+            raise ValueError(f"weights: expected shape ({len(policies)},) (one per policy), got "
+                             f"{w.shape}")
+        bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+        if bad.size:
+            raise ValueError(f"weights: expected finite values >= 0, got {w[bad[0]]} at index "
+                             f"{bad[0]}")
+        if abs(w.sum() - 1.0) > 1e-6:
+            raise ValueError(f"weights: expected probabilities summing to 1, got a sum of "
+                             f"{w.sum()!r}")
+        self.weights = w / w.sum()
+        self.policies = policies
+        self._cdf = np.cumsum(self.weights)
+        self._cdf[-1] = 1.0
+        self._rng = np.random.default_rng(random_state)
+        self.last_component = None
+
+    def sample_components(self, n: int) -> np.ndarray:
+        """(n,) int64 component indices drawn i.i.d. from the weights."""
+        idx = np.searchsorted(self._cdf, self._rng.random(int(n)), side="right")
+        return np.minimum(idx, len(self.policies) - 1).astype(np.int64)
+
+    def sample_component(self) -> int:
+        """One component index drawn from the weights."""
+        return int(self.sample_components(1)[0])
+
+    def __call__(self, *args, **kwargs):
+        j = self.sample_component()
+        self.last_component = j
+        return self.policies[j](*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def __repr__(self) -> str:
+        return f"MixturePolicy(weights={np.round(self.weights, 4).tolist()}, K={len(self)})"
+
+
+def _real_vector(weights):
+    if _is_torch(weights):
+        return weights.detach().cpu().numpy()
+    a = np.asarray(weights)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"weights: expected real numbers, got dtype {a.dtype}")
+    return a
