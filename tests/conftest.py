@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 import zlib
 
 import numpy as np
 import pytest
+
+# Child Python processes run from outside the source tree, so that they import the
+# installed package (with its compiled module) rather than the bare emdpo_core/ folder.
+SUBPROCESS_CWD = tempfile.gettempdir()
 
 # One tolerance table, keyed by dtype: (rtol, atol) for values and gradients against the
 # float64 reference. float64: the kernels do the same arithmetic in another order, so

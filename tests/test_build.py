@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import emdpo_core as ec
+from conftest import SUBPROCESS_CWD
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,5 +42,5 @@ def test_numpy_path_does_not_import_torch():
     code = ("import sys, numpy as np, emdpo_core as ec; "
             "ec.listwise_loglik(np.zeros((1, 2)), np.zeros(2), [0, 2], beta=1.0); "
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(cwd=SUBPROCESS_CWD, args=[sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

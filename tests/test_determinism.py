@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from conftest import SUBPROCESS_CWD
+
 SCRIPT = r"""
 import hashlib, numpy as np, emdpo_core as ec
 rng = np.random.default_rng(1234)
@@ -39,7 +41,7 @@ def run(threads, isa=None):
     env.pop("EMDPO_CPU_ISA", None)
     if isa:
         env["EMDPO_CPU_ISA"] = isa
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+    out = subprocess.run(cwd=SUBPROCESS_CWD, args=[sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                          check=True)
     n, used_isa, digest = out.stdout.split()
     return int(n), used_isa, digest
