@@ -9,6 +9,9 @@ from __future__ import annotations
 from . import _core
 from ._bookkeeping import group_by_annotator
 from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from . import diagnostics
+from .data import RankingData
+from .diagnostics import IdentifiabilityWarning
 
 __version__ = _core.__version__
 
@@ -20,6 +23,9 @@ __all__ = [
     "e_step",
     "listwise_dpo_loss_and_grad",
     "group_by_annotator",
+    "RankingData",
+    "diagnostics",
+    "IdentifiabilityWarning",
 ]
 
 
