@@ -12,6 +12,9 @@ from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_l
 from . import diagnostics
 from .data import RankingData
 from .diagnostics import IdentifiabilityWarning
+from .em import (CollapsedComponentWarning, ConvergenceWarning, EMEstimator,
+                 PlackettLuceMixture, PolicyFamily, PolicyLogps, TabularPolicies,
+                 select_n_components)
 
 __version__ = _core.__version__
 
@@ -24,8 +27,16 @@ __all__ = [
     "listwise_dpo_loss_and_grad",
     "group_by_annotator",
     "RankingData",
+    "PlackettLuceMixture",
+    "select_n_components",
     "diagnostics",
+    "ConvergenceWarning",
     "IdentifiabilityWarning",
+    "CollapsedComponentWarning",
+    "EMEstimator",
+    "PolicyFamily",
+    "PolicyLogps",
+    "TabularPolicies",
 ]
 
 
