@@ -111,8 +111,9 @@ def degrees_of_freedom(data) -> int:
         size[inverse] = np.diff(data.offsets)
         total = 0
         for m, L in zip(size.tolist(), deepest.tolist()):
-            total += _outcomes(m, L) - 1
-            if total >= DOF_CAP:
+            outcomes = _outcomes(m, L)
+            total += outcomes - 1
+            if outcomes >= DOF_CAP or total >= DOF_CAP:
                 total = DOF_CAP
                 break
         cache["dof"] = int(total)
