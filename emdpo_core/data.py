@@ -351,7 +351,7 @@ class RankingData:
             >>> import emdpo_core as ec
             >>> d = ec.RankingData.from_rankings([["b", "a"], ["c"]], [None, ["a", "b", "c"]])
             >>> d.item_names, d.record(1)
-            (['b', 'a', 'c'], ([2], [0, 1]))
+            (['b', 'a', 'c'], ([2], [1, 0]))
         """
         return cls(**_build_from_lists(rankings, candidates, n_items=n_items,
                                        item_names=item_names,

@@ -87,3 +87,13 @@ def test_module_is_exported():
     rng = np.random.default_rng(0)
     d = RankingData.from_rankings([rng.permutation(7).tolist() for _ in range(50)])
     assert identifiability(d, 3).ok     # 7 items > 2*3 - 1, full rankings: 7! - 1 >> 20
+
+
+@pytest.mark.parametrize("module", ["emdpo_core.data", "emdpo_core.diagnostics",
+                                    "emdpo_core.em"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
