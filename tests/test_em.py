@@ -425,12 +425,22 @@ def test_types_that_collapse_during_em_are_dropped_and_each_segment_is_monotone(
 
 
 def test_identifiability_warnings_are_emitted_by_fit():
+    def messages(data):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            PlackettLuceMixture(2, random_state=0, max_iter=5).fit(data)
+        return [str(w.message) for w in caught if w.category is ec.IdentifiabilityWarning]
+
     pairs = RankingData.from_rankings([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]] * 10)
-    with pytest.warns(ec.IdentifiabilityWarning, match="binary comparisons cannot identify"):
-        PlackettLuceMixture(2, random_state=0, max_iter=5).fit(pairs)
+    found = messages(pairs)
+    assert any("binary comparisons cannot identify" in m for m in found)
+    assert any("6 degrees of freedom" in m for m in found)        # 6 pairs < 7 parameters
     triple = RankingData.from_rankings([[0]] * 30 + [[1]] * 20 + [[2]] * 10, [[0, 1, 2]] * 60)
-    with pytest.warns(ec.IdentifiabilityWarning, match="2 degrees of freedom"):
-        PlackettLuceMixture(2, random_state=0, max_iter=5).fit(triple)
+    found = messages(triple)
+    assert any("2 degrees of freedom" in m for m in found)
+    assert any("over 3 items is not identifiable" in m for m in found)
+    _, rich, _ = planted(61, K=2, H=50)
+    assert messages(rich) == []
 
 
 # ----------------------------------------------------------------------------------------
@@ -476,3 +486,27 @@ def test_data_errors():
     small = PlackettLuceMixture(1).fit(never)
     with pytest.raises(ValueError, match="n_items=5 but the model was fitted on 3 items"):
         small.predict_proba(RankingData.from_rankings([[4, 0]]))
+
+
+def test_verbose_progress_lines(capsys):
+    _, data, _ = planted(60, K=2, H=40)
+    PlackettLuceMixture(2, random_state=0, max_iter=3, verbose=2).fit(data)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "restart 0 iteration 1: lower bound" in text
+    assert "restart 0 iteration 3: lower bound" in text
+
+
+def test_the_numpy_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, emdpo_core as ec\n"
+            "d = ec.RankingData.from_rankings([[0, 1, 2], [2, 1, 0], [1, 0, 2]] * 5)\n"
+            "ec.PlackettLuceMixture(2, random_state=0, max_iter=3).fit(d)\n"
+            "ec.select_n_components(d, [1, 2], max_iter=3)\n"
+            "import emdpo_core.cli\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
