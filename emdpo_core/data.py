@@ -28,38 +28,37 @@ import numpy as np
 
 from . import _bookkeeping as bk
 
-__all__ = ["RankingData", "GroupedRankings"]
+__all__ = ["RankingData", "GroupedRecords", "GroupedRankings", "group_records"]
 
 
 @dataclass(frozen=True, eq=False)
-class GroupedRankings:
-    """Records sorted by annotator (stable), the layout the EM engine works on.
+class GroupedRecords:
+    """Records sorted by annotator (stable): the layout the EM engine works on.
 
-    The engine needs only ``offsets``, ``n_ranked``, ``record_weight``, ``annotator_weight``,
-    ``annotator_offsets``, ``n_records``, ``n_annotators`` and ``total_weight``: any data
-    object whose ``grouped()`` returns an object with these attributes can be fitted by a
-    policy family that understands it (``items`` and ``n_items`` are for tabular policies).
+    This is all the engine reads of the data. A data type of its own (e.g. prompts and
+    responses for torch policies) plugs into the engine by having ``grouped()`` return a
+    subclass of this, made with :func:`group_records`, with its per-record and per-slot
+    arrays permuted the same way (``order``, ``slot_order``).
 
     Attributes:
-        items: (M,) int64 item ids, records in annotator order.
-        offsets: (N+1,) int64 record offsets.
+        offsets: (N+1,) int64 record offsets, records in annotator order.
         n_ranked: (N,) int64 observed depths L_i.
         record_weight: (N,) float64 c_i: repeats of the record within its annotator.
         annotator_weight: (H,) float64 v_h: repeats of the annotator (with all its records).
         annotator_offsets: (H+1,) int64: annotator h owns records
             annotator_offsets[h]:annotator_offsets[h+1].
         order: (N,) int64: grouped record j is record order[j] of the original data.
-        unit_record_weight: True when every c_i is 1 (the kernels then skip the weights).
+        slot_order: (M,) int64: grouped slot s is slot slot_order[s] of the original data.
+        unit_record_weight, unit_annotator_weight: every c_i (v_h) is 1.
     """
 
-    items: np.ndarray
     offsets: np.ndarray
     n_ranked: np.ndarray
     record_weight: np.ndarray
     annotator_weight: np.ndarray
     annotator_offsets: np.ndarray
     order: np.ndarray
-    n_items: int
+    slot_order: np.ndarray
     unit_record_weight: bool
     unit_annotator_weight: bool
 
@@ -72,14 +71,17 @@ class GroupedRankings:
         return int(self.annotator_offsets.shape[0] - 1)
 
     @property
+    def n_slots(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
     def m_max(self) -> int:
         return int(np.max(np.diff(self.offsets)))
 
     @property
     def total_weight(self) -> float:
         """Number of records after row expansion: sum_i c_i v_{a_i}."""
-        per_annotator = np.add.reduceat(self.record_weight, self.annotator_offsets[:-1]) \
-            if self.n_records else np.zeros(0)
+        per_annotator = np.add.reduceat(self.record_weight, self.annotator_offsets[:-1])
         return float(np.dot(per_annotator, self.annotator_weight))
 
     @property
@@ -87,15 +89,72 @@ class GroupedRankings:
         """Number of annotators after row expansion: sum_h v_h."""
         return float(self.annotator_weight.sum())
 
+    def _fingerprint_parts(self):
+        return (self.offsets, self.n_ranked, self.record_weight, self.annotator_weight,
+                self.annotator_offsets)
+
     def fingerprint(self) -> str:
         """SHA-256 of the grouped arrays: checkpoints refuse to resume on other data."""
         h = hashlib.sha256()
-        for a in (self.items, self.offsets, self.n_ranked, self.record_weight,
-                  self.annotator_weight, self.annotator_offsets):
-            h.update(np.ascontiguousarray(a).tobytes())
+        for a in self._fingerprint_parts():
+            h.update(np.ascontiguousarray(a).tobytes() if isinstance(a, np.ndarray)
+                     else repr(a).encode())
             h.update(b"|")
-        h.update(str(self.n_items).encode())
         return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedRankings(GroupedRecords):
+    """Grouped tabular rankings: :class:`GroupedRecords` plus ``items`` (M,) int64, the item
+    id of every grouped slot, and ``n_items``."""
+
+    items: np.ndarray
+    n_items: int
+
+    def _fingerprint_parts(self):
+        return super()._fingerprint_parts() + (self.items, self.n_items)
+
+
+def group_records(offsets, n_ranked, annotator=None, sample_weight=None,
+                  n_annotators=None) -> dict:
+    """Sort records by annotator (stable) and split the weights (see the module docstring).
+
+    Args:
+        offsets: (N+1,) record offsets; n_ranked: (N,) depths.
+        annotator: (N,) int64 annotator codes in [0, H), or None (each record its own
+            annotator, kept in order).
+        sample_weight: (N,) row counts or None.
+        n_annotators: H (with annotator).
+
+    Returns:
+        A dict of the :class:`GroupedRecords` fields (pass it with ``**`` to the class or
+        a subclass, adding the subclass's fields permuted by ``slot_order`` / ``order``).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    N = offsets.shape[0] - 1
+    if annotator is None:
+        order = np.arange(N, dtype=np.int64)
+        slot_order = np.arange(offsets[-1], dtype=np.int64)
+        ao = np.arange(N + 1, dtype=np.int64)
+        grouped_offsets = offsets
+        rw = np.ones(N)
+        aw = np.ones(N) if sample_weight is None else np.array(sample_weight, dtype=np.float64)
+    else:
+        order, ao = bk.group_by_annotator(annotator, n_annotators)
+        lengths = np.diff(offsets)[order]
+        grouped_offsets = np.zeros(N + 1, dtype=np.int64)
+        np.cumsum(lengths, out=grouped_offsets[1:])
+        slot_order = np.repeat(offsets[:-1][order] - grouped_offsets[:-1], lengths) + \
+            np.arange(grouped_offsets[-1])
+        rw = np.ones(N) if sample_weight is None else \
+            np.asarray(sample_weight, dtype=np.float64)[order]
+        aw = np.ones(ao.shape[0] - 1)
+    return dict(offsets=np.ascontiguousarray(grouped_offsets),
+                n_ranked=np.ascontiguousarray(np.asarray(n_ranked, dtype=np.int64)[order]),
+                record_weight=np.ascontiguousarray(rw), annotator_weight=np.ascontiguousarray(aw),
+                annotator_offsets=ao, order=order, slot_order=slot_order,
+                unit_record_weight=bool(np.all(rw == 1.0)),
+                unit_annotator_weight=bool(np.all(aw == 1.0)))
 
 
 def _first_repeated_item(items, offsets, n_items):
@@ -303,30 +362,10 @@ class RankingData:
     def grouped(self) -> GroupedRankings:
         """The records grouped by annotator (computed once, then kept)."""
         if self._grouped is None:
-            N = self.n_records
-            if self.annotator is None:
-                order = np.arange(N, dtype=np.int64)
-                ao = np.arange(N + 1, dtype=np.int64)
-                rw = np.ones(N)
-                aw = np.ones(N) if self.sample_weight is None else self.sample_weight.copy()
-                items, offsets, nr = self.items, self.offsets, self.n_ranked
-            else:
-                order, ao = bk.group_by_annotator(self.annotator, self.n_annotators)
-                lengths = np.diff(self.offsets)[order]
-                offsets = np.zeros(N + 1, dtype=np.int64)
-                np.cumsum(lengths, out=offsets[1:])
-                slot = np.repeat(self.offsets[:-1][order] - offsets[:-1], lengths) + \
-                    np.arange(offsets[-1])
-                items = self.items[slot]
-                nr = self.n_ranked[order]
-                rw = np.ones(N) if self.sample_weight is None else self.sample_weight[order]
-                aw = np.ones(self.n_annotators)
-            self._grouped = GroupedRankings(
-                items=np.ascontiguousarray(items), offsets=np.ascontiguousarray(offsets),
-                n_ranked=np.ascontiguousarray(nr), record_weight=np.ascontiguousarray(rw),
-                annotator_weight=np.ascontiguousarray(aw), annotator_offsets=ao, order=order,
-                n_items=self.n_items, unit_record_weight=bool(np.all(rw == 1.0)),
-                unit_annotator_weight=bool(np.all(aw == 1.0)))
+            fields = group_records(self.offsets, self.n_ranked, self.annotator,
+                                   self.sample_weight, self.n_annotators)
+            items = np.ascontiguousarray(self.items[fields["slot_order"]])
+            self._grouped = GroupedRankings(**fields, items=items, n_items=self.n_items)
         return self._grouped
 
     # ------------------------------------------------------------------------------------

@@ -99,9 +99,10 @@ class PolicyFamily(abc.ABC):
       ``state_dict()`` / ``load_state_dict(state)`` for restarts (keep the best),
       checkpoints and save/load.
 
-    ``data`` is the grouped data (records sorted by annotator; e.g. a
-    :class:`~emdpo_core.data.GroupedRankings`): every per-record or per-slot array the family
-    makes must follow that order. ``weights`` is a (K, N) float64 array,
+    ``data`` is the grouped data: what the user's data object's ``grouped()`` returns, a
+    :class:`~emdpo_core.data.GroupedRecords` subclass (records sorted by annotator; e.g.
+    :class:`~emdpo_core.data.GroupedRankings` for tabular rankings). Every per-record or
+    per-slot array the family makes must follow that order. ``weights`` is a (K, N) float64 array,
     w[k, i] = c_i v_{a_i} g_{a_i k}: record i's weight for type k (its count times its
     annotator's count times the annotator's posterior).
     """
@@ -329,7 +330,9 @@ def _check_float(name, x, minimum, *, strict=False):
 class EMEstimator(abc.ABC):
     """EM over latent annotator types for any :class:`PolicyFamily` (scikit-learn style).
 
-    Subclasses provide ``_make_family()`` and ``_as_data(data)``. See the module docstring
+    Subclasses provide ``_make_family()`` and ``_as_data(data)`` (it validates the user's
+    data object, whose ``grouped()`` returns a :class:`~emdpo_core.data.GroupedRecords`), and
+    optionally ``_data_warnings(data)`` and ``_on_fitted(data)``. See the module docstring
     for the algorithm and the objective.
 
     Args:
