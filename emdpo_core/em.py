@@ -420,8 +420,17 @@ class EMEstimator(abc.ABC):
 
     @classmethod
     def _param_names(cls):
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
+        """Named parameters of __init__ along the class hierarchy (a subclass may pass the
+        engine's parameters on with **kwargs)."""
+        names = []
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or not issubclass(klass, EMEstimator):
+                continue
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) \
+                        and p.name not in names:
+                    names.append(p.name)
+        return names
 
     def get_params(self, deep: bool = False) -> dict:
         return {p: getattr(self, p) for p in self._param_names()}
@@ -435,10 +444,19 @@ class EMEstimator(abc.ABC):
         return self
 
     def __repr__(self) -> str:
-        sig = inspect.signature(type(self).__init__)
-        shown = [f"{p}={getattr(self, p)!r}" for p, par in sig.parameters.items()
-                 if p != "self" and not isinstance(getattr(self, p), np.ndarray)
-                 and getattr(self, p) is not par.default and getattr(self, p) != par.default]
+        defaults = {}
+        for klass in reversed(type(self).__mro__):
+            if "__init__" in vars(klass) and issubclass(klass, EMEstimator):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    defaults[p.name] = p.default
+        shown = []
+        for p in self._param_names():
+            v = getattr(self, p)
+            if isinstance(v, np.ndarray):
+                shown.append(f"{p}=array{v.shape}")
+            elif not (v is defaults.get(p) or (isinstance(v, (int, float, str, type(None)))
+                                                and v == defaults.get(p))):
+                shown.append(f"{p}={v!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def _check_params(self):
