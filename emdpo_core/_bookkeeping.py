@@ -169,19 +169,21 @@ def weighted_loglik(annotator_loglik, log_weights, annotator_weight):
 # Weighted Plackett-Luce M-step: Hunter's (2004) minorization-maximization (MM) algorithm
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def pl_wins(items, offsets, n_ranked, weights, n_items):
     """(K, n_items) weighted number of times each item is chosen (ranked at a stage t < L):
-    wins[k, i] = sum_r weights[k, r] * #{t < L_r : item of slot t of r is i}."""
+    wins[k, i] = sum_r weights[k, r] * #{t < L_r : item of slot t of r is i}.
+    One type per thread, each in its own row: the same sums for any thread count."""
     K = weights.shape[0]
     N = offsets.shape[0] - 1
     wins = np.zeros((K, n_items), dtype=np.float64)
-    for r in range(N):
-        a = offsets[r]
-        for t in range(n_ranked[r]):
-            it = items[a + t]
-            for k in range(K):
-                wins[k, it] += weights[k, r]
+    for k in numba.prange(K):
+        row = wins[k]
+        w = weights[k]
+        for r in range(N):
+            a = offsets[r]
+            for t in range(n_ranked[r]):
+                row[items[a + t]] += w[r]
     return wins
 
 
