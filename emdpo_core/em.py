@@ -871,18 +871,20 @@ class EMEstimator(abc.ABC):
                 meta[p] = v
         return meta, arrays
 
+    # Fitted attributes written by save (those a from_parameters model lacks are skipped).
+    _FITTED_SCALARS = ("loglik_", "objective_", "log_prior_", "lower_bound_", "converged_",
+                       "n_iter_", "n_components_", "dropped_components_", "restarts_")
+
     def _fitted_state(self):
-        arrays = {"weights": self.weights_, "lower_bounds": self.lower_bounds_}
-        if getattr(self, "responsibilities_", None) is not None:
-            arrays["responsibilities"] = self.responsibilities_
+        arrays = {"weights": self.weights_}
+        for name in ("lower_bounds_", "responsibilities_"):
+            if getattr(self, name, None) is not None:
+                arrays[name.rstrip("_")] = getattr(self, name)
         for k, v in self.family_.state_dict().items():
             arrays[f"family/{k}"] = v
-        meta = {"loglik": self.loglik_, "objective": self.objective_,
-                "log_prior": self.log_prior_, "lower_bound": self.lower_bound_,
-                "converged": self.converged_, "n_iter": self.n_iter_,
-                "n_components": self.n_components_, "dropped": self.dropped_components_,
-                "restarts": self.restarts_,
-                "n_annotators_fit": getattr(self, "_n_annotators_fit", None)}
+        meta = {name: getattr(self, name) for name in self._FITTED_SCALARS
+                if hasattr(self, name)}
+        meta["n_annotators_fit"] = getattr(self, "_n_annotators_fit", None)
         return meta, arrays
 
     @staticmethod
@@ -979,12 +981,11 @@ class EMEstimator(abc.ABC):
             est.family_.load_state_dict(sub("family"))
             est.weights_ = arrays["weights"]
             est.responsibilities_ = arrays.get("responsibilities")
-            est.lower_bounds_ = arrays["lower_bounds"]
-            est.loglik_, est.objective_ = f["loglik"], f["objective"]
-            est.log_prior_, est.lower_bound_ = f["log_prior"], f["lower_bound"]
-            est.converged_, est.n_iter_ = f["converged"], f["n_iter"]
-            est.n_components_, est.dropped_components_ = f["n_components"], f["dropped"]
-            est.restarts_ = f["restarts"]
+            if "lower_bounds" in arrays:
+                est.lower_bounds_ = arrays["lower_bounds"]
+            for name in cls._FITTED_SCALARS:
+                if name in f:
+                    setattr(est, name, f[name])
             if f.get("n_annotators_fit") is not None:
                 est._n_annotators_fit = f["n_annotators_fit"]
             est._restore_fitted(f)

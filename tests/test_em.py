@@ -616,3 +616,13 @@ def test_a_gradient_family_plugs_into_the_engine_and_reaches_the_tabular_solutio
     back = GenericEM.load(tmp_path / "g.npz", family=SoftmaxPolicies(data.n_items))
     np.testing.assert_array_equal(back.family_.logits, em.family_.logits)
     np.testing.assert_allclose(back.predict_proba(data), em.predict_proba(data))
+
+
+def test_a_model_made_from_parameters_saves_and_loads(tmp_path):
+    truth = PlackettLuceMixture.from_parameters([[1.0, 0, -1], [-1.0, 0, 1]], [0.7, 0.3])
+    truth.save(tmp_path / "t.npz")
+    back = PlackettLuceMixture.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(back.log_worths_, truth.log_worths_)
+    np.testing.assert_array_equal(back.weights_, truth.weights_)
+    data, _ = truth.sample(20, random_state=0)
+    np.testing.assert_array_equal(back.predict_proba(data), truth.predict_proba(data))
