@@ -681,7 +681,8 @@ def _read_preflib(path: str, trailing_tie: str) -> dict:
         try:
             count = int(count_text)
         except ValueError:
-            raise ValueError(f"{where}: the count {count_text.strip()!r} is not an integer") from None
+            raise ValueError(f"{where}: the count {count_text.strip()!r} is not an "
+                             f"integer") from None
         if count < 0:
             raise ValueError(f"{where}: negative count {count}")
         groups = _split_order(order_text, where)
@@ -775,7 +776,8 @@ def _preflib_header(lines, path):
             n_alt = int(first.strip())
         except ValueError:
             raise ValueError(f"{path}:{lineno}: expected the number of alternatives (older "
-                             f"PrefLib format) or '#' header lines, got {first.strip()!r}") from None
+                             f"PrefLib format) or '#' header lines, got "
+                             f"{first.strip()!r}") from None
         if len(content) < n_alt + 2:
             raise ValueError(f"{path}: truncated header: {n_alt} alternatives announced")
         names = {}
