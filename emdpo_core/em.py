@@ -1151,8 +1151,10 @@ class PlackettLuceMixture(EMEstimator):
         N = H * R
         if m == n:
             cand = np.broadcast_to(np.arange(n), (N, n))
-        else:
+        elif N * n <= 50_000_000:
             cand = np.argsort(rng.random((N, n)), axis=1)[:, :m]
+        else:   # many items: no (N, n_items) temporary
+            cand = np.stack([rng.choice(n, size=m, replace=False) for _ in range(N)])
         theta = self.family_.log_worths
         score = theta[rec_type[:, None], cand] + rng.gumbel(size=(N, m))
         order = np.argsort(-score, axis=1, kind="stable")
