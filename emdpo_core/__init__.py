@@ -9,6 +9,14 @@ from __future__ import annotations
 from . import _core
 from ._bookkeeping import group_by_annotator
 from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from . import diagnostics
+from .data import RankingData
+from .diagnostics import IdentifiabilityWarning
+from .em import (CollapsedComponentWarning, ConvergenceWarning, EMEstimator,
+                 PlackettLuceMixture, PolicyFamily, PolicyLogps, TabularPolicies,
+                 select_n_components)
+# The function mmra shadows the submodule attribute of the same name on the package;
+# `from emdpo_core.mmra import ...` still reaches the module.
 from .mmra import MixturePolicy, MMRAResult, mmra, mmra_exact, regret_matrix
 
 __version__ = _core.__version__
@@ -26,6 +34,17 @@ __all__ = [
     "mmra_exact",
     "MMRAResult",
     "MixturePolicy",
+    "RankingData",
+    "PlackettLuceMixture",
+    "select_n_components",
+    "diagnostics",
+    "ConvergenceWarning",
+    "IdentifiabilityWarning",
+    "CollapsedComponentWarning",
+    "EMEstimator",
+    "PolicyFamily",
+    "PolicyLogps",
+    "TabularPolicies",
 ]
 
 
