@@ -507,8 +507,9 @@ def test_the_numpy_path_does_not_import_torch():
             "ec.select_n_components(d, [1, 2], max_iter=3)\n"
             "import emdpo_core.cli\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    from conftest import SUBPROCESS_CWD
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode == 0, r.stderr
 
 
