@@ -13,7 +13,6 @@ benchmarks/results/bench_kernels.csv.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -67,18 +66,27 @@ def check_against_reference(d, beta):
 
 
 def peak_extra_memory_mb(N, m, K, H):
-    """Peak RSS growth of one E-step, measured in a fresh process after the inputs exist."""
+    """Peak resident-memory growth of one E-step, in a fresh process: the inputs are made,
+    freed heap is returned to the system (malloc_trim), the kernel's peak-RSS counter is reset
+    (/proc/self/clear_refs), and VmHWM after the E-step minus VmRSS before it is the extra
+    memory the E-step touched (outputs included)."""
     code = f"""
-import resource, numpy as np, sys
+import ctypes, gc, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from bench_kernels import make_data
 import emdpo_core as ec
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024.0
 d = make_data({N}, {m}, {K}, {H})
-ec.e_step(d['policy'][:, :{m * 64}], d['ref'][:{m * 64}], d['offsets'][:65], [0, 64], d['log_w'], beta=1.0)  # load, warm up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-ec.e_step(d['policy'], d['ref'], d['offsets'], d['aoff'], d['log_w'], beta=1.0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024.0)
+ec.e_step(d['policy'][:, :{m * 64}], d['ref'][:{m * 64}], d['offsets'][:65], [0, 64], d['log_w'], beta=1.0)
+gc.collect()
+ctypes.CDLL('libc.so.6').malloc_trim(0)
+open('/proc/self/clear_refs', 'w').write('5')
+before = status('VmRSS')
+res = ec.e_step(d['policy'], d['ref'], d['offsets'], d['aoff'], d['log_w'], beta=1.0)
+print(status('VmHWM') - before)
 """
     # Run from the benchmarks folder so that the installed package, not the source tree
     # (which has no compiled module), is imported.
