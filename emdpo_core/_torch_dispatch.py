@@ -5,6 +5,7 @@ NumPy path never imports torch.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -51,22 +52,32 @@ def _numpy(x):
 # Index arrays (offsets, n_ranked, annotator_offsets) are checked on the host. On CUDA that
 # costs a device-to-host copy, so tensors already checked are remembered by (pointer, size,
 # version counter): an in-place change bumps torch's version counter and forces a re-check.
-_checked: "OrderedDict[tuple, bool]" = OrderedDict()
+# The key alone is not enough: once a checked tensor is freed, the caching allocator hands its
+# memory to the next tensor of that size, which then has the same pointer and a version of 0
+# but other contents. So an entry also holds weak references to the tensors it checked and
+# only counts for those very tensor objects while they are alive.
+_checked: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def _check_cached(key, check):
-    if key in _checked:
+def _check_cached(key, check, tensors=()):
+    if any(t.is_inference() for t in tensors):
+        check()  # inference tensors have no version counter, so in-place changes go unseen
+        return
+    refs = _checked.get(key)
+    if refs is not None and len(refs) == len(tensors) and all(
+            r() is t for r, t in zip(refs, tensors)):
         _checked.move_to_end(key)
         return
     check()
-    _checked[key] = True
+    _checked[key] = tuple(weakref.ref(t) for t in tensors)
+    _checked.move_to_end(key)
     if len(_checked) > 32:
         _checked.popitem(last=False)
 
 
 def _key(*tensors):
-    return tuple((t.data_ptr(), t.numel(), t._version, str(t.device)) if t is not None else None
-                 for t in tensors)
+    return tuple((t.data_ptr(), t.numel(), None if t.is_inference() else t._version,
+                  str(t.device)) if t is not None else None for t in tensors)
 
 
 def _check_layout_cuda(offsets, n_ranked, M):
@@ -75,7 +86,8 @@ def _check_layout_cuda(offsets, n_ranked, M):
         N = _k._check_offsets(o, M)
         _k._check_n_ranked(None if n_ranked is None else n_ranked.cpu().numpy(), o, N)
 
-    _check_cached(("layout", M) + _key(offsets, n_ranked), check)
+    _check_cached(("layout", M) + _key(offsets, n_ranked), check,
+                  tuple(t for t in (offsets, n_ranked) if t is not None))
 
 
 def _require_cuda_build():
@@ -172,7 +184,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     _check_layout_cuda(offsets, nr, M)
     N = offsets.shape[0] - 1
     _check_cached(("annotators", N) + _key(ao),
-                  lambda: _k._check_annotator_offsets(ao.cpu().numpy(), N))
+                  lambda: _k._check_annotator_offsets(ao.cpu().numpy(), N), (ao,))
     H = ao.shape[0] - 1
     lw = torch.from_numpy(_k._check_log_weights(
         log_weights.detach().cpu().numpy() if isinstance(log_weights, torch.Tensor)
