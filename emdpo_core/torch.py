@@ -360,14 +360,14 @@ def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"lengths: expected shape ({B},) (one per row), got "
                          f"{tuple(lengths.shape)}")
-    host = lengths.cpu()  # one small device-to-host copy on CUDA
-    bad = torch.nonzero((host < 2) | (host > m_max))
-    if bad.numel():
-        i = int(bad[0, 0])
+    lo, hi = (int(v) for v in torch.aminmax(lengths))  # one pass, one small host copy
+    if lo < 2 or hi > m_max:
+        host = lengths.cpu()
+        i = int(torch.nonzero((host < 2) | (host > m_max))[0, 0])
         raise ValueError(
             f"lengths: expected 2 <= lengths[i] <= m_max = {m_max}, got lengths[{i}] = "
             f"{int(host[i])}")
-    return bool((host == m_max).all())
+    return lo == m_max
 
 
 def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, beta,
