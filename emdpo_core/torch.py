@@ -159,10 +159,9 @@ def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} ({e})") from None
 
 
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """torch's type promotion, then half types upcast to float32 for the kernels."""
-    out = functools.reduce(torch.promote_types, dtypes)
-    return torch.float32 if out in _HALF_DTYPES else out
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels run in float32 or float64: half types are upcast to float32."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def _prepare_logps(policy_logps, ref_logps):
@@ -291,9 +290,17 @@ class ListwiseDPOLoss(torch.nn.Module):
         return f"beta={self.beta}, reduction={self.reduction!r}"
 
 
-@functools.lru_cache(maxsize=16)
 def _regular_offsets(n_records: int, m: int, device: torch.device) -> torch.Tensor:
-    # Kept alive and reused so that on CUDA its layout check (a host copy) happens once.
+    """Offsets of n_records lists of m slots each: 0, m, 2m, ..."""
+    if device.type == "cuda":
+        return _cached_regular_offsets(n_records, m, device)
+    return torch.arange(0, n_records * m + 1, m, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_regular_offsets(n_records: int, m: int, device: torch.device) -> torch.Tensor:
+    # Kept alive and reused, so that the dispatch's layout check (a device-to-host copy)
+    # happens once per batch shape and not at every step.
     return torch.arange(0, n_records * m + 1, m, dtype=torch.int64, device=device)
 
 
@@ -335,12 +342,11 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
     """
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     chosen = _require_policy_tensor(chosen_logps, names[0])
-    rejected = _require_policy_tensor(rejected_logps, names[1])
     device = chosen.device
+    rejected = _as_tensor(_require_policy_tensor(rejected_logps, names[1]), names[1], device)
     ref_chosen = _as_tensor(ref_chosen_logps, names[2], device)
     ref_rejected = _as_tensor(ref_rejected_logps, names[3], device)
-    cols = (chosen, _as_tensor(rejected, names[1], device), ref_chosen, ref_rejected)
-    # (rejected is re-checked here for its device.)
+    cols = (chosen, rejected, ref_chosen, ref_rejected)
     _check_columns(names, cols)
     for name, t in zip(names, cols):
         if not t.dtype.is_floating_point:
@@ -360,7 +366,7 @@ def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"lengths: expected shape ({B},) (one per row), got "
                          f"{tuple(lengths.shape)}")
-    lo, hi = (int(v) for v in torch.aminmax(lengths))  # one pass, one small host copy
+    lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one pass, one tiny host copy
     if lo < 2 or hi > m_max:
         host = lengths.cpu()
         i = int(torch.nonzero((host < 2) | (host > m_max))[0, 0])
