@@ -243,6 +243,8 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
             raise ValueError(f"weights: expected shape {' or '.join(map(str, want))}, got "
                              f"{tuple(w.shape)}")
         w = w.reshape(K, N).contiguous()
+        if not bool(torch.isfinite(w).all()):  # as the CPU path: name the first bad weight
+            _k._loss_weights(w.cpu().numpy(), K, N, _dtype_name(w), one)
     if reduction in ("sum", "none"):
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
