@@ -33,6 +33,7 @@ import numpy as np
 
 import emdpo_core as ec
 from emdpo_core import _bookkeeping as bk
+from emdpo_core import _numpy_baseline as nb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_em.csv")
@@ -92,46 +93,12 @@ def percentiles(fn, repeats: int, warmup: int = 1):
 
 
 # ----------------------------------------------------------------------------------------
-# The NumPy baseline: one EM iteration, vectorized over records of one common length m
+# The NumPy baseline: one EM iteration, vectorized over records of one common length m. It
+# lives in the package (emdpo_core/_numpy_baseline.py), shared with `emdpo bench`.
 
-
-def numpy_e_step(theta, items2d, n_ranked, annotator_offsets, log_weights):
-    """(resp (H, K), loglik) for full or top-L lists of a common length m, in NumPy."""
-    x = theta[:, items2d]                                          # (K, N, m)
-    lse = np.logaddexp.accumulate(x[:, :, ::-1], axis=2)[:, :, ::-1]
-    L = n_ranked[0]
-    ll = (x[:, :, :L] - lse[:, :, :L]).sum(axis=2)                 # (K, N)
-    S = np.add.reduceat(ll, annotator_offsets[:-1], axis=1).T      # (H, K)
-    v = S + log_weights
-    mx = v.max(axis=1, keepdims=True)
-    lse_h = mx[:, 0] + np.log(np.exp(v - mx).sum(axis=1))
-    return np.exp(v - lse_h[:, None]), float(lse_h.sum())
-
-
-def numpy_mm_step(theta, items2d, n_ranked, W, c):
-    """One MM step (same formula as _bookkeeping.pl_mm_step), vectorized."""
-    K, n = theta.shape
-    L = n_ranked[0]
-    top = theta.max(axis=1, keepdims=True)
-    gamma = np.exp(theta - top)
-    g = gamma[:, items2d]                                          # (K, N, m)
-    suffix = np.cumsum(g[:, :, ::-1], axis=2)[:, :, ::-1]
-    inv = np.zeros_like(suffix)
-    inv[:, :, :L] = W[:, :, None] / suffix[:, :, :L]
-    contrib = np.cumsum(inv, axis=2)                               # stages t <= j
-    wins = np.zeros((K, n))
-    denom = np.zeros((K, n))
-    for k in range(K):
-        wins[k] = np.bincount(items2d[:, :L].ravel(), weights=np.repeat(W[k], L), minlength=n)
-        denom[k] = np.bincount(items2d.ravel(), weights=contrib[k].ravel(), minlength=n)
-    dummy = np.exp(-top)
-    return np.log(wins + c) - np.log(denom + 2 * c / (gamma + dummy)) + top
-
-
-def numpy_bookkeeping(resp, annotator_offsets, alpha=1.0):
-    eta = (resp.sum(axis=0) + alpha - 1) / (resp.shape[0] + resp.shape[1] * (alpha - 1))
-    W = np.repeat(resp, np.diff(annotator_offsets), axis=0).T.copy()
-    return eta, W
+numpy_e_step = nb.em_e_step
+numpy_mm_step = nb.em_mm_step
+numpy_bookkeeping = nb.em_bookkeeping
 
 
 # ----------------------------------------------------------------------------------------
