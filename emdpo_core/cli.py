@@ -186,11 +186,13 @@ def _json_default(x):
 
 # ----------------------------------------------------------------------------------------
 # emdpo demo: to be added (issue 6): _add_demo(sub) and _run_demo(args).
-# emdpo bench: to be added: _add_bench(sub) and _run_bench(args).
+# emdpo bench: emdpo_core/bench.py (add_parser, run).
+from . import bench as _bench  # noqa: E402  (imports only numpy at import time)
 
 # (name, declare arguments, run); add new subcommands here.
 _COMMANDS = [
     ("fit", _add_fit, _run_fit),
+    ("bench", _bench.add_parser, _bench.run),
 ]
 
 
