@@ -36,6 +36,7 @@ import csv
 import datetime as _dt
 import os
 import platform
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -226,7 +227,9 @@ class _Env:
                 torch.set_num_threads(info["num_threads"])
             threads += f",torch={torch.get_num_threads()}"
         self.common = {
-            "run_id": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S"),
+            # UTC start time, plus a random tag so that two runs in one second differ.
+            "run_id": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S-")
+                      + secrets.token_hex(2),
             "device": device, "device_name": self.device_name, "cpu_isa": info["cpu_isa"],
             "threads": threads, "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__ if torch else "missing",
