@@ -44,3 +44,15 @@ def rng(request):
     # A fresh seed per test, derived from the test's name: reproducible, never shared.
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+# The smoke subset (`pytest -m smoke`), run by .ci/wheel_smoke.sh against an installed wheel:
+# every test of these fast files, plus single tests elsewhere marked @pytest.mark.smoke.
+SMOKE_FILES = {"test_build.py", "test_validation.py", "test_data.py", "test_kernels.py",
+               "test_cuda.py", "test_cli_fit.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SMOKE_FILES:
+            item.add_marker(pytest.mark.smoke)
