@@ -153,7 +153,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--m", type=_positive, default=None, help="list length (default 4)")
     p.add_argument("--k", type=_positive, default=None, help="types (default 8)")
     p.add_argument("--repeats", type=_positive, default=None,
-                   help="timed rounds of the main cases (default 10; --quick 5)")
+                   help="timed rounds per case (default 10; --quick 7); also caps the "
+                        "rounds of the LP, hedge, EM-fit and scaling cases")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
     return p
 
@@ -607,7 +608,7 @@ def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
         "emdpo": lambda: ec.e_step(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA),
         "python_loop": lambda: nb.e_step_python_loop(d.policy, d.ref, d.offsets, d.aoff,
                                                      d.log_w, beta=BETA),
-    }, max(3, sizes.repeats // 2), lambda: None)
+    }, min(5, sizes.repeats), lambda: None)   # the loop is slow: at most 5 rounds
     shape = dict(N=d.N, m=d.m, K=d.K, H=d.H, dtype="float32", device="cpu", others=t.others)
     rec.add("main", "e_step_loop", "emdpo", t["emdpo"], baseline="python_loop",
             baseline_times=t["python_loop"], work=d.N * d.K, nbytes=_bytes_e_step(d, ours),
@@ -776,10 +777,14 @@ def run(args) -> int:
     import emdpo_core as ec
 
     sizes = Sizes(**QUICK) if args.quick else Sizes()
-    for name in ("n", "m", "k", "repeats"):
+    for name in ("n", "m", "k"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(sizes, {"n": "N", "k": "K"}.get(name, name), value)
+    if getattr(args, "repeats", None) is not None:
+        sizes.repeats = args.repeats
+        for name in ("lp_repeats", "hedge_repeats", "em_fits", "scale_repeats"):
+            setattr(sizes, name, min(getattr(sizes, name), args.repeats))
     if sizes.m < 2:
         raise ValueError(f"--m: expected a list length >= 2, got {sizes.m}")
     cases = args.only or list(CASES)
