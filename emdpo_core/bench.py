@@ -63,8 +63,8 @@ FIELDS = ["run_id", "timestamp", "table", "case", "impl", "baseline", "device", 
           "dtype", "N", "m", "K", "H", "repeats", "p20_ms", "p50_ms", "p80_ms", "speedup_p50",
           "speedup_paired", "ns_per_record_type", "bytes_moved", "GB_per_s",
           "bandwidth_fraction", "copy_GB_per_s", "accuracy", "note", "cpu_isa", "threads",
-          "load_avg", "others_cores", "python", "numpy", "torch", "cvxpy", "numba", "emdpo_core", "cuda_build",
-          "commit"]
+          "thread_env", "load_avg", "others_cores", "python", "numpy", "torch", "cvxpy",
+          "numba", "emdpo_core", "cuda_build", "commit"]
 
 BETA = 0.5
 
@@ -188,6 +188,14 @@ def _version(module: str) -> str:
         return "missing"
 
 
+def _thread_env() -> str:
+    """The threading settings from the environment, e.g. "OMP_WAIT_POLICY=passive": they
+    change the figures a lot on a shared machine (see benchmarks/README.md)."""
+    names = sorted(k for k in os.environ if k.startswith(("OMP_", "GOMP_", "KMP_", "NUMBA_NUM",
+                                                          "NUMBA_THREADING", "MKL_NUM")))
+    return " ".join(f"{k}={os.environ[k]}" for k in names)
+
+
 def git_commit() -> str:
     """The git commit the installed package was built from ("-dirty" when tracked files
     differed from it), or "unknown" (built from an sdist, or without git)."""
@@ -232,7 +240,8 @@ class _Env:
             "run_id": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S-")
                       + secrets.token_hex(2),
             "device": device, "device_name": self.device_name, "cpu_isa": info["cpu_isa"],
-            "threads": threads, "python": platform.python_version(),
+            "threads": threads, "thread_env": _thread_env(),
+            "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__ if torch else "missing",
             "cvxpy": _version("cvxpy"), "numba": _version("numba"),
             "emdpo_core": ec.__version__, "cuda_build": str(info["cuda"]),
@@ -801,9 +810,10 @@ def run(args) -> int:
     env = _Env(args.device, torch)
     rec = Recorder(env, args.output)
     rec.check_output()
+    thread_env = f" ({env.common['thread_env']})" if env.common["thread_env"] else ""
     print(f"emdpo-core {ec.__version__} bench on {env.device_name} ({args.device}); "
-          f"{env.common['threads']} threads, cpu_isa {env.common['cpu_isa']}, load average "
-          f"{_load_avg()}, commit {env.common['commit']}", flush=True)
+          f"{env.common['threads']} threads{thread_env}, cpu_isa {env.common['cpu_isa']}, "
+          f"load average {_load_avg()}, commit {env.common['commit']}", flush=True)
     if torch is None:
         print("  note: torch not installed: PyTorch baselines are skipped", flush=True)
     t_start = time.perf_counter()
