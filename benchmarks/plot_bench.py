@@ -63,6 +63,7 @@ def plot_speedups(rows, run_id, out):
 
 def plot_scaling(rows, run_id, out):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     tables = [("N", "records N"), ("K", "types K"), ("m", "list length m")]
     present = [(t, label) for t, label in tables if any(r["table"] == t for r in rows)]
@@ -86,10 +87,16 @@ def plot_scaling(rows, run_id, out):
             ax.set_xscale("log", base=10 if table == "N" else 2)
             ax.grid(True, which="both", alpha=0.3)
         fixed = rs[0]
-        others = ", ".join(f"{k}={fixed[k]}" for k in ("N", "K", "m") if k != table)
-        axes[0][col].set_title(f"vs {label} ({others if table != 'm' else 'fixed slots'})",
-                               fontsize=9)
+        if table == "m":    # N = slots / m
+            others = f"K={fixed['K']}, {int(fixed['N']) * int(fixed['m']):,} slots"
+        else:
+            others = ", ".join(f"{k}={fixed[k]}" for k in ("N", "K", "m") if k != table)
+        axes[0][col].set_title(f"vs {label} ({others})", fontsize=9)
         axes[0][col].set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        axes[0][col].yaxis.set_major_formatter(plain)
+        axes[0][col].yaxis.set_minor_formatter(plain)
+        axes[0][col].tick_params(axis="y", which="minor", labelsize=6)
         axes[0][col].set_ylabel("ns per (record x type), p50")
         axes[1][col].set_ylabel("fraction of copy bandwidth")
         axes[1][col].set_xlabel(label)
