@@ -138,8 +138,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "(p20/p50/p80, ns per record x type, bytes moved, fraction of the measured "
                     "copy bandwidth, device, versions, commit) are appended to a CSV.")
     p.add_argument("--quick", action="store_true",
-                   help="smaller sizes (N = 100,000; scaling up to 1e5): about a minute on "
-                        "2 cores")
+                   help="smaller sizes (N = 100,000; scaling up to 1e5): under a minute "
+                        "on 2 cores")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the kernels and the PyTorch baselines run (default cpu); the "
                         "NumPy-only cases (e_step_loop, mmra, em_fit) always run on the CPU")
