@@ -60,6 +60,7 @@ _checked: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def _check_cached(key, check, tensors=()):
+    tensors = tuple(t for t in tensors if t is not None)  # optional arrays that are absent
     if any(t.is_inference() for t in tensors):
         check()  # inference tensors have no version counter, so in-place changes go unseen
         return
