@@ -464,7 +464,7 @@ def test_cuda_tensor_on_cpu_only_build_says_how_to_rebuild(monkeypatch):
     # No CUDA tensor can be made here: check the message the dispatch raises for one.
     monkeypatch.setattr(_torch_dispatch._core, "cuda", False, raising=False)
     with pytest.raises(RuntimeError, match="built without CUDA.*EMDPO_WITH_CUDA=ON"):
-        _torch_dispatch._require_cuda_build()
+        _torch_dispatch._require_cuda_build(torch.device("cuda"))
 
 
 def test_layout_cache_does_not_trust_a_reused_pointer():
