@@ -46,6 +46,7 @@ __all__ = [
     "ConvergenceWarning",
     "CollapsedComponentWarning",
     "PolicyLogps",
+    "PolicySamples",
     "PolicyFamily",
     "TabularPolicies",
     "EMEstimator",
@@ -154,6 +155,33 @@ class PolicyFamily(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
         """Restore a state returned by :meth:`state_dict`."""
+
+    def policy_samples(self, contexts, n_samples: int, rng: np.random.Generator) -> "PolicySamples":
+        """Responses drawn from each of the K policies for ``contexts``, with every policy's
+        and the reference's log-probabilities of them (for MMRA's regret matrix; see
+        ``EMDPO.aggregate``). Optional: families that cannot sample raise
+        NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample responses, so it cannot "
+                                  f"be aggregated")
+
+
+class PolicySamples(NamedTuple):
+    """Samples of K policies with cached log-probabilities (the input of
+    :func:`emdpo_core.regret_matrix`).
+
+    logps: (K, S) log pi_k(y_s | x_s) under every policy k.
+    ref: (S,) log pi_ref(y_s | x_s), or None when the family has no reference for them.
+    source_offsets: (K+1,) samples of policy j are source_offsets[j]:source_offsets[j+1].
+    weights: (S,) sample weights (e.g. exact probabilities when responses are enumerated),
+        or None for plain means.
+    beta: the DPO temperature of the policies.
+    """
+
+    logps: Any
+    ref: Any
+    source_offsets: np.ndarray
+    weights: Any
+    beta: float
 
 
 class TabularPolicies(PolicyFamily):
@@ -275,6 +303,37 @@ class TabularPolicies(PolicyFamily):
 
     def load_state_dict(self, state) -> None:
         self.log_worths = np.ascontiguousarray(np.asarray(state["log_worths"], dtype=np.float64))
+
+    def policy_samples(self, contexts, n_samples, rng) -> PolicySamples:
+        """Exact enumeration instead of sampling: every item of every context is a "sample"
+        of policy j with weight pi_j(item | context) / C, so the regret matrix built from
+        them is exact. ``contexts``: None (one context, all items) or a list of C candidate
+        sets (sequences of item ids). The policy of type k over a candidate set c is
+        softmax over c of its log-worths; the reference is uniform over c; beta = 1.
+        ``n_samples`` and ``rng`` are not used."""
+        n = self.n_items
+        if contexts is None:
+            contexts = [np.arange(n)]
+        sets = []
+        for c, items in enumerate(contexts):
+            a = np.asarray(items)
+            if a.ndim != 1 or a.shape[0] < 2 or a.dtype.kind not in "iu" or \
+                    np.unique(a).shape[0] != a.shape[0] or a.min() < 0 or a.max() >= n:
+                raise ValueError(f"contexts: entry {c} must be at least 2 distinct item ids in "
+                                 f"[0, {n}), got {np.asarray(items).tolist()}")
+            sets.append(a.astype(np.int64))
+        items = np.concatenate(sets)
+        ctx = np.repeat(np.arange(len(sets)), [len(a) for a in sets])
+        starts = np.concatenate([[0], np.cumsum([len(a) for a in sets])[:-1]])
+        t = self.log_worths[:, items]                                       # (K, S0)
+        lse = np.logaddexp.reduceat(t, starts, axis=1)                      # (K, C)
+        logp = t - lse[:, ctx]                                              # log pi_k(a | c)
+        K = self.n_components
+        S0 = items.shape[0]
+        ref = -np.log(np.array([len(a) for a in sets], dtype=np.float64))[ctx]
+        return PolicySamples(logps=np.ascontiguousarray(np.tile(logp, (1, K))),
+                             ref=np.tile(ref, K), source_offsets=np.arange(K + 1) * S0,
+                             weights=np.exp(logp).reshape(-1) / len(sets), beta=1.0)
 
 
 def _ranges(lengths):
