@@ -13,9 +13,9 @@ maximizer of its KL-regularized value
 
     J_k(pi) = E_x [ E_{y ~ pi(.|x)} r_k(x, y) - beta KL(pi(.|x) || pi_ref(.|x)) ],
 
-is pi_k*(y | x) proportional to pi_ref(y | x) exp(r_k(x, y) / beta), and the regret of any
-policy q is exactly J_k(pi_k*) - J_k(q) = beta E_x KL(q(.|x) || pi_k*(.|x))
-(:meth:`Population.regret`). The linear softmax policy ``LinearSoftmaxPolicy`` (a torch
+is pi_k*(y | x) proportional to pi_ref(y | x) exp(r_k(x, y) / beta); a policy's regret for
+type k is measured against it (:meth:`Population.regret`: the true reward lost, or the loss
+in J_k, which is exactly beta E_x KL(q(.|x) || pi_k*(.|x))). The linear softmax policy ``LinearSoftmaxPolicy`` (a torch
 module, from :meth:`Population.policy_module`) contains every pi_k*, so DPO on a type's
 records is consistent for it.
 
@@ -83,8 +83,9 @@ class Population:
         type_weights: (K,) float64, share of each type among annotators.
         ref_logps: (P, A) float64, log pi_ref(y | x) (each row normalized).
         beta: DPO temperature of the KL-regularized values.
-        annotator_types: (H,) int64, the type of each training annotator.
-        data: the training records (:class:`~emdpo_core.PreferenceData`) with inputs
+        annotator_types: (H,) int64, the type of each training annotator (empty without
+            training records).
+        data: the training records (None without them) (:class:`~emdpo_core.PreferenceData`) with inputs
             ``prompt`` and ``response`` (int64 per slot), ``ref_logps`` and ``features``
             (phi of each slot); annotator h of the data is annotator h here.
     """
@@ -210,19 +211,36 @@ class Population:
             raise ValueError("policy_logps: expected log-probabilities (no NaN or +inf)")
         return lp
 
-    def regret(self, policy_logps, weights=None) -> np.ndarray:
-        """(K,) true regret of each type when served the sequence-level mixture
-        q(.|x) = sum_j w_j pi_j(.|x):
+    def regret(self, policy_logps, weights=None, *, kind: str = "reward",
+               mixture: str = "policy") -> np.ndarray:
+        """(K,) true regret of each type when served one policy or a mixture of J policies.
 
-            regret_k = J_k(pi_k*) - J_k(q) = beta * mean_x KL(q(.|x) || pi_k*(.|x))
+        The served policy answers each request with policy j drawn with probability w_j (the
+        sequence-level mixture of MMRA). Means over x are over the P prompts, which records
+        draw uniformly. Two measures, both from the simulator's true rewards r_k:
 
-        (J_k: the type's KL-regularized value with its true reward, see the module docstring;
-        the mean is over the P prompts, which the records draw uniformly).
+            kind="reward" (the authors' regret): the expected true reward the type loses
+                against its own optimal policy pi_k*,
+                    regret_k = E_x [ E_{pi_k*} r_k - sum_j w_j E_{pi_j} r_k ],
+                linear in w; it can be negative (pi_k* trades reward for closeness to the
+                reference). MMRA with kind="reward" estimates it from the policies'
+                implicit rewards.
+            kind="kl": the loss in the type's KL-regularized value J_k (module docstring),
+                which also charges the divergence from the reference:
+                mixture="policy": sum_j w_j (J_k(pi_k*) - J_k(pi_j))
+                    = beta sum_j w_j E_x KL(pi_j || pi_k*), what MMRA with kind="kl"
+                    estimates; mixture="output": J_k(pi_k*) - J_k(q) of the output
+                    distribution q = sum_j w_j pi_j (never above "policy": KL is convex).
 
         Args:
             policy_logps: (J, P, A) log-probabilities of J policies (or (P, A) for one).
             weights: (J,) mixture weights (default: the one policy, or uniform).
+            kind: "reward" or "kl"; mixture: "policy" or "output" (for kind="kl").
         """
+        if kind not in ("reward", "kl"):
+            raise ValueError(f"kind: expected 'reward' or 'kl', got {kind!r}")
+        if mixture not in ("policy", "output"):
+            raise ValueError(f"mixture: expected 'policy' or 'output', got {mixture!r}")
         lp = self._check_policies(policy_logps)
         J = lp.shape[0]
         w = np.full(J, 1.0 / J) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -230,12 +248,30 @@ class Population:
                 not abs(w.sum() - 1.0) < 1e-6:
             raise ValueError(f"weights: expected {J} probabilities summing to 1, got "
                              f"{np.asarray(weights).tolist()}")
+        if kind == "reward" or mixture == "policy":
+            return self.regret_matrix(lp, kind=kind) @ w
+        opt = self.optimal_logps()                                     # (K, P, A)
         q = np.einsum("j,jpa->pa", w, np.exp(lp))
-        opt = self.optimal_logps()
-        with np.errstate(divide="ignore"):
-            logq = np.where(q > 0, np.log(np.maximum(q, 1e-300)), 0.0)
-        kl = np.sum(q[None] * (logq[None] - opt), axis=2)    # (K, P)
+        logq = np.log(np.maximum(q, 1e-300))
+        kl = np.sum(np.where(q > 0, q * (logq[None] - opt), 0.0), axis=2)    # (K, P)
         return self.beta * kl.mean(axis=1)
+
+    def regret_matrix(self, policy_logps, *, kind: str = "reward") -> np.ndarray:
+        """(K, J) true regret of type k under policy j alone (see :meth:`regret`):
+        "reward": E_x [E_{pi_k*} r_k - E_{pi_j} r_k]; "kl": beta E_x KL(pi_j || pi_k*)."""
+        if kind not in ("reward", "kl"):
+            raise ValueError(f"kind: expected 'reward' or 'kl', got {kind!r}")
+        lp = self._check_policies(policy_logps)
+        p = np.exp(lp)                                                  # (J, P, A)
+        opt = self.optimal_logps()
+        if kind == "reward":
+            r = self.rewards                                            # (K, P, A)
+            best = np.einsum("kpa,kpa->kp", np.exp(opt), r)
+            got = np.einsum("jpa,kpa->kjp", p, r)
+            return (best[:, None] - got).mean(axis=2)
+        kl = np.einsum("jpa,jpa->jp", p, np.where(p > 0, lp, 0.0))[None] - \
+            np.einsum("jpa,kpa->kjp", p, opt)
+        return self.beta * kl.mean(axis=2)
 
     def pairwise_accuracy(self, policy_logps, data: PreferenceData) -> float:
         """Share of the ordered pairs of ``data``'s records (each ranked response against
@@ -278,7 +314,7 @@ class Population:
         return module
 
 
-def make_population(n_types: int = 3, *, n_annotators: int = 500,
+def make_population(n_types: int = 3, *, n_annotators: Optional[int] = 500,
                     records_per_annotator: int = 5, list_size: int = 3, n_ranked=None,
                     n_prompts: int = 100, n_responses: int = 8, n_features: int = 6,
                     reward_scale: float = 2.0, type_rewards=None, type_weights=None,
@@ -296,7 +332,8 @@ def make_population(n_types: int = 3, *, n_annotators: int = 500,
         n_types: K.
         n_annotators, records_per_annotator, list_size, n_ranked: the training records
             (pairs: list_size=2; best-of-3: list_size=3, n_ranked=1; rankings of 3:
-            list_size=3).
+            list_size=3). n_annotators=None: no records (``data`` is None; draw them with
+            :meth:`Population.sample`).
         n_prompts, n_responses, n_features: P, A, D.
         reward_scale: norm of each drawn u_k.
         type_rewards: optional (K, D) reward vectors (then n_features = D and reward_scale is
@@ -361,9 +398,10 @@ def make_population(n_types: int = 3, *, n_annotators: int = 500,
         ref = _log_softmax(ref)
     pop = Population(features=features, type_rewards=u, type_weights=w, ref_logps=ref,
                      beta=beta, annotator_types=np.zeros(0, dtype=np.int64))
-    pop.data, pop.annotator_types = pop.sample(
-        n_annotators, records_per_annotator=records_per_annotator, list_size=list_size,
-        n_ranked=n_ranked, random_state=rng)
+    if n_annotators is not None:
+        pop.data, pop.annotator_types = pop.sample(
+            n_annotators, records_per_annotator=records_per_annotator, list_size=list_size,
+            n_ranked=n_ranked, random_state=rng)
     return pop
 
 

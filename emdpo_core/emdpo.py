@@ -192,6 +192,14 @@ class TorchPolicies(PolicyFamily):
         self._m_steps = 0                   # M-steps done in this run (minibatch seeds)
         self._cache: list = []              # [(grouped data, device tensors)], newest last
 
+    def __copy__(self):
+        """A copy of the configuration (template, reference, functions, optimizer settings,
+        all shared) without trained policies: what :class:`EMDPO` fits."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.modules, new._initial, new._cache = [], [], []
+        return new
+
     # ------------------------------------------------------------------------------------
     # Modules
 
@@ -554,9 +562,11 @@ class EMDPO(EMEstimator):
         policies: the policy family: :class:`TorchPolicies` (for
             :class:`~emdpo_core.PreferenceData`), :class:`~emdpo_core.TabularPolicies` (for
             :class:`~emdpo_core.RankingData`; the default) or any
-            :class:`~emdpo_core.PolicyFamily`. It is fitted in place: ``family_`` is this
-            object, and :meth:`load` needs it given again (``EMDPO.load(path,
-            policies=...)``).
+            :class:`~emdpo_core.PolicyFamily`. Each fit trains a shallow copy of it
+            (``family_``): the configuration (for torch: the template module, the frozen
+            reference, the functions) is shared, the trained policies are the model's own, so
+            one family object can serve several models. It is not saved: :meth:`load` needs
+            it given again (``EMDPO.load(path, policies=...)``).
         Other parameters: see :class:`~emdpo_core.EMEstimator` (defaults here: max_iter=100,
             tol=1e-5).
 
@@ -600,7 +610,11 @@ class EMDPO(EMEstimator):
                             f"...) or None, got {type(self.policies).__name__}")
 
     def _make_family(self) -> PolicyFamily:
-        return TabularPolicies() if self.policies is None else self.policies
+        # A shallow copy: the trained policies belong to this model (initialize and
+        # load_state_dict assign new ones), while what the family was configured with (a
+        # template module, the frozen reference, functions) is shared, not duplicated. So one
+        # family object can configure several models.
+        return TabularPolicies() if self.policies is None else copy.copy(self.policies)
 
     def _as_data(self, data):
         if isinstance(data, (RankingData, PreferenceData)) or callable(getattr(data, "grouped",
