@@ -30,12 +30,9 @@ def _cuda_skip_reason():
 
 
 _CUDA_REASON = _cuda_skip_reason()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(_CUDA_REASON is not None,
-                                                   reason=_CUDA_REASON or "")]),
-]
+_CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(_CUDA_REASON is not None,
+                                                   reason=_CUDA_REASON or "")]
+DEVICES = ["cpu", pytest.param("cuda", marks=_CUDA_ONLY)]
 REDUCTIONS = ["sum", "mean", "weighted_mean", "none"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -477,10 +474,6 @@ def test_layout_cache_does_not_trust_a_reused_pointer():
     _torch_dispatch._check_cached(key, lambda: checks.append("a again"), (a,))
     _torch_dispatch._check_cached(key, lambda: checks.append("b"), (b,))
     assert checks == ["a", "b"]
-
-
-_CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(_CUDA_REASON is not None,
-                                                   reason=_CUDA_REASON or "")]
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=_CUDA_ONLY)])
