@@ -49,7 +49,7 @@ DEFAULT_OUTPUT = os.path.join(HERE, "results", "bench_torch_loss.csv")
 FIELDS = ["timestamp", "device", "device_name", "torch_version", "emdpo_version", "git_commit",
           "threads", "impl", "baseline", "n", "m", "dtype", "beta", "repeats", "p20_ms",
           "p50_ms", "p80_ms", "speedup_p50", "speedup_paired", "gbytes_per_s",
-          "copy_gbytes_per_s"]
+          "copy_gbytes_per_s", "load_avg"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,6 +116,13 @@ def copy_bandwidth(nbytes, device, repeats):
     dst = torch.empty_like(src)
     t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats, 2)["copy"]
     return 2 * nbytes / (np.median(t) * 1e-3) / 1e9
+
+
+def _load_avg():
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
 
 
 def git_commit():
@@ -223,7 +230,8 @@ def main(argv=None):
                                rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-9)
     print(f"correctness: ok (loss {loss_e.item():.6f}; {n_check} records vs float64 reference)")
 
-    # Timing.
+    # Timing. The 1-minute load average before and after says whether others shared the CPU.
+    load_before = _load_avg()
     impls = [("emdpo_flat", emdpo_flat, "torch_gather"),
              ("torch_gather", torch_gather, ""),
              ("emdpo_padded", emdpo_padded, "torch_view"),
@@ -242,10 +250,11 @@ def main(argv=None):
         device=str(device), device_name=device_name(device), torch_version=torch.__version__,
         emdpo_version=emdpo_core.__version__, git_commit=git_commit(),
         threads=f"torch={torch.get_num_threads()},omp={emdpo_core.build_info()['num_threads']}",
-        n=N, m=m, dtype=args.dtype, beta=beta, repeats=args.repeats)
+        n=N, m=m, dtype=args.dtype, beta=beta, repeats=args.repeats,
+        load_avg=f"{load_before}->{_load_avg()}")
     rows = []
     print(f"{meta['device_name']} | torch {torch.__version__} | emdpo {emdpo_core.__version__} | "
-          f"{meta['threads']} | N={N:,} m={m} {args.dtype}")
+          f"{meta['threads']} | N={N:,} m={m} {args.dtype} | load {meta['load_avg']}")
     print(f"{'impl':<14}{'p20 ms':>10}{'p50 ms':>10}{'p80 ms':>10}   speedup vs baseline (p50)")
     for name, _, baseline in impls:
         p20, p50, p80 = np.percentile(results[name], [20, 50, 80])
