@@ -302,6 +302,11 @@ class TabularPolicies(PolicyFamily):
         return {"log_worths": self.log_worths.copy()}
 
     def load_state_dict(self, state) -> None:
+        if "log_worths" not in state:
+            raise ValueError(f"state: no 'log_worths' entry, so not the state of TabularPolicies "
+                             f"(entries: {sorted(state)[:4]}); was the model fitted with another "
+                             f"policy family? Load it with that family, e.g. "
+                             f"EMDPO.load(path, policies=...)")
         self.log_worths = np.ascontiguousarray(np.asarray(state["log_worths"], dtype=np.float64))
 
     def policy_samples(self, contexts, n_samples, rng) -> PolicySamples:

@@ -100,7 +100,8 @@ class TorchPolicies(PolicyFamily):
             ``module.sample(**contexts, generator=generator)``.
         optimizer: "adam", "adamw", "sgd", "lbfgs" (full-batch, with its strong-Wolfe line
             search) or a callable ``params -> torch.optim.Optimizer``.
-        lr: learning rate of the named optimizers.
+        lr: learning rate of the named optimizers; default 1.0 for "lbfgs" (its line search
+            scales the step), 1e-3 for the others (torch's Adam default).
         steps: optimizer steps per M-step (default 20 when ``epochs`` is not given).
         epochs: instead of ``steps``: passes over the records per M-step.
         batch_size: records per minibatch (default: all records, full batch).
@@ -124,7 +125,8 @@ class TorchPolicies(PolicyFamily):
 
     def __init__(self, policy, *, beta: float = 0.1, logp_fn: Optional[Callable] = None,
                  reference=None, sample_fn: Optional[Callable] = None, optimizer="adam",
-                 lr: float = 1e-2, steps: Optional[int] = None, epochs: Optional[int] = None,
+                 lr: Optional[float] = None, steps: Optional[int] = None,
+                 epochs: Optional[int] = None,
                  batch_size: Optional[int] = None, init_steps: Optional[int] = None,
                  joint: bool = True, reset: bool = False, eval_batch_size: int = 65536,
                  annotator_features: Optional[Callable] = None):
@@ -170,6 +172,8 @@ class TorchPolicies(PolicyFamily):
             raise TypeError(f"optimizer: expected a name or a callable, got "
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
+        if lr is None:
+            lr = 1.0 if optimizer == "lbfgs" else 1e-3
         self.lr = _check_float("lr", lr, 0.0, strict=True)
         if steps is not None and epochs is not None:
             raise ValueError("steps/epochs: give one of them, not both")
@@ -463,6 +467,10 @@ class TorchPolicies(PolicyFamily):
     def load_state_dict(self, state) -> None:
         torch = self._torch
         K = len({k.split("/", 1)[0] for k in state if k.startswith("policy")})
+        if K == 0:
+            raise ValueError(f"state: no 'policy<k>/...' entries, so not the state of "
+                             f"TorchPolicies (entries: {sorted(state)[:4]}); was the model "
+                             f"fitted with another policy family? Load it with that family")
         if len(self.modules) != K:
             self.modules = [self._make(k) for k in range(K)]
 

@@ -236,6 +236,30 @@ def test_save_and_load_round_trip_with_reset_states(tmp_path):
     assert len(back.family_._initial) == 2       # reset=True keeps the initial policies
 
 
+def test_loading_with_the_wrong_family_says_so(tmp_path):
+    pop = small_population(15)
+    ec.EMDPO(2, lbfgs_family(pop), max_iter=2, random_state=0).fit(pop.data).save(
+        tmp_path / "torch.npz")
+    with pytest.raises(ValueError, match="not the state of TabularPolicies"):
+        ec.EMDPO.load(tmp_path / "torch.npz")
+    ec.EMDPO(2, max_iter=2).fit(planted(0)[1]).save(tmp_path / "tab.npz")
+    with pytest.raises(ValueError, match="not the state of TorchPolicies"):
+        ec.EMDPO.load(tmp_path / "tab.npz", policies=lbfgs_family(pop))
+    assert isinstance(ec.EMDPO.load(tmp_path / "tab.npz").family_, ec.TabularPolicies)
+
+
+def test_float32_policies_fit_like_float64():
+    pop = small_population(16)
+    fits = [ec.EMDPO(2, ec.TorchPolicies(pop.policy_module(dtype=dt), beta=1.0,
+                                         optimizer="lbfgs", steps=1, init_steps=3),
+                     max_iter=5, random_state=0).fit(pop.data) for dt in ("float64", "float32")]
+    assert fits[1].family_.modules[0].theta.dtype == torch.float32
+    # float32 log-probabilities (eps 1.2e-7) in sums over ~1e3 slots and an L-BFGS stopping
+    # tolerance of 1e-7: objectives agree to about 1e-5 relative.
+    np.testing.assert_allclose(fits[1].lower_bounds_, fits[0].lower_bounds_, rtol=1e-4)
+    np.testing.assert_array_equal(fits[1].predict(), fits[0].predict())
+
+
 def test_reference_module_gives_the_slot_reference_log_probabilities():
     pop = small_population(6)
     d = pop.data
