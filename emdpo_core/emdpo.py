@@ -340,10 +340,13 @@ class TorchPolicies(PolicyFamily):
         self._seed = int(rng.integers(0, 2 ** 62))
         self._m_steps = 0
         self._cache = []
-        self._optimize(data, weights, self.init_steps or self.steps, reset=False)
+        if self.init_steps is not None:
+            self._optimize(data, weights, steps=self.init_steps, epochs=None, reset=False)
+        else:
+            self._optimize(data, weights, steps=self.steps, epochs=self.epochs, reset=False)
 
     def m_step(self, data, weights) -> None:
-        self._optimize(data, weights, self.steps, reset=self.reset)
+        self._optimize(data, weights, steps=self.steps, epochs=self.epochs, reset=self.reset)
 
     def logps(self, data) -> PolicyLogps:
         t = self._tensors(data)
@@ -368,14 +371,14 @@ class TorchPolicies(PolicyFamily):
         return torch.optim.LBFGS(params, lr=self.lr, max_iter=20, history_size=20,
                                  line_search_fn="strong_wolfe")
 
-    def _batches(self, N, n_steps):
-        """Record index arrays of the minibatches of one M-step (None = full batch)."""
+    def _batches(self, N, steps, epochs):
+        """Record index arrays of the minibatches of one M-step (None = full batch): ``steps``
+        minibatches, or ``epochs`` passes over the N records."""
         if self.batch_size is None or self.batch_size >= N:
-            n = n_steps if self.epochs is None else self.epochs
-            return [None] * n
+            return [None] * (steps if epochs is None else epochs)
         rng = np.random.default_rng([self._seed, self._m_steps])
         per_epoch = math.ceil(N / self.batch_size)
-        n = n_steps if self.epochs is None else self.epochs * per_epoch
+        n = steps if epochs is None else epochs * per_epoch
         out = []
         while len(out) < n:
             perm = rng.permutation(N)
@@ -396,7 +399,7 @@ class TorchPolicies(PolicyFamily):
         return ({k: v[s] for k, v in t["inputs"].items()}, t["ref"][s], offsets,
                 t["n_ranked"][torch.as_tensor(idx, device=dev)])
 
-    def _optimize(self, g, weights, n_steps, *, reset):
+    def _optimize(self, g, weights, *, steps, epochs, reset):
         from . import torch as et
 
         torch = self._torch
@@ -407,7 +410,7 @@ class TorchPolicies(PolicyFamily):
         W = torch.as_tensor(weights, device=self.device).to(self.dtype)
         K = len(self.modules)
         groups = [list(range(K))] if self.joint else [[k] for k in range(K)]
-        batches = self._batches(g.n_records, n_steps)
+        batches = self._batches(g.n_records, steps, epochs)
         for grp in groups:
             mods = [self.modules[k] for k in grp]
             for m in mods:
