@@ -15,9 +15,9 @@ maximizer of its KL-regularized value
 
 is pi_k*(y | x) proportional to pi_ref(y | x) exp(r_k(x, y) / beta); a policy's regret for
 type k is measured against it (:meth:`Population.regret`: the true reward lost, or the loss
-in J_k, which is exactly beta E_x KL(q(.|x) || pi_k*(.|x))). The linear softmax policy ``LinearSoftmaxPolicy`` (a torch
-module, from :meth:`Population.policy_module`) contains every pi_k*, so DPO on a type's
-records is consistent for it.
+in J_k, which is exactly beta E_x KL(q(.|x) || pi_k*(.|x))). The linear softmax policy
+``LinearSoftmaxPolicy`` (a torch module, from :meth:`Population.policy_module`) contains
+every pi_k*, so DPO on a type's records is consistent for it.
 
 Nothing here imports torch except :meth:`Population.policy_module` and the attribute
 ``emdpo_core.datasets.LinearSoftmaxPolicy``.
@@ -85,9 +85,9 @@ class Population:
         beta: DPO temperature of the KL-regularized values.
         annotator_types: (H,) int64, the type of each training annotator (empty without
             training records).
-        data: the training records (None without them) (:class:`~emdpo_core.PreferenceData`) with inputs
-            ``prompt`` and ``response`` (int64 per slot), ``ref_logps`` and ``features``
-            (phi of each slot); annotator h of the data is annotator h here.
+        data: the training records (:class:`~emdpo_core.PreferenceData`; None without them)
+            with inputs ``prompt`` and ``response`` (int64 per slot), ``ref_logps`` and
+            ``features`` (phi of each slot); annotator h of the data is annotator h here.
     """
 
     features: np.ndarray
@@ -349,8 +349,10 @@ def make_population(n_types: int = 3, *, n_annotators: Optional[int] = 500,
         >>> from emdpo_core.datasets import make_population
         >>> pop = make_population(2, polarized=True, n_prompts=1, n_responses=6,
         ...                       n_annotators=100, random_state=0)
-        >>> pop.data.n_records, pop.rewards.shape, bool((pop.regret(pop.optimal_logps()[0]) >= 0).all())
-        (500, (2, 1, 6), True)
+        >>> pop.data.n_records, pop.rewards.shape
+        (500, (2, 1, 6))
+        >>> pop.regret(pop.optimal_logps()[0]).round(3).tolist()   # type 0's best policy
+        [0.0, 4.937]
     """
     K = _check_int("n_types", n_types, 1)
     rng = np.random.default_rng(random_state)
