@@ -52,27 +52,33 @@ def _numpy(x):
 # Index arrays (offsets, n_ranked, annotator_offsets) are checked on the host. On CUDA that
 # costs a device-to-host copy, so tensors already checked are remembered by (pointer, size,
 # version counter): an in-place change bumps torch's version counter and forces a re-check.
-# The entry also holds weak references to the tensors themselves: once a checked tensor is
-# freed, a new tensor can get the same memory, size and version 0, and must not inherit the
-# check (the kernels index memory with these arrays).
+# The key alone is not enough: once a checked tensor is freed, the caching allocator hands its
+# memory to the next tensor of that size, which then has the same pointer and a version of 0
+# but other contents. So an entry also holds weak references to the tensors it checked and
+# only counts for those very tensor objects while they are alive.
 _checked: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def _check_cached(key, check, tensors):
+def _check_cached(key, check, tensors=()):
+    tensors = tuple(t for t in tensors if t is not None)  # optional arrays that are absent
+    if any(t.is_inference() for t in tensors):
+        check()  # inference tensors have no version counter, so in-place changes go unseen
+        return
     refs = _checked.get(key)
-    if refs is not None and all((r is None and t is None) or (r is not None and r() is t)
-                                for r, t in zip(refs, tensors)):
+    if refs is not None and len(refs) == len(tensors) and all(
+            r() is t for r, t in zip(refs, tensors)):
         _checked.move_to_end(key)
         return
     check()
-    _checked[key] = tuple(None if t is None else weakref.ref(t) for t in tensors)
+    _checked[key] = tuple(weakref.ref(t) for t in tensors)
+    _checked.move_to_end(key)
     if len(_checked) > 32:
         _checked.popitem(last=False)
 
 
 def _key(*tensors):
-    return tuple((t.data_ptr(), t.numel(), t._version, str(t.device)) if t is not None else None
-                 for t in tensors)
+    return tuple((t.data_ptr(), t.numel(), None if t.is_inference() else t._version,
+                  str(t.device)) if t is not None else None for t in tensors)
 
 
 def _check_layout_cuda(offsets, n_ranked, M):
@@ -81,7 +87,8 @@ def _check_layout_cuda(offsets, n_ranked, M):
         N = _k._check_offsets(o, M)
         _k._check_n_ranked(None if n_ranked is None else n_ranked.cpu().numpy(), o, N)
 
-    _check_cached(("layout", M) + _key(offsets, n_ranked), check, (offsets, n_ranked))
+    _check_cached(("layout", M) + _key(offsets, n_ranked), check,
+                  tuple(t for t in (offsets, n_ranked) if t is not None))
 
 
 def _require_cuda_build(device):
@@ -254,8 +261,8 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
             raise ValueError(f"weights: expected shape {' or '.join(map(str, want))}, got "
                              f"{tuple(w.shape)}")
         w = w.reshape(K, N).contiguous()
-        if not bool(torch.isfinite(w).all()):
-            _k._loss_weights(w.cpu().numpy(), K, N, w.cpu().numpy().dtype, one)  # raises
+        if not bool(torch.isfinite(w).all()):  # as the CPU path: name the first bad weight
+            _k._loss_weights(w.cpu().numpy(), K, N, _dtype_name(w), one)
     if reduction in ("sum", "none"):
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
