@@ -3,7 +3,9 @@
 // Determinism: every reduction is cut into pieces whose boundaries depend only on the data
 // (fixed-size chunks of kChunk records), summed sequentially inside a piece and then in
 // piece order. The thread count only decides who computes a piece, never how the sums are
-// associated, so results are bitwise identical for any OMP_NUM_THREADS.
+// associated, so results are bitwise identical for any OMP_NUM_THREADS. Pieces are handed
+// out dynamically: on a busy machine a thread that loses its core does not hold the others
+// up at the barrier.
 #include "cpu/listwise_cpu.h"
 
 #include <algorithm>
@@ -117,7 +119,7 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
 #pragma omp parallel reduction(min : first_bad)
   {
     std::vector<T> buf(K * kChunk);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
       first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
@@ -224,7 +226,7 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
 #pragma omp parallel reduction(min : first_bad)
   {
     std::vector<T> ll(kChunk);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
       for (int64_t k = 0; k < K; ++k) {
