@@ -100,9 +100,9 @@ def test_tabular_emdpo_objective_never_decreases(n_ranked):
 
 def test_tabular_emdpo_is_plackett_luce_mixture():
     _, data, _ = planted(3, K=2, H=200)
-    a = ec.EMDPO(2, ec.TabularPolicies(pseudo_count=0.05), max_iter=80, n_init=2,
+    a = ec.EMDPO(2, ec.TabularPolicies(pseudo_count=0.05), max_iter=80, n_init=2, tol=1e-6,
                  random_state=4).fit(data)
-    b = PlackettLuceMixture(2, pseudo_count=0.05, max_iter=80, n_init=2,
+    b = PlackettLuceMixture(2, pseudo_count=0.05, max_iter=80, n_init=2, tol=1e-6,
                             random_state=4).fit(data)
     np.testing.assert_array_equal(a.lower_bounds_, b.lower_bounds_)
     np.testing.assert_array_equal(a.family_.log_worths, b.family_.log_worths)
