@@ -251,6 +251,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     run = {name: fn for name, _, fn in _COMMANDS}[args.command]
     try:
         return run(args)
+    except BrokenPipeError:
+        # The reader went away (`emdpo ... | head`): stop quietly, as Unix tools do. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as e:
         print(f"emdpo {args.command}: error: {e}", file=sys.stderr)
         return 1
