@@ -5,12 +5,14 @@ per annotator, each a full ranking of 6 of the 20 items) is fitted from k-means 
 Measured in one run on one machine:
   * the whole fit: wall time, EM iterations, and its breakdown into initialisation, policy
     log-probabilities (the gather theta[:, items]), the E-step (fused compiled kernel +
-    weighted log-likelihood), the M-step (Hunter's MM, Numba) and bookkeeping (mixture
-    weights, M-step weights, collapse checks);
-  * one EM iteration step by step, repeated: E-step, M-step and bookkeeping, p20/p50/p80,
-    each against a vectorized NumPy implementation of the same step (the baseline), after
-    checking that both give the same numbers; the E-step also as effective bandwidth against
-    a memory copy measured in the same run.
+    weighted log-likelihood), the M-step (Hunter's MM + a Newton step, Numba) and
+    bookkeeping (mixture weights, M-step weights, collapse checks); against the same fit
+    with MM steps only (newton=False) as the baseline;
+  * one EM iteration step by step, repeated: E-step, M-step (MM only) and bookkeeping,
+    p20/p50/p80, each against a vectorized NumPy implementation of the same step (the
+    baseline), after checking that both give the same numbers; the E-step also as effective
+    bandwidth against a memory copy measured in the same run; the default M-step (MM +
+    Newton) against the MM-only one.
 Rows are appended to benchmarks/results/bench_em.csv with the machine, versions and commit.
 
     python benchmarks/bench_em.py            # full size (about a minute on 2 cores)
@@ -138,30 +140,41 @@ def main(argv=None) -> int:
 
     rows = []
 
-    # --- the whole fit ------------------------------------------------------------------
-    fit_times, models = [], []
+    # --- the whole fit: default M-step (MM + Newton), and MM steps only as the baseline -----
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ec.ConvergenceWarning)
-        ec.PlackettLuceMixture(K, random_state=0, max_iter=2).fit(data)   # JIT caches warm
-    for r in range(fits):
-        t0 = time.perf_counter()
-        model = ec.PlackettLuceMixture(K, random_state=r, max_iter=1000, tol=1e-6).fit(data)
-        fit_times.append(time.perf_counter() - t0)
-        models.append(model)
-    model = models[int(np.argsort(fit_times)[len(fit_times) // 2])]
-    p = np.percentile(np.asarray(fit_times) * 1e3, [20, 50, 80])
-    tm = model.timings_
-    iters = [mm.n_iter_ for mm in models]
-    acc = np.mean(model.predict() == _best_match(model.predict(), types, K))
+        for newton in (False, True):                                      # JIT caches warm
+            ec.PlackettLuceMixture(K, random_state=0, max_iter=2, newton=newton).fit(data)
     oracle = np.mean(truth.predict(data) == types)
-    breakdown = ", ".join(f"{k} {v:.2f}s" for k, v in tm.items() if v > 0)
-    print(f"fit: p50 {p[1] / 1e3:.2f}s (p20 {p[0] / 1e3:.2f}, p80 {p[2] / 1e3:.2f}); "
-          f"iterations {iters}; converged {[mm.converged_ for mm in models]}")
-    print(f"  breakdown of the median fit: {breakdown}")
-    print(f"  type accuracy {acc:.3f} (true-parameter classifier {oracle:.3f})")
-    rows.append({**base, "case": "fit", "repeats": fits, "p20_ms": f"{p[0]:.4g}",
-                 "p50_ms": f"{p[1]:.4g}", "p80_ms": f"{p[2]:.4g}", "n_iter": model.n_iter_,
-                 "note": f"{breakdown}; accuracy {acc:.3f} vs oracle {oracle:.3f}"})
+    p50_mm_only = None
+    for case, newton in (("fit_mm_only", False), ("fit", "auto")):
+        fit_times, models = [], []
+        for r in range(fits):
+            t0 = time.perf_counter()
+            model = ec.PlackettLuceMixture(K, random_state=r, max_iter=1000, tol=1e-6,
+                                           newton=newton).fit(data)
+            fit_times.append(time.perf_counter() - t0)
+            models.append(model)
+        model = models[int(np.argsort(fit_times)[len(fit_times) // 2])]
+        p = np.percentile(np.asarray(fit_times) * 1e3, [20, 50, 80])
+        tm = model.timings_
+        iters = [mm.n_iter_ for mm in models]
+        acc = np.mean(model.predict() == _best_match(model.predict(), types, K))
+        breakdown = ", ".join(f"{k} {v:.2f}s" for k, v in tm.items() if v > 0)
+        print(f"{case} (newton={newton}): p50 {p[1] / 1e3:.2f}s (p20 {p[0] / 1e3:.2f}, p80 "
+              f"{p[2] / 1e3:.2f}); iterations {iters}; converged "
+              f"{[mm.converged_ for mm in models]}; log-likelihood {model.loglik_:.3f}")
+        print(f"  breakdown of the median fit: {breakdown}")
+        print(f"  type accuracy {acc:.3f} (true-parameter classifier {oracle:.3f})")
+        row = {**base, "case": case, "repeats": fits, "p20_ms": f"{p[0]:.4g}",
+               "p50_ms": f"{p[1]:.4g}", "p80_ms": f"{p[2]:.4g}", "n_iter": model.n_iter_,
+               "note": f"{breakdown}; loglik {model.loglik_:.3f}; accuracy {acc:.3f} vs "
+                       f"oracle {oracle:.3f}"}
+        if p50_mm_only is None:
+            p50_mm_only = p[1]
+        else:
+            row.update(baseline="fit_mm_only", ratio_to_baseline=f"{p50_mm_only / p[1]:.3g}")
+        rows.append(row)
 
     # --- one iteration, step by step, against NumPy -------------------------------------
     fam = model.family_
@@ -187,9 +200,18 @@ def main(argv=None) -> int:
     def e_ours():
         model._e_step(g, log_w)
 
+    # The M-step with MM steps only is the operation of the NumPy baseline; the default
+    # M-step (MM + Newton) is timed after, against it.
+    mm_only = ec.TabularPolicies(pseudo_count=fam.pseudo_count, mm_iter=fam.mm_iter,
+                                 newton=False)
+
     def m_ours():
-        fam.m_step(g, W)
+        mm_only.log_worths = theta.copy()
+        mm_only.m_step(g, W)
+
+    def m_newton():
         fam.log_worths = theta.copy()
+        fam.m_step(g, W)
 
     def book_ours():
         bk.mixture_weights(resp, g.annotator_weight, 1.0)
@@ -229,6 +251,15 @@ def main(argv=None) -> int:
                      "p50_ms": f"{p[1]:.4g}", "p80_ms": f"{p[2]:.4g}",
                      "baseline": f"{name}_numpy", "ratio_to_baseline": f"{ratio:.3g}",
                      "note": note})
+        if name == "m_step":
+            p_newton = percentiles(m_newton, repeats)
+            print(f"{'m_step_newton':12s} ours p50 {p_newton[1]:8.2f} ms (p20 {p_newton[0]:.2f}, "
+                  f"p80 {p_newton[2]:.2f})   MM-only M-step p50 {p[1]:8.2f} ms   ratio "
+                  f"{p[1] / p_newton[1]:5.2f}x  (the default M-step: MM + Newton)")
+            rows.append({**base, "case": "m_step_newton", "repeats": repeats,
+                         "p20_ms": f"{p_newton[0]:.4g}", "p50_ms": f"{p_newton[1]:.4g}",
+                         "p80_ms": f"{p_newton[2]:.4g}", "baseline": "m_step",
+                         "ratio_to_baseline": f"{p[1] / p_newton[1]:.3g}"})
 
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     new_file = not os.path.exists(args.csv)

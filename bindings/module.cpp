@@ -9,44 +9,15 @@
 #include <cstdint>
 #include <string>
 
+#include "buffers.h"
 #include "cpu/listwise_cpu.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-const T* in_ptr(const py::array& a, const char* name, int64_t size) {
-  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
-    throw py::type_error(std::string(name) + ": expected a C-contiguous array of " +
-                         py::str(py::dtype::of<T>()).cast<std::string>());
-  if (int64_t(a.size()) != size)
-    throw py::value_error(std::string(name) + ": expected " + std::to_string(size) +
-                          " elements, got " + std::to_string(a.size()));
-  return static_cast<const T*>(a.data());
-}
+using namespace emdpo_bindings;
 
-template <typename T>
-const T* opt_in_ptr(const py::object& a, const char* name, int64_t size) {
-  if (a.is_none()) return nullptr;
-  return in_ptr<T>(a.cast<py::array>(), name, size);
-}
-
-template <typename T>
-T* out_ptr(py::array& a, const char* name, int64_t size) {
-  in_ptr<T>(a, name, size);
-  if (!a.writeable()) throw py::value_error(std::string(name) + ": output array is read-only");
-  return static_cast<T*>(a.mutable_data());
-}
-
-template <typename T>
-T* opt_out_ptr(py::object& a, const char* name, int64_t size) {
-  if (a.is_none()) return nullptr;
-  py::array arr = a.cast<py::array>();
-  return out_ptr<T>(arr, name, size);
-}
-
-bool is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 
 template <typename T>
 int64_t listwise_loglik_impl(py::array policy, py::array ref, py::array offsets,

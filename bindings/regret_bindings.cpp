@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "buffers.h"
 #include "cpu/listwise_cpu.h"
 #include "cpu/regret_cpu.h"
 #ifdef EMDPO_HAVE_CUDA
@@ -20,17 +21,6 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-const T* regret_in_ptr(const py::array& a, const char* name, int64_t size) {
-  if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))
-    throw py::type_error(std::string(name) + ": expected a C-contiguous array of " +
-                         py::str(py::dtype::of<T>()).cast<std::string>());
-  if (int64_t(a.size()) != size)
-    throw py::value_error(std::string(name) + ": expected " + std::to_string(size) +
-                          " elements, got " + std::to_string(a.size()));
-  return static_cast<const T*>(a.data());
-}
-
 void check_kind(int kind) {
   if (kind != 0 && kind != 1)
     throw py::value_error("kind: expected 0 (reward) or 1 (kl), got " + std::to_string(kind));
@@ -40,17 +30,17 @@ template <typename T>
 int64_t regret_matrix_impl(py::array logps, py::object ref, py::array offsets,
                            py::object weights, int64_t K, int64_t S, int kind, double beta,
                            py::array out) {
-  const T* lp = regret_in_ptr<T>(logps, "sample_logps", K * S);
+  const T* lp = emdpo_bindings::in_ptr<T>(logps, "sample_logps", K * S);
   const T* r = nullptr;
-  if (!ref.is_none()) r = regret_in_ptr<T>(ref.cast<py::array>(), "sample_ref_logps", S);
+  if (!ref.is_none()) r = emdpo_bindings::in_ptr<T>(ref.cast<py::array>(), "sample_ref_logps", S);
   if (kind == 0 && r == nullptr)
     throw py::value_error("sample_ref_logps: required for kind='reward'");
-  const int64_t* o = regret_in_ptr<int64_t>(offsets, "source_offsets", K + 1);
+  const int64_t* o = emdpo_bindings::in_ptr<int64_t>(offsets, "source_offsets", K + 1);
   // Every source needs at least one sample: the kernel divides by each source's weight.
   if (emdpo::cpu::first_bad_offset(o, K + 1, S, 1) >= 0)
     throw py::value_error("source_offsets: not a valid layout");
   const T* w = nullptr;
-  if (!weights.is_none()) w = regret_in_ptr<T>(weights.cast<py::array>(), "sample_weights", S);
+  if (!weights.is_none()) w = emdpo_bindings::in_ptr<T>(weights.cast<py::array>(), "sample_weights", S);
   if (!py::isinstance<py::array_t<double>>(out) || !(out.flags() & py::array::c_style) ||
       int64_t(out.size()) != K * K || !out.writeable())
     throw py::type_error("out: expected a writeable C-contiguous float64 array of K*K elements");

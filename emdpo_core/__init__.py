@@ -12,9 +12,12 @@ from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_l
 from . import diagnostics
 from .data import RankingData
 from .diagnostics import IdentifiabilityWarning
+from .data import PreferenceData
 from .em import (CollapsedComponentWarning, ConvergenceWarning, EMEstimator,
-                 PlackettLuceMixture, PolicyFamily, PolicyLogps, TabularPolicies,
+                 PlackettLuceMixture, PolicyFamily, PolicyLogps, PolicySamples, TabularPolicies,
                  select_n_components)
+from .emdpo import EMDPO, AggregationResult, TorchPolicies
+from . import datasets
 # The function mmra shadows the submodule attribute of the same name on the package;
 # `from emdpo_core.mmra import ...` still reaches the module.
 from .mmra import MixturePolicy, MMRAResult, mmra, mmra_exact, regret_matrix
@@ -45,6 +48,12 @@ __all__ = [
     "PolicyFamily",
     "PolicyLogps",
     "TabularPolicies",
+    "PolicySamples",
+    "PreferenceData",
+    "EMDPO",
+    "TorchPolicies",
+    "AggregationResult",
+    "datasets",
 ]
 
 

@@ -276,6 +276,145 @@ def pl_weighted_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _log_of_product(x, n):
+    """sum_{t < n} log x[t] for positive x with few logs: the factors are multiplied and the
+    running product is logged only when it leaves [1e-200, 1e200] (factors below 1e-100 are
+    logged at once), so it never over- or underflows."""
+    logs = 0.0
+    prod = 1.0
+    for t in range(n):
+        v = x[t]
+        if v < 1e-100:
+            logs += np.log(v)
+            continue
+        prod *= v
+        if prod < 1e-200 or prod > 1e200:
+            logs += np.log(prod)
+            prod = 1.0
+    return logs + np.log(prod)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pl_scaled_loglik_one(items, offsets, n_ranked, w, theta, m_max):
+    """sum_r w_r ll_r(theta) for one type with worths scaled by the largest (see
+    pl_scaled_loglik)."""
+    top = theta.max()
+    gamma = np.exp(theta - top)
+    suffix = np.empty(m_max, dtype=np.float64)
+    total = 0.0
+    for r in range(offsets.shape[0] - 1):
+        wr = w[r]
+        if wr == 0.0:
+            continue
+        a = offsets[r]
+        m = offsets[r + 1] - a
+        acc = 0.0
+        for s in range(m - 1, -1, -1):
+            acc += gamma[items[a + s]]
+            suffix[s] = acc
+        L = n_ranked[r]
+        ll = 0.0
+        for t in range(L):
+            ll += theta[items[a + t]]
+        total += wr * (ll - L * top - _log_of_product(suffix, L))
+    return total
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
+    """(K,) sum_r weights[k, r] * ll_r(log_worths[k]), like :func:`pl_weighted_loglik`, but
+    from worths scaled so that the largest is 1 (one exp per item, one log per stage instead
+    of a log-sum-exp per slot: several times faster). Accurate to rounding while the
+    log-worths of a type span less than about 700 (the tabular family keeps them so); beyond
+    that, worths underflow to 0 and a chosen item of worth 0 gives -inf."""
+    K = log_worths.shape[0]
+    out = np.zeros(K, dtype=np.float64)
+    for k in numba.prange(K):
+        out[k] = _pl_scaled_loglik_one(items, offsets, n_ranked, weights[k], log_worths[k],
+                                       m_max)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _pl_grad_hess_one(items, offsets, n_ranked, w, theta, m_max, grad, hess):
+    """Gradient and Hessian of sum_r w_r ll_r(theta) for one type (see pl_grad_hess);
+    returns the value."""
+    top = theta.max()
+    gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
+    g = np.empty(m_max, dtype=np.float64)
+    suffix = np.empty(m_max, dtype=np.float64)
+    c1 = np.empty(m_max, dtype=np.float64)
+    c2 = np.empty(m_max, dtype=np.float64)
+    total = 0.0
+    for r in range(offsets.shape[0] - 1):
+        wr = w[r]
+        if wr == 0.0:
+            continue
+        a = offsets[r]
+        m = offsets[r + 1] - a
+        L = n_ranked[r]
+        acc = 0.0
+        for s in range(m - 1, -1, -1):
+            g[s] = gamma[items[a + s]]
+            acc += g[s]
+            suffix[s] = acc
+        run1 = 0.0
+        run2 = 0.0
+        ll = 0.0
+        for j in range(m):               # stages t <= min(j, L - 1) have slot j in play
+            if j < L:
+                inv = 1.0 / suffix[j]
+                run1 += inv
+                run2 += inv * inv
+                grad[items[a + j]] += wr
+                ll += theta[items[a + j]]
+            c1[j] = run1
+            c2[j] = run2
+        total += wr * (ll - L * top - _log_of_product(suffix, L))
+        for j in range(m):
+            ij = items[a + j]
+            wg = wr * g[j]
+            grad[ij] -= wg * c1[j]
+            # Slots q > j share the stages t <= min(j, L - 1): the c2[j] terms. Each pair is
+            # added once, to whichever of (ij, iq), (iq, ij) comes first; the two triangles
+            # are summed and mirrored at the end.
+            hess[ij, ij] += wg * (g[j] * c2[j] - c1[j])
+            for q in range(j + 1, m):
+                hess[ij, items[a + q]] += wg * g[q] * c2[j]
+    n = theta.shape[0]
+    for i in range(n):
+        for j in range(i + 1, n):
+            x = hess[i, j] + hess[j, i]
+            hess[i, j] = x
+            hess[j, i] = x
+    return total
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def pl_grad_hess(items, offsets, n_ranked, weights, log_worths, m_max):
+    """Value (K,), gradient (K, n_items) and Hessian (K, n_items, n_items) of the weighted
+    Plackett-Luce log-likelihood Q_k(theta) = sum_r weights[k, r] ll_r(theta) at
+    theta = log_worths[k] (value as in :func:`pl_scaled_loglik`).
+
+    With p_ts = gamma_s / S_t the probability of slot s at stage t (S_t = sum_{u >= t}
+    gamma_u, the suffix sum of worths),
+        dQ/dtheta_i           = sum_r w_r sum_{t < L_r} ([i_t = i] - p_ts [i_s = i])
+        d2Q/dtheta_i dtheta_j = - sum_r w_r sum_{t < L_r} (p_ti [i = j] - p_ti p_tj).
+    The stage sums are prefix sums over t <= min(slot_i, slot_j, L_r - 1) of 1 / S_t and
+    1 / S_t^2, so a record costs O(m^2), not O(L m^2). One type per thread: the same sums
+    for any thread count.
+    """
+    K, n_items = log_worths.shape
+    value = np.zeros(K, dtype=np.float64)
+    grad = np.zeros((K, n_items), dtype=np.float64)
+    hess = np.zeros((K, n_items, n_items), dtype=np.float64)
+    for k in numba.prange(K):
+        value[k] = _pl_grad_hess_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                     grad[k], hess[k])
+    return value, grad, hess
+
+
 # ----------------------------------------------------------------------------------------
 # Initialisation: per-annotator ranking features and weighted k-means
 

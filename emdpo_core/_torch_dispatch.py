@@ -60,7 +60,7 @@ _checked: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def _check_cached(key, check, tensors=()):
-    tensors = tuple(t for t in tensors if t is not None)  # absent optional arrays
+    tensors = tuple(t for t in tensors if t is not None)  # optional arrays that are absent
     if any(t.is_inference() for t in tensors):
         check()  # inference tensors have no version counter, so in-place changes go unseen
         return
@@ -91,8 +91,8 @@ def _check_layout_cuda(offsets, n_ranked, M):
                   tuple(t for t in (offsets, n_ranked) if t is not None))
 
 
-def _require_cuda_build(device=None):
-    if device is not None and device.type != "cuda":
+def _require_cuda_build(device):
+    if device.type != "cuda":
         raise ValueError(f"policy_logps: tensors on {device} are not supported; use CPU or CUDA "
                          f"tensors")
     if not getattr(_core, "cuda", False):

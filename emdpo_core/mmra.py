@@ -243,7 +243,7 @@ def _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, *, beta
         return torch.from_numpy(regret_matrix(
             to_np(sample_logps), to_np(sample_ref_logps), to_np(source_offsets), beta=beta,
             kind=kind, sample_weights=to_np(sample_weights)))
-    td._require_cuda_build()
+    td._require_cuda_build(device)
     beta = _check_beta(beta)
     kind_code = _check_kind(kind)
     lp = td._float_tensor(sample_logps, "sample_logps", device, dims=(2,))

@@ -63,6 +63,7 @@ def reference_objective(model, data):
     dict(K=3, n_ranked=1, pseudo_count=0.0, alpha=1.0, mm_iter=1),       # best-of-4 choices
     dict(K=2, n_ranked=2, pseudo_count=0.5, alpha=3.0, mm_iter=3),
     dict(K=4, n_ranked=None, pseudo_count=0.01, alpha=1.0, mm_iter=1, init="dirichlet"),
+    dict(K=3, n_ranked=2, pseudo_count=0.0, alpha=1.0, mm_iter=1, newton=False),   # MM only
 ])
 def test_objective_never_decreases(config):
     _, data, _ = planted(10 + config["K"], K=config["K"], n_ranked=config["n_ranked"], H=200,
@@ -70,7 +71,8 @@ def test_objective_never_decreases(config):
     m = PlackettLuceMixture(config["K"], max_iter=60, tol=0.0, random_state=0,
                             pseudo_count=config["pseudo_count"], alpha=config["alpha"],
                             mm_iter=config["mm_iter"], min_weight=0.0,
-                            init_params=config.get("init", "kmeans"))
+                            init_params=config.get("init", "kmeans"),
+                            newton=config.get("newton", "auto"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ec.ConvergenceWarning)
         m.fit(data)
@@ -132,12 +134,71 @@ def test_one_type_is_the_plackett_luce_mle_of_choix():
     ll_choix = ref.listwise_loglik(mle[data.items][None], np.zeros(data.items.size),
                                    data.offsets, beta=1.0).sum()
     assert m.loglik_ >= ll_choix - 1e-9
-    # The EM loop alone (from all-equal worths, no initial MM fit) reaches it too.
-    start = PlackettLuceMixture.from_parameters(np.zeros((1, 8)), [1.0], pseudo_count=0.0,
-                                                tol=1e-14, max_iter=5000, warm_start=True)
-    start.fit(data)
-    assert start.n_iter_ > 5
-    np.testing.assert_allclose(start.log_worths_[0], mle, atol=1e-6)
+    # The EM loop alone (from all-equal worths, no initial MM fit) reaches it too, with MM
+    # steps only and with MM + Newton steps (the default; about 4 iterations instead of 15).
+    for newton in (False, True):
+        start = PlackettLuceMixture.from_parameters(np.zeros((1, 8)), [1.0], pseudo_count=0.0,
+                                                    tol=1e-14, max_iter=5000, warm_start=True,
+                                                    newton=newton)
+        start.fit(data)
+        assert start.n_iter_ > (1 if newton else 5)
+        np.testing.assert_allclose(start.log_worths_[0], mle, atol=1e-6)
+
+
+def test_newton_pieces_match_the_reference():
+    # Value, gradient and Hessian of the weighted Plackett-Luce log-likelihood (the Newton
+    # step of the tabular M-step) against the float64 reference and central differences.
+    _, data, _ = planted(6, K=2, n_items=6, H=40, n_ranked=2)
+    g = data.grouped()
+    rng = np.random.default_rng(7)
+    W = rng.random((2, g.n_records))
+    theta = rng.normal(size=(2, g.n_items)) * 2
+
+    def q(k, t):
+        return np.dot(W[k], ref.listwise_loglik(t[g.items], np.zeros(g.items.size), g.offsets,
+                                                beta=1.0, n_ranked=g.n_ranked)[:, 0])
+
+    def grad_at(k, t):
+        return bk.pl_grad_hess(g.items, g.offsets, g.n_ranked, W[k:k + 1], t[None],
+                               g.m_max)[1][0]
+
+    value, grad, hess = bk.pl_grad_hess(g.items, g.offsets, g.n_ranked, W, theta, g.m_max)
+    scaled = bk.pl_scaled_loglik(g.items, g.offsets, g.n_ranked, W, theta, g.m_max)
+    e = np.eye(g.n_items)
+    for k in range(2):
+        # Same sums in another order: rounding of ~100 terms, far below 1e-12 relative.
+        np.testing.assert_allclose([value[k], scaled[k]], q(k, theta[k]), rtol=1e-12)
+        # Central differences, h = 1e-5: truncation ~h^2 = 1e-10 times the third
+        # derivative, rounding ~eps |Q| / h ~ 1e-9 for |Q| ~ 100; 1e-6 leaves margin.
+        fd = [(q(k, theta[k] + 1e-5 * e[i]) - q(k, theta[k] - 1e-5 * e[i])) / 2e-5
+              for i in range(g.n_items)]
+        np.testing.assert_allclose(grad[k], fd, atol=1e-6)
+        np.testing.assert_array_equal(hess[k], hess[k].T)
+        # Central differences of the exact gradient, h = 1e-4 (truncation ~1e-8).
+        fd = [(grad_at(k, theta[k] + 1e-4 * e[i]) - grad_at(k, theta[k] - 1e-4 * e[i])) / 2e-4
+              for i in range(g.n_items)]
+        np.testing.assert_allclose(hess[k], fd, atol=1e-6)
+        # Q is concave: the Hessian is negative semi-definite (up to rounding).
+        assert np.all(np.linalg.eigvalsh(hess[k]) <= 1e-9 * np.abs(hess[k]).max())
+
+
+def test_newton_step_never_decreases_the_weighted_objective():
+    _, data, _ = planted(8, K=3, H=50, n_ranked=2)
+    g = data.grouped()
+    rng = np.random.default_rng(9)
+    W = rng.random((3, g.n_records))
+    for c in (0.0, 0.2):
+        fam = ec.TabularPolicies(pseudo_count=c, newton=True)
+        t = fam._anchor(rng.normal(size=(3, g.n_items)) * 3)
+        q = fam._m_objective(g, W, t)
+        moved = 0
+        for _ in range(10):
+            new = fam._newton(g, W, t)
+            q_new = fam._m_objective(g, W, new)
+            assert np.all(q_new >= q)
+            moved += int(np.sum(q_new > q + 1e-9))
+            t, q = new, q_new
+        assert moved > 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -462,6 +523,7 @@ def test_identifiability_warnings_are_emitted_by_fit():
     (dict(random_state=-1), TypeError, r"random_state"),
     (dict(pseudo_count=-0.1), ValueError, r"pseudo_count"),
     (dict(mm_iter=0), ValueError, r"mm_iter"),
+    (dict(newton="yes"), ValueError, r"newton: expected True, False or 'auto', got 'yes'"),
     (dict(n_components=21), ValueError, r"n_components=21 exceeds the number of annotators H=20"),
     (dict(verbose=-1), ValueError, r"verbose"),
     (dict(checkpoint_every=0), ValueError, r"checkpoint_every"),

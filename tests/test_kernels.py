@@ -230,3 +230,36 @@ def test_torch_cpu_tensors_round_trip(rng):
                      n_ranked=n_ranked)
     np.testing.assert_allclose(res.responsibilities.numpy(), want.responsibilities, rtol=1e-12)
     assert res.loglik == want.loglik
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_and_scalar_paths_agree_bitwise(rng, dtype):
+    """Records are computed 16 at a time in SIMD lanes, or one by one when their block holds
+    a list longer than the lanes take (64); a record's results must not depend on which."""
+    n = 32
+    offsets, n_ranked = random_layout(rng, n, 2, 10)
+    p, r = random_logps(rng, 2, offsets[-1], dtype)
+    w = rng.uniform(0.5, 1.5, size=(2, n)).astype(dtype)
+    ll_a = ec.listwise_loglik(p, r, offsets, beta=0.7, n_ranked=n_ranked)
+    loss_a, grad_a = ec.listwise_dpo_loss_and_grad(p, r, offsets, w, beta=0.7,
+                                                   n_ranked=n_ranked, reduction="none")
+    # Append one list of 100 responses to record 5's block: that block goes scalar.
+    long_m = 100
+    lens = np.diff(offsets)
+    lens_b = np.insert(lens, 6, long_m)
+    offsets_b = np.concatenate([[0], np.cumsum(lens_b)])
+    n_ranked_b = np.insert(n_ranked, 6, long_m - 1)
+    extra_p, extra_r = random_logps(rng, 2, long_m, dtype)
+    cut = offsets[6]
+    p_b = np.concatenate([p[:, :cut], extra_p, p[:, cut:]], axis=1)
+    r_b = np.concatenate([r[:cut], extra_r, r[cut:]])
+    w_b = np.insert(w, 6, 1.0, axis=1)
+    ll_b = ec.listwise_loglik(p_b, r_b, offsets_b, beta=0.7, n_ranked=n_ranked_b)
+    loss_b, grad_b = ec.listwise_dpo_loss_and_grad(p_b, r_b, offsets_b, w_b, beta=0.7,
+                                                   n_ranked=n_ranked_b, reduction="none")
+    keep = np.arange(n + 1) != 6
+    keep_slots = np.ones(offsets_b[-1], dtype=bool)
+    keep_slots[cut:cut + long_m] = False
+    np.testing.assert_array_equal(ll_b[keep], ll_a)
+    np.testing.assert_array_equal(loss_b[:, keep], loss_a)
+    np.testing.assert_array_equal(grad_b[:, keep_slots], grad_a)

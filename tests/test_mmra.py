@@ -278,6 +278,16 @@ def test_regret_matrix_torch_cpu_tensors():
         R.numpy(), ec.regret_matrix(lp, ref, so, beta=1.0, kind="reward", sample_weights=w))
 
 
+def test_regret_matrix_torch_tensors_off_cpu_go_through_the_device_check():
+    # The non-CPU path checks the device and the build first (it once called the check
+    # without the device: a TypeError instead of this message).
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    lp = torch.zeros((2, 4), dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="tensors on meta are not supported"):
+        ec.regret_matrix(lp, torch.zeros(4, dtype=torch.float64, device="meta"), [0, 2, 4],
+                         beta=1.0)
+
+
 def _cuda_available():
     try:
         import torch

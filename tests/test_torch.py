@@ -30,12 +30,9 @@ def _cuda_skip_reason():
 
 
 _CUDA_REASON = _cuda_skip_reason()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(_CUDA_REASON is not None,
-                                                   reason=_CUDA_REASON or "")]),
-]
+_CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(_CUDA_REASON is not None,
+                                                   reason=_CUDA_REASON or "")]
+DEVICES = ["cpu", pytest.param("cuda", marks=_CUDA_ONLY)]
 REDUCTIONS = ["sum", "mean", "weighted_mean", "none"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -464,7 +461,7 @@ def test_cuda_tensor_on_cpu_only_build_says_how_to_rebuild(monkeypatch):
     # No CUDA tensor can be made here: check the message the dispatch raises for one.
     monkeypatch.setattr(_torch_dispatch._core, "cuda", False, raising=False)
     with pytest.raises(RuntimeError, match="built without CUDA.*EMDPO_WITH_CUDA=ON"):
-        _torch_dispatch._require_cuda_build()
+        _torch_dispatch._require_cuda_build(torch.device("cuda"))
 
 
 def test_layout_cache_does_not_trust_a_reused_pointer():
@@ -477,6 +474,34 @@ def test_layout_cache_does_not_trust_a_reused_pointer():
     _torch_dispatch._check_cached(key, lambda: checks.append("a again"), (a,))
     _torch_dispatch._check_cached(key, lambda: checks.append("b"), (b,))
     assert checks == ["a", "b"]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_CUDA_ONLY)])
+def test_cuda_bad_offsets_in_a_reused_block_are_still_caught(device):
+    p, r, _ = (x.to(device) for x in _small())
+    good = torch.tensor([0, 3, 5], device=device)
+    et.listwise_dpo_loss(p, r, good, beta=1.0)
+    del good  # its block goes back to the caching allocator ...
+    bad = torch.tensor([0, 3, 500], device=device)  # ... and most likely comes back here
+    with pytest.raises(ValueError, match="offsets"):
+        et.listwise_dpo_loss(p, r, bad, beta=1.0)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_CUDA_ONLY)])
+def test_cuda_runs_on_the_current_stream(device):
+    t, _ = _problem(20, N=2000, K=2, device=device)
+    expected = et.listwise_dpo_loss(t["policy"], t["ref"], t["offsets"], t["weights"], beta=0.5,
+                                    n_ranked=t["n_ranked"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        policy = t["policy"].clone().requires_grad_()
+        loss = et.listwise_dpo_loss(policy, t["ref"], t["offsets"], t["weights"], beta=0.5,
+                                    n_ranked=t["n_ranked"])
+        loss.backward()
+    side.synchronize()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)  # deterministic reductions
+    assert torch.isfinite(policy.grad).all()
 
 
 def test_import_emdpo_core_does_not_import_torch():

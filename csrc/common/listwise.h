@@ -136,6 +136,68 @@ EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A 
   return ll;
 }
 
+// Longest list record_loglik_grad_short handles (it keeps three values per slot on the stack).
+constexpr int kShortList = 64;
+
+// Log-likelihood and gradient for a record of at most kShortList slots, with no exponential
+// in the forward pass: the backward pass keeps, per slot t,
+//     a_t = exp(r_t - mx_t),  b_t = exp(mx_{t+1} - mx_t)  (both 1 or the step's e),  z_t,
+// and then, with T = min(j, L-1),
+//     exp(LSE_T - LSE_{T-1}) = b_{T-1} z_T / z_{T-1},
+//     d ll / d r_j = 1 - (a_j / z_j) Q_j                       for j < L,
+//                  = -(a_j P_j / z_{L-1}) Q_{L-1},  P_j = prod_{t=L-1}^{j-1} b_t   for j >= L.
+// Every factor is in [0, 1] or is z >= 1. Per record: m - 1 exponentials, one log (products
+// of z, as in record_loglik, whose ll this returns bit for bit) and m divisions, instead of
+// about 3m exponentials. Writes g[j] = coef * beta * d ll / d r_j. The CPU kernels' lanes
+// (cpu/listwise_lanes.h) perform the same operations in the same order.
+template <typename A, typename T, typename G>
+EMDPO_HD A record_loglik_grad_short(const T* p, const T* ref, int64_t m, int64_t L, A beta,
+                                    A coef, G* g, bool& finite) {
+  A a[kShortList], b[kShortList], z_at[kShortList];
+  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
+  bool ok = finite_(mx);
+  A z = A(1);
+  a[m - 1] = A(1);
+  b[m - 1] = A(1);
+  z_at[m - 1] = A(1);
+  A sum_r = A(0), log_sum = A(0), prod_z = A(1);
+  for (int64_t t = m - 2; t >= 0; --t) {
+    const A r = beta * (A(p[t]) - A(ref[t]));
+    ok = ok && finite_(r);
+    const A d = r - mx;
+    const A e = exp_(-abs_(d));
+    const bool up = d > A(0);
+    z = up ? z * e + A(1) : z + e;
+    mx = up ? r : mx;
+    a[t] = up ? A(1) : e;
+    b[t] = up ? e : A(1);
+    z_at[t] = z;
+    if (t < L) {
+      sum_r += r - mx;
+      prod_z *= z;
+    }
+    if (prod_z > prod_flush_bound<A>()) {
+      log_sum += log_(prod_z);
+      prod_z = A(1);
+    }
+  }
+  finite = finite && ok;
+  const A scale = coef * beta;
+  A q = A(0), inv_z_prev = A(1), P = A(1);
+  for (int64_t j = 0; j < m; ++j) {
+    const A inv_z = A(1) / z_at[j];
+    if (j < L) {
+      q = (j == 0) ? A(1) : q * b[j - 1] * z_at[j] * inv_z_prev + A(1);
+      g[j] = G(scale * (A(1) - a[j] * inv_z * q));
+      inv_z_prev = inv_z;
+    } else {
+      P = (j == L) ? b[j - 1] : P * b[j - 1];
+      g[j] = G(scale * -(a[j] * P * inv_z_prev * q));
+    }
+  }
+  return sum_r - (log_sum + log_(prod_z));
+}
+
 // Finish one annotator of the E-step from its per-type sums S_k:
 // log g_k = log eta_k + S_k - lse, lse = logsumexp_j (log eta_j + S_j). Returns lse.
 template <typename T>

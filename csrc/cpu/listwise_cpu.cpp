@@ -3,7 +3,10 @@
 // Determinism: every reduction is cut into pieces whose boundaries depend only on the data
 // (fixed-size chunks of kChunk records), summed sequentially inside a piece and then in
 // piece order. The thread count only decides who computes a piece, never how the sums are
-// associated, so results are bitwise identical for any OMP_NUM_THREADS.
+// associated, so results are bitwise identical for any OMP_NUM_THREADS. Pieces are handed
+// out dynamically: on a busy machine a thread that loses its core does not hold the others
+// up at the barrier. Inputs of one piece run on the calling thread alone (waking the others
+// for a few hundred records cost milliseconds on a busy machine).
 #include "cpu/listwise_cpu.h"
 
 #include <algorithm>
@@ -114,10 +117,10 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                         T* out) {
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad)
+#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
   {
     std::vector<T> buf(K * kChunk);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
       first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
@@ -145,7 +148,7 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
   const int64_t* aoff = annotator_offsets;
   int64_t first_bad = kNoBad;
 
-#pragma omp parallel reduction(min : first_bad)
+#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
   {
     std::vector<double> S(K);
     std::vector<T> ll(K * kChunk);  // this chunk's per-record log-likelihoods, type-major
@@ -221,10 +224,10 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   std::vector<double> chunk_loss(n_chunks * K, 0.0);
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad)
+#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
   {
     std::vector<T> ll(kChunk);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
       for (int64_t k = 0; k < K; ++k) {

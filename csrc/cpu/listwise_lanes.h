@@ -228,63 +228,91 @@ EMDPO_ALWAYS_INLINE int block_loglik(const T* p, const T* ref, const Block<W>& b
   return first_bad_lane(bad, b.n);
 }
 
-// Lane-wise twin of record_loglik_grad: ll[l], and g[slot] = coef[l] * beta * d ll / d logpi
-// for every slot of every real lane. Needs b.max_m <= kMaxLaneList. Returns the first lane
-// whose rewards are not finite, or -1.
+// Lane-wise twin of record_loglik_grad_short: ll[l], and g[slot] = coef[l] * beta *
+// d ll / d logpi for every slot of every real lane, with no exponential in the forward pass.
+// Needs b.max_m <= kMaxLaneList (== kShortList). Returns the first lane whose rewards are
+// not finite, or -1.
 template <typename A, typename T, typename G, int W>
 EMDPO_ALWAYS_INLINE int block_loglik_grad(const T* p, const T* ref, const Block<W>& b, A beta,
                                           const A* coef, G* g, A* ll) {
-  // The scalar twin keeps LSE in the output buffer (type G); equal types keep them identical.
-  static_assert(std::is_same<A, G>::value, "gradient type must be the compute type");
+  static_assert(kMaxLaneList <= kShortList, "lanes handle what the scalar twin handles");
   using Ops = LaneOps<A, W>;
   using F = typename Ops::F;
   using I = typename Ops::I;
   using vint = typename Ops::vint;
+  // Step s holds slot t = m - 1 - s of each lane. Row max_m of b_at is padding (ones) so
+  // the forward pass can always read "the previous slot's" b.
   A r_at[kMaxLaneList][W];
-  A lse_at[kMaxLaneList][W];  // LSE_t of lane l stored at step s = m - 1 - t
+  A a_at[kMaxLaneList][W], b_at[kMaxLaneList + 1][W], z_at[kMaxLaneList][W];
   int32_t bad[W];
   load_rewards(p, ref, b, beta, r_at, bad);
   const vint m = load<vint>(b.m), L = load<vint>(b.L);
-  // Backward pass (t descending): LSE_t and ll.
+  const F ones = F{} + A(1);
+  // Backward pass (t descending): a, b, z per slot, and ll as in block_loglik.
   F mx = load<F>(r_at[0]);
-  F z = F{} + A(1), acc = F{};
-  store(lse_at[0], F{});  // step 0 is the last slot, never ranked: read below, never used
+  F z = ones, sum_r = F{}, log_sum = F{}, prod_z = ones;
+  store(a_at[0], ones);
+  store(b_at[0], ones);
+  store(z_at[0], ones);
   for (int32_t s = 1; s < b.max_m; ++s) {
     const vint t = m - 1 - s;
     const I active = Ops::mask(t >= 0);
     const I ranked = Ops::mask((t >= 0) & (t < L));
     const F r = load<F>(r_at[s]);
-    push_reward_lanes<A, W>(r, active, mx, z);
-    const F lse = mx + Ops::log(z);
-    store(lse_at[s], lse);
-    acc = Ops::select(ranked, acc + (r - lse), acc);
+    const F d = r - mx;
+    const F e = Ops::exp(-Ops::select(d < A(0), -d, d));
+    const I up = d > A(0);
+    const F z2 = Ops::select(up, z * e + A(1), z + e);
+    const F mx2 = Ops::select(up, r, mx);
+    z = Ops::select(active, z2, z);
+    mx = Ops::select(active, mx2, mx);
+    // Inactive lanes store the padding values (a = b = z = 1), which the forward pass never
+    // uses for them.
+    store(a_at[s], Ops::select(active & ~up, e, ones));
+    store(b_at[s], Ops::select(active & up, e, ones));
+    store(z_at[s], z);
+    sum_r = Ops::select(ranked, sum_r + (r - mx), sum_r);
+    prod_z = Ops::select(ranked, prod_z * z, prod_z);
+    if (s > b.no_flush_steps) {
+      for (int l = 0; l < W; ++l) {
+        if (prod_z[l] > prod_flush_bound<A>()) {
+          log_sum[l] += log_(prod_z[l]);
+          prod_z[l] = A(1);
+        }
+      }
+    }
   }
-  // Forward pass (t ascending, i.e. s descending): prefix sums Q_T and the gradient, written
-  // over r_at. Both exponentials are computed in every lane; lanes that do not need a value
-  // discard it.
+  store(b_at[b.max_m], ones);
+  // Forward pass (t ascending, i.e. s descending), written over r_at.
   const F scale = load<F>(coef) * beta;
-  F q = F{}, lse_prev = F{};
+  F q = F{}, inv_z_prev = ones, P = ones;
   for (int32_t s = b.max_m - 1; s >= 0; --s) {
     const vint t = m - 1 - s;
+    const I active = Ops::mask(t >= 0);
     const I ranked = Ops::mask((t >= 0) & (t < L));
-    const F lse = load<F>(lse_at[s]);
-    F d = lse - lse_prev;
-    d = Ops::select(d < A(0), d, F{});  // min_zero: q = 0 before the first ranked step, so q2 = 1 there
-    const F q2 = q * Ops::exp(d) + A(1);
+    const I first = Ops::mask(t == 0);
+    const I at_L = Ops::mask(t == L);
+    const F a_s = load<F>(a_at[s]);
+    const F b_prev = load<F>(b_at[s + 1]);  // b of slot t - 1
+    const F z_s = load<F>(z_at[s]);
+    const F inv_z = ones / z_s;
+    const F q2 = Ops::select(first, ones, q * b_prev * z_s * inv_z_prev + A(1));
     q = Ops::select(ranked, q2, q);
-    lse_prev = Ops::select(ranked, lse, lse_prev);
-    const F share = Ops::exp(load<F>(r_at[s]) - lse_prev);
-    const F one_if_ranked = Ops::select(ranked, F{} + A(1), F{});
-    store(r_at[s], scale * (one_if_ranked - share * q));
+    const F g_ranked = scale * (A(1) - a_s * inv_z * q);
+    const F P2 = Ops::select(at_L, b_prev, P * b_prev);
+    P = Ops::select(active & ~ranked, P2, P);
+    const F g_unranked = scale * -(a_s * P * inv_z_prev * q);
+    inv_z_prev = Ops::select(ranked, inv_z, inv_z_prev);
+    store(r_at[s], Ops::select(ranked, g_ranked, g_unranked));
   }
   for (int l = 0; l < b.n; ++l) {
     G* gl = g + b.base + b.off[l];
     const int32_t ml = b.m[l];
     for (int32_t s = 0; s < ml; ++s) gl[ml - 1 - s] = G(r_at[s][l]);
   }
-  A acc_out[W];
-  store(acc_out, acc);
-  std::memcpy(ll, acc_out, b.n * sizeof(A));
+  A result[W];
+  store(result, sum_r - (log_sum + Ops::log(prod_z)));
+  std::memcpy(ll, result, b.n * sizeof(A));
   return first_bad_lane(bad, b.n);
 }
 

@@ -74,8 +74,14 @@ EMDPO_ALWAYS_INLINE int64_t records_loglik_grad(const T* p, const T* ref, const 
       for (int l = 0; l < n; ++l) {
         const int64_t i = i0 + l, off = offsets[i], m = offsets[i + 1] - off;
         bool finite = true;
-        ll_out[i - lo] = record_loglik_grad<A>(p + off, ref + off, m, ranked_of(n_ranked, i, m),
-                                               beta, coef[l], g + off, finite);
+        // Lists the lanes could hold take the same formulation as the lanes; longer ones the
+        // general one (LSE kept in the output buffer between the passes).
+        const int64_t L = ranked_of(n_ranked, i, m);
+        ll_out[i - lo] = m <= kShortList
+                             ? record_loglik_grad_short<A>(p + off, ref + off, m, L, beta,
+                                                           coef[l], g + off, finite)
+                             : record_loglik_grad<A>(p + off, ref + off, m, L, beta, coef[l],
+                                                     g + off, finite);
         if (!finite) first_bad = std::min(first_bad, i);
       }
     }
