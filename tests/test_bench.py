@@ -199,7 +199,7 @@ def test_bench_appends_and_covers_em_fit_and_scaling(tmp_path):
     assert len(both) == len(first) + (1 if _torch is None else 2)   # emdpo (+ torch)
     assert len({r["run_id"] for r in both}) == 2
     fit = [r for r in first if r["case"] == "em_fit"]
-    assert {r["impl"] for r in fit} == {"emdpo", "numpy_em"}
+    assert {r["impl"] for r in fit} == {"emdpo", "emdpo_mm", "numpy_em"}
     scaling = [r for r in first if r["table"] == "N"]
     assert sorted({int(r["N"]) for r in scaling}) == list(bench.Sizes(**bench.QUICK).scale_N)
     assert {r["case"] for r in scaling} == {"e_step", "loss_grad"}
