@@ -235,7 +235,7 @@ def test_torch_cpu_tensors_round_trip(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vector_and_scalar_paths_agree_bitwise(rng, dtype):
     """Records are computed 16 at a time in SIMD lanes, or one by one when their block holds
-    a list longer than the lanes take (64); a record's results must not depend on which."""
+    a list longer than the lanes take (256); a record's results must not depend on which."""
     n = 32
     offsets, n_ranked = random_layout(rng, n, 2, 10)
     p, r = random_logps(rng, 2, offsets[-1], dtype)
@@ -243,8 +243,8 @@ def test_vector_and_scalar_paths_agree_bitwise(rng, dtype):
     ll_a = ec.listwise_loglik(p, r, offsets, beta=0.7, n_ranked=n_ranked)
     loss_a, grad_a = ec.listwise_dpo_loss_and_grad(p, r, offsets, w, beta=0.7,
                                                    n_ranked=n_ranked, reduction="none")
-    # Append one list of 100 responses to record 5's block: that block goes scalar.
-    long_m = 100
+    # Append one list of 300 responses to record 5's block: that block goes scalar.
+    long_m = 300
     lens = np.diff(offsets)
     lens_b = np.insert(lens, 6, long_m)
     offsets_b = np.concatenate([[0], np.cumsum(lens_b)])

@@ -137,7 +137,7 @@ EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A 
 }
 
 // Longest list record_loglik_grad_short handles (it keeps three values per slot on the stack).
-constexpr int kShortList = 64;
+constexpr int kShortList = 256;
 
 // Log-likelihood and gradient for a record of at most kShortList slots, with no exponential
 // in the forward pass: the backward pass keeps, per slot t,

@@ -30,7 +30,7 @@ namespace lanes {
 constexpr int kMaxLanes = 16;
 // Longest list the blocks buffer on the stack; blocks holding a longer list take the scalar
 // path record by record.
-constexpr int kMaxLaneList = 64;
+constexpr int kMaxLaneList = 256;
 
 // Per-precision lane vectors: F (values), I (the mask type F's comparisons produce: all ones
 // or all zeros per lane), select(mask, a, b) as a bitwise blend (GCC 12 scalarized some
