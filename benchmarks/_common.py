@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -16,21 +15,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    """The checkout's commit, "-dirty" when tracked files outside results/ differ from it
+    (the benchmarks measure the working tree), or "unknown" without git."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except Exception:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        # The results CSVs themselves do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!results"], cwd=here, check=True, capture_output=True,
+                               text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from emdpo_core.bench import _cpu_name
+
+    return _cpu_name()
 
 
 def device_name(device: str) -> str:

@@ -26,14 +26,17 @@ import csv
 import datetime as _dt
 import os
 import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 import warnings
 
 import numpy as np
 
 import emdpo_core as ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name, git_commit  # noqa: E402
 from emdpo_core import _bookkeeping as bk
 from emdpo_core import _numpy_baseline as nb
 
@@ -47,29 +50,6 @@ FIELDS = ["timestamp", "bench", "case", "H", "N", "M", "n_items", "K", "repeats"
 
 # ----------------------------------------------------------------------------------------
 # Environment
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!results"], cwd=HERE, check=True, capture_output=True,
-                               text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:

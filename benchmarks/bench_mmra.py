@@ -24,13 +24,16 @@ import csv
 import datetime as _dt
 import os
 import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import emdpo_core as ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name, git_commit  # noqa: E402
 from emdpo_core import _reference
 
 mmra_mod = sys.modules["emdpo_core.mmra"]  # `ec.mmra` is the function of the same name
@@ -44,30 +47,6 @@ FIELDS = ["timestamp", "bench", "case", "K", "S", "repeats", "p20_ms", "p50_ms",
 
 # ----------------------------------------------------------------------------------------
 # Environment and timing
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        # The results CSV itself does not make the measured code dirty.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!results"],
-                               cwd=HERE, check=True, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:
