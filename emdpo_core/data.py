@@ -245,7 +245,28 @@ def _check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
     return sw
 
 
-class RankingData:
+class _RecordSet:
+    """What RankingData and PreferenceData share: records as offsets (N+1,) into slots, and
+    annotator labels (None: each record its own annotator)."""
+
+    @property
+    def n_records(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def n_annotators(self) -> int:
+        return self.n_records if self.annotator is None else int(len(self.annotator_labels))
+
+    @property
+    def list_lengths(self) -> np.ndarray:
+        """(N,) number of candidates (responses) m_i of each record."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return self.n_records
+
+
+class RankingData(_RecordSet):
     """Tabular rankings: item ids per slot, best first, with annotators and weights.
 
     Args:
@@ -348,22 +369,6 @@ class RankingData:
         return int(np.searchsorted(offsets, slot, side="right") - 1)
 
     # ------------------------------------------------------------------------------------
-    @property
-    def n_records(self) -> int:
-        return int(self.offsets.shape[0] - 1)
-
-    @property
-    def n_annotators(self) -> int:
-        return self.n_records if self.annotator is None else int(len(self.annotator_labels))
-
-    @property
-    def list_lengths(self) -> np.ndarray:
-        """(N,) number of candidates m_i of each record."""
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return self.n_records
-
     def __repr__(self) -> str:
         return (f"RankingData(n_records={self.n_records}, n_annotators={self.n_annotators}, "
                 f"n_items={self.n_items}, n_slots={self.items.shape[0]}"
@@ -549,7 +554,7 @@ class GroupedPreferences(GroupedRecords):
         return super()._fingerprint_parts() + tuple(parts)
 
 
-class PreferenceData:
+class PreferenceData(_RecordSet):
     """Ranked lists of responses for policies that compute their own log-probabilities.
 
     The layout of :class:`RankingData` (DESIGN.md section 1: record i is one annotator's
@@ -661,24 +666,8 @@ class PreferenceData:
         self._grouped: Optional[GroupedPreferences] = None
 
     @property
-    def n_records(self) -> int:
-        return int(self.offsets.shape[0] - 1)
-
-    @property
     def n_slots(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def n_annotators(self) -> int:
-        return self.n_records if self.annotator is None else int(len(self.annotator_labels))
-
-    @property
-    def list_lengths(self) -> np.ndarray:
-        """(N,) number of responses m_i of each record."""
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return self.n_records
 
     def __repr__(self) -> str:
         return (f"PreferenceData(n_records={self.n_records}, n_annotators={self.n_annotators}, "
