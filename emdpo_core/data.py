@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _bookkeeping as bk
+from .kernels import _real_vector
 
 __all__ = ["RankingData", "PreferenceData", "GroupedRecords", "GroupedRankings",
            "GroupedPreferences", "group_records"]
@@ -229,13 +230,7 @@ def _check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
     """(N,) float64 row counts (finite, >= 0, not all 0), or None."""
     if sample_weight is None:
         return None
-    sw = np.asarray(sample_weight)
-    if sw.dtype.kind not in "fiu":
-        raise TypeError(f"sample_weight: expected real numbers, got dtype {sw.dtype}")
-    sw = np.ascontiguousarray(sw, dtype=np.float64)
-    if sw.shape != (N,):
-        raise ValueError(f"sample_weight: expected shape ({N},) (one per record), got "
-                         f"{sw.shape}")
+    sw = _real_vector(sample_weight, "sample_weight", N, "record")
     bad = np.flatnonzero(~np.isfinite(sw) | (sw < 0))
     if bad.size:
         raise ValueError(f"sample_weight: expected finite values >= 0, got "
@@ -628,15 +623,7 @@ class PreferenceData(_RecordSet):
                                  f"offsets[-1] = {M} (one entry per slot), got shape {shape}")
             checked[name] = x
         if ref_logps is not None:
-            if _is_tensor(ref_logps):
-                ref_logps = ref_logps.detach().cpu().numpy()
-            ref = np.asarray(ref_logps)
-            if ref.dtype.kind not in "fiu":
-                raise TypeError(f"ref_logps: expected real numbers, got dtype {ref.dtype}")
-            ref = np.ascontiguousarray(ref, dtype=np.float64)
-            if ref.shape != (M,):
-                raise ValueError(f"ref_logps: expected shape ({M},) (one per slot), got "
-                                 f"{ref.shape}")
+            ref = _real_vector(ref_logps, "ref_logps", M, "slot")
             bad = np.flatnonzero(~np.isfinite(ref))
             if bad.size:
                 raise ValueError(f"ref_logps: expected finite log-probabilities, got "

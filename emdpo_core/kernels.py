@@ -258,15 +258,24 @@ def _check_log_weights(log_weights, K: int) -> np.ndarray:
     return np.ascontiguousarray(lw)
 
 
-def _check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
-    if w is None:
-        return None
-    a = np.asarray(w)
+def _real_vector(x, name: str, size: int, per: str, dtype=np.float64) -> np.ndarray:
+    """A C-contiguous (size,) array of real numbers (a torch tensor is copied to the host);
+    TypeError/ValueError naming the argument otherwise. Value checks stay with the caller."""
+    if _is_torch(x):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
     a = np.ascontiguousarray(a, dtype=dtype)
-    if a.shape != (N,):
-        raise ValueError(f"{name}: expected shape ({N},) (one per record), got {a.shape}")
+    if a.shape != (size,):
+        raise ValueError(f"{name}: expected shape ({size},) (one per {per}), got {a.shape}")
+    return a
+
+
+def _check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
+    if w is None:
+        return None
+    a = _real_vector(w, name, N, "record", dtype)
     bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
     if bad.size:
         raise ValueError(

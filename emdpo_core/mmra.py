@@ -34,7 +34,8 @@ import numba
 import numpy as np
 
 from . import _core
-from .kernels import _check_beta, _describe, _float_array, _index_array, _is_torch
+from .kernels import (_check_beta, _describe, _float_array, _index_array, _is_torch,
+                      _real_vector)
 
 __all__ = [
     "MMRAResult",
@@ -319,14 +320,7 @@ def _check_regret(regret) -> np.ndarray:
 def _check_group_weights(group_weights, K: int) -> np.ndarray:
     if group_weights is None:
         return np.ones(K)
-    if _is_torch(group_weights):
-        group_weights = group_weights.detach().cpu().numpy()
-    c = np.asarray(group_weights)
-    if c.dtype.kind not in "fiu":
-        raise TypeError(f"group_weights: expected real numbers, got dtype {c.dtype}")
-    c = np.ascontiguousarray(c, dtype=np.float64)
-    if c.shape != (K,):
-        raise ValueError(f"group_weights: expected shape ({K},) (one per type), got {c.shape}")
+    c = _real_vector(group_weights, "group_weights", K, "type")
     bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
     if bad.size:
         raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
@@ -807,10 +801,7 @@ class MixturePolicy:
         for j, f in enumerate(policies):
             if not callable(f):
                 raise TypeError(f"policies: entry {j} is a {type(f).__name__}, not callable")
-        w = np.asarray(_real_vector(weights), dtype=np.float64)
-        if w.shape != (len(policies),):
-            raise ValueError(f"weights: expected shape ({len(policies)},) (one per policy), got "
-                             f"{w.shape}")
+        w = _real_vector(weights, "weights", len(policies), "policy")
         bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
         if bad.size:
             raise ValueError(f"weights: expected finite values >= 0, got {w[bad[0]]} at index "
@@ -845,11 +836,3 @@ class MixturePolicy:
     def __repr__(self) -> str:
         return f"MixturePolicy(weights={np.round(self.weights, 4).tolist()}, K={len(self)})"
 
-
-def _real_vector(weights):
-    if _is_torch(weights):
-        return weights.detach().cpu().numpy()
-    a = np.asarray(weights)
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"weights: expected real numbers, got dtype {a.dtype}")
-    return a
