@@ -37,8 +37,8 @@ import emdpo_core as ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, git_commit  # noqa: E402
-from emdpo_core import _bookkeeping as bk
-from emdpo_core import _numpy_baseline as nb
+from emdpo_core.em import _plackett_luce_mm as bk
+from emdpo_core.bench import numpy_baseline as nb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_em.csv")
@@ -76,7 +76,7 @@ def percentiles(fn, repeats: int, warmup: int = 1):
 
 # ----------------------------------------------------------------------------------------
 # The NumPy baseline: one EM iteration, vectorized over records of one common length m. It
-# lives in the package (emdpo_core/_numpy_baseline.py), shared with `emdpo bench`.
+# lives in the package (emdpo_core/bench/numpy_baseline.py), shared with `emdpo bench`.
 
 numpy_e_step = nb.em_e_step
 numpy_mm_step = nb.em_mm_step

@@ -7,8 +7,8 @@ policy log-probabilities, on CPU (C++/OpenMP) and CUDA. See DESIGN.md for the ma
 from __future__ import annotations
 
 from . import _core
-from ._bookkeeping import group_by_annotator
-from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from .em._plackett_luce_mm import group_by_annotator
+from .ops.listwise import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
 from . import diagnostics
 from .data import RankingData
 from .diagnostics import IdentifiabilityWarning
@@ -16,7 +16,7 @@ from .data import PreferenceData
 from .em import (CollapsedComponentWarning, ConvergenceWarning, EMEstimator,
                  PlackettLuceMixture, PolicyFamily, PolicyLogps, PolicySamples, TabularPolicies,
                  select_n_components)
-from .emdpo import EMDPO, AggregationResult, TorchPolicies
+from .em.emdpo import EMDPO, AggregationResult, TorchPolicies
 from . import datasets
 # The function mmra shadows the submodule attribute of the same name on the package;
 # `from emdpo_core.mmra import ...` still reaches the module.

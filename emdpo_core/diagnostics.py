@@ -30,7 +30,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from . import _bookkeeping as bk
+from .em import _plackett_luce_mm as bk
 
 __all__ = ["IdentifiabilityWarning", "IdentifiabilityReport", "identifiability"]
 

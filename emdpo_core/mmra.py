@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from . import _core
-from .kernels import (_check_beta, _describe, _float_array, _index_array, _is_torch,
+from .ops.listwise import (_check_beta, _describe, _float_array, _index_array, _is_torch,
                       _real_vector)
 
 __all__ = [
@@ -236,7 +236,7 @@ def _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, *, beta
     the current stream. Returns a float64 tensor on the input's device."""
     import torch
 
-    from . import _torch_dispatch as td
+    from .ops import _torch as td
 
     device = sample_logps.device
     if device.type == "cpu":

@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _torch_dispatch
-from . import kernels as _kernels
+from .ops import _torch as _torch_dispatch
+from .ops import listwise as _kernels
 
 __all__ = [
     "listwise_dpo_loss",

@@ -36,11 +36,11 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from . import _bookkeeping as bk
-from . import diagnostics
-from .data import GroupedRankings, RankingData
-from .diagnostics import IdentifiabilityWarning
-from .kernels import e_step
+from . import _plackett_luce_mm as bk
+from .. import diagnostics
+from ..data import GroupedRankings, RankingData
+from ..diagnostics import IdentifiabilityWarning
+from ..ops.listwise import e_step
 
 __all__ = [
     "ConvergenceWarning",
@@ -1068,7 +1068,7 @@ class EMEstimator(abc.ABC):
                     dropped=[list(x) for x in meta["dropped"]])
 
     def _write(self, path, status, meta_extra, arrays):
-        from . import __version__
+        from .. import __version__
 
         params, parr = self._params_json()
         meta = {"format": _FORMAT_VERSION, "class": type(self).__name__, "version": __version__,

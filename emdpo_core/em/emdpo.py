@@ -34,12 +34,12 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from . import _bookkeeping as bk
-from . import diagnostics
-from .data import GroupedPreferences, PreferenceData, RankingData
-from .em import (EMEstimator, PolicyFamily, PolicyLogps, PolicySamples,
+from . import _plackett_luce_mm as bk
+from .. import diagnostics
+from ..data import GroupedPreferences, PreferenceData, RankingData
+from .engine import (EMEstimator, PolicyFamily, PolicyLogps, PolicySamples,
                  TabularPolicies, _check_float, _check_int, _Run)
-from .kernels import listwise_dpo_loss_and_grad
+from ..ops.listwise import listwise_dpo_loss_and_grad
 
 __all__ = ["EMDPO", "TorchPolicies", "AggregationResult"]
 
@@ -400,7 +400,7 @@ class TorchPolicies(PolicyFamily):
                 t["n_ranked"][torch.as_tensor(idx, device=dev)])
 
     def _optimize(self, g, weights, *, steps, epochs, reset):
-        from . import torch as et
+        from .. import torch as et
 
         torch = self._torch
         if reset and self._initial:
@@ -743,7 +743,7 @@ class EMDPO(EMEstimator):
             solver: passed to :func:`emdpo_core.mmra`.
             random_state: seed of the sampling.
         """
-        from .mmra import mmra, regret_matrix
+        from ..mmra import mmra, regret_matrix
 
         self._check_fitted()
         n_samples = _check_int("n_samples", n_samples, 1)

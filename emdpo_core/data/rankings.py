@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _bookkeeping as bk
-from .kernels import _real_vector
+from ..em import _plackett_luce_mm as bk
+from ..ops.listwise import _real_vector
 
 __all__ = ["RankingData", "PreferenceData", "GroupedRecords", "GroupedRankings",
            "GroupedPreferences", "group_records"]

@@ -11,8 +11,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from . import _core
-from . import kernels as _k
+from .. import _core
+from . import listwise as _k
 
 _FLOATS = (torch.float32, torch.float64)
 

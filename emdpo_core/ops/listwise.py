@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 __all__ = [
     "EStepResult",
@@ -205,9 +205,9 @@ def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
         (N, K) array (or torch tensor for torch input) in the input dtype.
     """
     if _is_torch(policy_logps):
-        from . import _torch_dispatch
+        from . import _torch
 
-        return _torch_dispatch.listwise_loglik(policy_logps, ref_logps, offsets, beta=beta,
+        return _torch.listwise_loglik(policy_logps, ref_logps, offsets, beta=beta,
                                               n_ranked=n_ranked)
     beta = _check_beta(beta)
     p, ref, _ = _policy_and_ref(policy_logps, ref_logps)
@@ -303,9 +303,9 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         [[0.5, 0.5]]
     """
     if _is_torch(policy_logps):
-        from . import _torch_dispatch
+        from . import _torch
 
-        return _torch_dispatch.e_step(policy_logps, ref_logps, offsets, annotator_offsets,
+        return _torch.e_step(policy_logps, ref_logps, offsets, annotator_offsets,
                                       log_weights, beta=beta, n_ranked=n_ranked,
                                       record_weights=record_weights,
                                       return_record_loglik=return_record_loglik)
@@ -395,9 +395,9 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         the sum of the per-record losses).
     """
     if _is_torch(policy_logps):
-        from . import _torch_dispatch
+        from . import _torch
 
-        return _torch_dispatch.listwise_dpo_loss_and_grad(
+        return _torch.listwise_dpo_loss_and_grad(
             policy_logps, ref_logps, offsets, weights, beta=beta, n_ranked=n_ranked,
             reduction=reduction)
     beta = _check_beta(beta)
