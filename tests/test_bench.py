@@ -206,7 +206,7 @@ def test_bench_appends_and_covers_em_fit_and_scaling(tmp_path):
 
 
 def test_bench_without_torch_skips_the_torch_baselines_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_import_torch", lambda: None)
+    monkeypatch.setattr(bench.cases, "_import_torch", lambda: None)
     _, rows = _run_bench(tmp_path, "e_step,loss_grad")
     assert {r["impl"] for r in rows} == {"emdpo", "emdpo_kernel"}
     assert all("torch not installed" in r["note"] for r in rows)
