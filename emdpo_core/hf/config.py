@@ -40,6 +40,9 @@ class EMDPOConfig(TrainingArguments):
         mixture_alpha: Dirichlet prior on the mixture weights, >= 1 (1 = maximum likelihood).
         logps_batch_size: ranked rows per no-grad forward (reference caching, E-steps,
             evaluation); default ``per_device_eval_batch_size``.
+        prefix_sharing: collate each ranked list as one sequence with the prompt encoded
+            once (see :class:`RankedListCollator`; for models where
+            ``supports_prefix_sharing(model)``).
     """
 
     n_types: int = field(default=2, metadata={"help": "K, the number of latent types."})
@@ -61,6 +64,8 @@ class EMDPOConfig(TrainingArguments):
     mixture_alpha: float = field(default=1.0, metadata={"help": "Dirichlet prior, >= 1."})
     logps_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Rows per no-grad forward."})
+    prefix_sharing: bool = field(
+        default=False, metadata={"help": "Encode each prompt once per ranked list."})
 
     def __post_init__(self):
         def positive_int(name, value, allow_none=False):

@@ -40,6 +40,7 @@ from .. import group_by_annotator, listwise_dpo_loss_and_grad
 from ..torch import mixture_dpo_loss
 from . import RankedListCollator, sequence_logps, validate_ranked_rows
 from . import _io
+from .logps import _unpack_shared
 from .config import EMDPOConfig
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
@@ -47,7 +48,8 @@ __all__ = ["EMDPOTrainer", "EMDPOConfig"]
 STATE_FILE = "emdpo_state.npz"
 TYPES_FILE = "emdpo_types.safetensors"
 ROW_INDEX = "row_index"
-ROW_COLUMNS = ["prompt", "responses", "n_ranked", "annotator", ROW_INDEX]
+ROW_COLUMNS = ("prompt", "responses", "n_ranked", "annotator", ROW_INDEX)
+WEIGHT = "weight"
 # Posteriors of the k-means start: the cluster gets 1 - INIT_SMOOTHING, the rest is spread,
 # so that no type starts with an exactly zero weight for anybody.
 INIT_SMOOTHING = 0.05
@@ -68,7 +70,8 @@ class _IndexedRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = dict(self.rows[int(i)])
+        # The columns the collator reads; record weights are looked up by row_index.
+        row = {k: v for k, v in self.rows[int(i)].items() if k in ROW_COLUMNS}
         row[ROW_INDEX] = int(i)
         return row
 
@@ -86,6 +89,7 @@ class _Layout:
     grouped_slots: np.ndarray      # (M,) slots in grouped row order
     grouped_offsets: np.ndarray    # (N+1,)
     lengths: np.ndarray            # (N,) characters of prompt + responses (batching order)
+    record_weights: np.ndarray     # (N,) c_i, the rows' ``weight`` column or ones
 
     @property
     def n_rows(self) -> int:
@@ -102,7 +106,7 @@ class _Layout:
     def fingerprint(self) -> list:
         return [self.n_rows, self.n_slots, self.n_annotators,
                 _io.sha256(self.offsets.tobytes() + self.n_ranked.tobytes()
-                           + self.annotator.tobytes())]
+                           + self.annotator.tobytes() + self.record_weights.tobytes())]
 
 
 def _text_size(x) -> int:
@@ -131,7 +135,9 @@ def _build_layout(rows, name: str) -> _Layout:
     n_ranked = np.empty(n, dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
     raw = []
+    weights = np.ones(n)
     has_annotator = None
+    has_weight = None
     for i in range(n):
         row = rows[i]
         m = len(row["responses"])
@@ -141,6 +147,15 @@ def _build_layout(rows, name: str) -> _Layout:
         sizes[i] = _text_size(row["prompt"]) + _text_size(row["responses"])
         if has_annotator is None:
             has_annotator = "annotator" in row
+            has_weight = row.get(WEIGHT) is not None
+        if has_weight:
+            w = row.get(WEIGHT)
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating,
+                                                         np.integer)) \
+                    or not math.isfinite(float(w)) or w < 0:
+                raise ValueError(f"{name}: row {i} has {WEIGHT}={w!r}; record weights must be "
+                                 f"finite numbers >= 0")
+            weights[i] = float(w)
         # Without an annotator column every row is its own annotator (validate_ranked_rows
         # warned about it).
         raw.append(row["annotator"] if has_annotator else ("row", i))
@@ -156,7 +171,7 @@ def _build_layout(rows, name: str) -> _Layout:
     return _Layout(offsets=offsets, n_ranked=n_ranked, annotator=annotator, annotator_ids=ids,
                    order=order, annotator_offsets=annotator_offsets,
                    grouped_slots=grouped_slots, grouped_offsets=grouped_offsets,
-                   lengths=sizes)
+                   lengths=sizes, record_weights=weights)
 
 
 def _ranked_pairs(layout: _Layout):
@@ -406,7 +421,8 @@ class EMDPOTrainer(Trainer):
 
         if data_collator is None:
             data_collator = RankedListCollator(tokenizer, max_length=args.max_length,
-                                               max_prompt_length=args.max_prompt_length)
+                                               max_prompt_length=args.max_prompt_length,
+                                               prefix_sharing=args.prefix_sharing)
         self._eval_rows = eval_dataset
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
                          train_dataset=_IndexedRows(train_dataset),
@@ -613,7 +629,8 @@ class EMDPOTrainer(Trainer):
 
     def _set_record_weights(self):
         """w_ik = g_{a_i k} / T_k for every record, on the device, for the M-step."""
-        record_resp = self._em.responsibilities[self._layout.annotator]      # (N, K)
+        lay = self._layout
+        record_resp = self._em.responsibilities[lay.annotator] * lay.record_weights[:, None]
         totals = self._type_totals(record_resp)
         empty = np.flatnonzero(totals <= 1e-12 * record_resp.shape[0])
         if empty.size:
@@ -634,7 +651,8 @@ class EMDPOTrainer(Trainer):
         ref = self._ref_logps.double().cpu().numpy()[lay.grouped_slots]
         res = _e_step_kernel(policy, ref, lay.grouped_offsets, lay.annotator_offsets,
                              self._em.log_weights, beta=self.args.beta,
-                             n_ranked=lay.n_ranked[lay.order])
+                             n_ranked=lay.n_ranked[lay.order],
+                             record_weights=lay.record_weights[lay.order])
         resp = np.asarray(res.responsibilities, dtype=np.float64)
         em = self._em
         em.responsibilities = resp
@@ -778,7 +796,8 @@ class EMDPOTrainer(Trainer):
         res = _e_step_kernel(logps.double().cpu().numpy()[:, lay.grouped_slots],
                              ref.double().cpu().numpy()[lay.grouped_slots], lay.grouped_offsets,
                              lay.annotator_offsets, log_weights, beta=self.args.beta,
-                             n_ranked=lay.n_ranked[lay.order])
+                             n_ranked=lay.n_ranked[lay.order],
+                             record_weights=lay.record_weights[lay.order])
         metrics[f"{metric_key_prefix}_loglik"] = float(res.loglik) / lay.n_rows
         for k in range(K):
             metrics[f"{metric_key_prefix}_weight_{k}"] = float(np.exp(log_weights[k]))
@@ -891,8 +910,10 @@ class EMDPOTrainer(Trainer):
 
 def _response_embeddings(model, batch) -> torch.Tensor:
     """(M_b, D) mean of the last hidden state over each slot's response tokens."""
+    if batch.get("layout") == "prefix_shared":
+        batch = _unpack_shared(batch)     # one sequence per slot: simple and done once
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 output_hidden_states=True, use_cache=False)
     h = out.hidden_states[-1].float()
-    mask = batch["completion_mask"].to(h.dtype)[..., None]
+    mask = batch["response_mask"].to(h.dtype)[..., None]
     return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
