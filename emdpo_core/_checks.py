@@ -59,10 +59,14 @@ def float_array(x, name: str, ndims=(1,)) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def index_array(x, name: str) -> np.ndarray:
-    """A C-contiguous int64 1-D array; int32 and other integer types are converted."""
+def index_array(x, name: str, *, host_tensors: bool = False) -> np.ndarray:
+    """A C-contiguous int64 1-D array; int32 and other integer types are converted, and so are
+    integral floats (e.g. parsed from JSON). A torch tensor is refused (a kernel argument must
+    not mix torch and NumPy) unless ``host_tensors``, then it is copied to the host."""
     if is_torch(x):
-        raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
+        if not host_tensors:
+            raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
+        x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D integer array, got shape {a.shape}")
@@ -76,42 +80,45 @@ def index_array(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def check_offsets(offsets: np.ndarray, M: int) -> int:
-    """Record offsets: (N+1,), 0 first, M last, every list at least 2 long. Returns N."""
+def check_offsets(offsets: np.ndarray, M: int, total: str = "M") -> int:
+    """Record offsets (int64): (N+1,), 0 first, M last (``total`` names M in messages), every
+    list at least 2 long. The scan runs in C++ (one pass, no temporaries). Returns N."""
     if offsets.shape[0] < 2:
         raise ValueError(
-            f"offsets: expected at least 2 entries (N+1 for N >= 1 records), got "
+            f"offsets: expected at least 2 entries (N+1, for at least one record), got "
             f"{offsets.shape[0]}; there are no records")
     bad = _core.first_bad_offset(offsets, M, 2)
-    if bad >= 0:
-        if bad == 0 and offsets[0] != 0:
-            raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
-        if offsets[bad] > M:
-            raise ValueError(
-                f"offsets: entry {bad} is {offsets[bad]}, beyond the number of slots M={M}")
-        if bad == offsets.shape[0] - 1 and offsets[bad] != M and offsets[bad] >= offsets[bad - 1] + 2:
-            raise ValueError(
-                f"offsets: expected offsets[-1] == M == {M} (the number of slots), "
-                f"got {offsets[-1]}")
-        raise ValueError(
-            f"offsets: every list needs at least 2 responses, so offsets must increase by >= 2; "
-            f"record {bad - 1} spans offsets[{bad - 1}]={offsets[bad - 1]} to "
-            f"offsets[{bad}]={offsets[bad]}")
-    return offsets.shape[0] - 1
+    if bad < 0:
+        return offsets.shape[0] - 1
+    if bad == 0:
+        raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
+    a, b = offsets[bad - 1], offsets[bad]
+    if b < a:
+        raise ValueError(f"offsets: must be non-decreasing; offsets[{bad}] = {b} < "
+                         f"offsets[{bad - 1}] = {a}")
+    if b > M:
+        raise ValueError(f"offsets: entry {bad} is {b}, beyond the number of slots {total}={M}")
+    if bad == offsets.shape[0] - 1 and b != M and b >= a + 2:
+        raise ValueError(f"offsets: expected offsets[-1] == {total} == {M} (the number of "
+                         f"slots), got {b}")
+    raise ValueError(
+        f"offsets: every list needs at least 2 responses, so offsets must increase by >= 2; "
+        f"record {bad - 1} spans offsets[{bad - 1}]={a} to offsets[{bad}]={b}")
 
 
 def check_n_ranked(n_ranked, offsets: np.ndarray, N: int) -> Optional[np.ndarray]:
+    """(N,) int64 ranking depths L_i with 1 <= L_i <= m_i - 1, or None (full rankings)."""
     if n_ranked is None:
         return None
-    nr = index_array(n_ranked, "n_ranked")
+    nr = index_array(n_ranked, "n_ranked", host_tensors=True)
     if nr.shape[0] != N:
         raise ValueError(f"n_ranked: expected {N} entries (one per record), got {nr.shape[0]}")
     bad = _core.first_bad_n_ranked(nr, offsets)
     if bad >= 0:
         m = offsets[bad + 1] - offsets[bad]
         raise ValueError(
-            f"n_ranked: expected 1 <= n_ranked[i] <= m_i - 1; record {bad} has m={m} "
-            f"responses and n_ranked={nr[bad]}")
+            f"n_ranked: record {bad} has m={m} candidates and n_ranked={nr[bad]}; expected "
+            f"1 <= n_ranked <= m - 1 = {m - 1} (m - 1 is a full ranking)")
     return nr
 
 
@@ -205,36 +212,6 @@ def check_float(name, x, minimum, *, strict=False):
         raise ValueError(f"{name}: expected a finite number {'>' if strict else '>='} "
                          f"{minimum}, got {x}")
     return x
-
-
-def int_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D integer array, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iu":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            pass  # integral floats, e.g. parsed from JSON
-        else:
-            raise TypeError(f"{name}: expected integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.int64)
-
-
-def check_depths(n_ranked, lengths) -> np.ndarray:
-    """(N,) int64 depths, default m_i - 1 (full rankings); 1 <= L_i <= m_i - 1."""
-    if n_ranked is None:
-        return lengths - 1
-    N = lengths.shape[0]
-    nr = int_array(n_ranked, "n_ranked")
-    if nr.shape[0] != N:
-        raise ValueError(f"n_ranked: expected {N} entries (one per record), got "
-                         f"{nr.shape[0]}")
-    bad = np.flatnonzero((nr < 1) | (nr > lengths - 1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"n_ranked: record {i} has m={lengths[i]} candidates and "
-                         f"n_ranked={nr[i]}; expected 1 <= n_ranked <= m - 1 = "
-                         f"{lengths[i] - 1} (m - 1 is a full ranking)")
-    return nr
 
 
 def check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
