@@ -190,6 +190,18 @@ def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np
     return a
 
 
+def check_annotator_weights(v, H: int) -> Optional[np.ndarray]:
+    """(H,) float64 annotator weights v_h (finite, >= 0), or None (all 1)."""
+    if v is None:
+        return None
+    a = real_vector(v, "annotator_weights", H, "annotator")
+    bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
+    if bad.size:
+        raise ValueError(f"annotator_weights: expected finite values >= 0, got {a[bad[0]]} "
+                         f"at index {bad[0]}")
+    return a
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -213,7 +213,7 @@ class EMDPO(EMEstimator):
         eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         log_weights = np.log(np.maximum(eta, 1e-300))
         self.timings_["init"] += time.perf_counter() - t0
-        _, loglik, _ = self._e_step(g, log_weights)
+        loglik = self._e_step(g, log_weights)[1]
         obj = self._objective(loglik, log_weights)
         run = _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                    objective=obj, trace=[obj / g.total_weight], converged=True,

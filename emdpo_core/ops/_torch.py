@@ -215,7 +215,8 @@ def _record_weights(record_weights, N, device, dtype):
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None, return_record_loglik=False):
+           n_ranked=None, record_weights=None, annotator_weights=None,
+           return_record_loglik=False):
     p, ref, _, device = _prepare(policy_logps, ref_logps)
     beta = _checks.check_beta(beta)
     K, M = p.shape
@@ -228,12 +229,15 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     lw_host = _checks.check_log_weights(
         _numpy(log_weights) if isinstance(log_weights, torch.Tensor) else log_weights, K)
     cw = _record_weights(record_weights, N, device, p.dtype)
+    v_host = _checks.check_annotator_weights(
+        _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+        else annotator_weights, H)
     if device.type == "cpu":
         r = _cpu.e_step(p.numpy(), ref.numpy(), offsets.numpy(), _numpy(nr), ao.numpy(),
-                           lw_host, _numpy(cw), beta, return_record_loglik)
-        resp, annot_ll, rec = _as_tensors(r.responsibilities, r.annotator_loglik,
-                                          r.record_loglik)
-        return _cpu.EStepResult(resp, r.loglik, annot_ll, rec)
+                        lw_host, _numpy(cw), v_host, beta, return_record_loglik)
+        resp, annot_ll, rec, totals = _as_tensors(r.responsibilities, r.annotator_loglik,
+                                                  r.record_loglik, r.type_totals)
+        return _cpu.EStepResult(resp, r.loglik, annot_ll, rec, totals)
     lw = torch.from_numpy(lw_host).to(device)
     resp = torch.empty((H, K), dtype=p.dtype, device=device)
     annot_ll = torch.empty((H, K), dtype=p.dtype, device=device)
@@ -248,7 +252,16 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
                           resp.data_ptr(), annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec),
                           first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
     _raise_if_bad(first_bad, p, ref, offsets, beta)
-    return _cpu.EStepResult(resp, float(loglik.item()), annot_ll, rec)
+    # The CUDA kernel has no annotator weights yet: weight its per-annotator terms here, on
+    # the device (O(H K) work, K numbers and one scalar leave it).
+    g = resp.to(torch.float64)
+    if v_host is None:
+        totals = g.sum(dim=0)
+    else:
+        v = torch.from_numpy(v_host).to(device)
+        totals = (v[:, None] * g).sum(dim=0)
+        loglik = (v * torch.logsumexp(lw[None, :] + annot_ll.to(torch.float64), dim=1)).sum()
+    return _cpu.EStepResult(resp, float(loglik.item()), annot_ll, rec, totals)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
