@@ -3,7 +3,7 @@
 Given K type policies pi_1..pi_K (one per latent annotator type, from EM-DPO), MMRA picks
 mixture weights w over the policies (a sequence-level mixture: draw policy j with probability
 w_j, then generate the whole answer with it) minimizing the worst type's regret
-(DESIGN.md section 1, MMRA):
+(docs/math.md, MMRA):
 
     regret_matrix   R[k, j] = regret of type k when served by policy j, estimated from cached
                     samples of each policy (a compiled op, :mod:`emdpo_core.ops.regret`;

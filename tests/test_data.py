@@ -8,6 +8,9 @@ import pytest
 import emdpo_core as ec
 from emdpo_core import RankingData
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 
 # ----------------------------------------------------------------------------------------
 # Layout

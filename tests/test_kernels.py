@@ -20,6 +20,9 @@ LAYOUTS = [
     ("long_lists", 2, 300, True),
 ]
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 
 def make_layout(rng, name, lo, hi, partial, n):
     offsets, n_ranked = random_layout(rng, n, lo, hi, partial=bool(partial))

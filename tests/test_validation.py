@@ -8,6 +8,9 @@ import pytest
 import emdpo_core as ec
 from emdpo_core import _core
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 OFFSETS = np.array([0, 2, 5, 9])  # 3 records of 2, 3, 4 responses
 M, N = 9, 3
 

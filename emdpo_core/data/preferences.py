@@ -53,7 +53,7 @@ class GroupedPreferences(GroupedRecords):
 class PreferenceData(RecordSet):
     """Ranked lists of responses for policies that compute their own log-probabilities.
 
-    The layout of :class:`RankingData` (DESIGN.md section 1: record i is one annotator's
+    The layout of :class:`RankingData` (docs/math.md: record i is one annotator's
     ranking of the m_i >= 2 responses in slots ``offsets[i]:offsets[i+1]``, best first, the
     first ``n_ranked[i]`` positions ordered), but instead of item ids each slot carries model
     inputs: ``inputs`` maps names to arrays or tensors whose first axis has one entry per

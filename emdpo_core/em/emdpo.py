@@ -68,7 +68,7 @@ class AggregationResult:
 class EMDPO(EMEstimator):
     """EM-DPO: latent annotator types, one DPO policy per type (scikit-learn style).
 
-    EM over the types of the annotators (DESIGN.md section 1): the E-step computes each
+    EM over the types of the annotators (docs/math.md): the E-step computes each
     annotator's posterior over the K types from all of its records (the fused kernel on the
     policies' cached log-probabilities), the M-step trains each type's policy on the weighted
     listwise DPO loss with weights w_ik = c_i g_{a_i k}. See :mod:`emdpo_core.em` for the

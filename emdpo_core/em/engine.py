@@ -1,6 +1,6 @@
 """The EM engine over latent annotator types, and its exact tabular form.
 
-EM-DPO (DESIGN.md section 1): annotators h = 0..H-1 belong to K latent types with weights eta;
+EM-DPO (docs/math.md): annotators h = 0..H-1 belong to K latent types with weights eta;
 type k ranks a record's candidates by Plackett-Luce on the rewards
 r_kj = beta (log pi_k(y_j) - log pi_ref(y_j)). EM alternates
     E-step  g_hk = posterior of annotator h over types, from all of h's records
