@@ -353,3 +353,72 @@ def check_sample_weights(sample_weights, so: np.ndarray, S: int, dtype):
         raise ValueError("sample_weights: weights underflow to 0 in float32; pass float64 "
                          "log-probabilities or rescale the weights")
     return w
+
+
+def real_array(x, name: str, what: str) -> np.ndarray:
+    """float64 C-contiguous values of any shape (a torch tensor is copied to the host);
+    TypeError naming the argument and ``what`` was expected for other dtypes."""
+    if is_torch(x):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected {what}, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def check_regret(regret) -> np.ndarray:
+    R = real_array(regret, "regret", "a real (K, K) array")
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"regret: expected a square (K, K) array with K >= 1 (rows = types, "
+                         f"columns = policies), got shape {R.shape}")
+    bad = np.flatnonzero(~np.isfinite(R.reshape(-1)))
+    if bad.size:
+        k, j = divmod(int(bad[0]), R.shape[1])
+        raise ValueError(f"regret: non-finite value {R[k, j]} at [type {k}, policy {j}]; the "
+                         f"regret matrix must be finite")
+    return R
+
+
+def check_group_weights(group_weights, K: int) -> np.ndarray:
+    if group_weights is None:
+        return np.ones(K)
+    c = real_vector(group_weights, "group_weights", K, "type")
+    bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
+    if bad.size:
+        raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
+                         f"{bad[0]}")
+    return c
+
+
+def check_policy_probs(policy_probs) -> np.ndarray:
+    P = real_array(policy_probs, "policy_probs", "real probabilities")
+    if P.ndim == 2:
+        P = P[:, None, :]  # one context
+    if P.ndim != 3 or min(P.shape) < 1:
+        raise ValueError(f"policy_probs: expected shape (K, C, A) (policies x contexts x "
+                         f"responses) or (K, A), got {np.shape(policy_probs)}")
+    bad = np.flatnonzero(~(np.isfinite(P.reshape(-1)) & (P.reshape(-1) >= 0)))
+    if bad.size:
+        idx = np.unravel_index(int(bad[0]), P.shape)
+        raise ValueError(f"policy_probs: expected finite probabilities >= 0, got "
+                         f"{P[idx]} at [policy {idx[0]}, context {idx[1]}, response {idx[2]}]")
+    sums = P.sum(axis=2)
+    bad = np.flatnonzero(np.abs(sums.reshape(-1) - 1.0) > 1e-6)
+    if bad.size:
+        k, cc = divmod(int(bad[0]), P.shape[1])
+        raise ValueError(f"policy_probs: each policy's distribution over responses must sum to "
+                         f"1 (within 1e-6); [policy {k}, context {cc}] sums to {sums[k, cc]}")
+    return P / sums[:, :, None]
+
+
+def check_context_weights(context_weights, C: int) -> np.ndarray:
+    if context_weights is None:
+        return np.full(C, 1.0 / C)
+    rho = real_vector(context_weights, "context_weights", C, "context")
+    bad = np.flatnonzero(~(np.isfinite(rho) & (rho >= 0)))
+    if bad.size:
+        raise ValueError(f"context_weights: expected finite values >= 0, got {rho[bad[0]]} at "
+                         f"index {bad[0]}")
+    if not rho.sum() > 0:
+        raise ValueError("context_weights: all zero; at least one context needs weight")
+    return rho / rho.sum()
