@@ -179,10 +179,11 @@ def real_vector(x, name: str, size: int, per: str, dtype=np.float64) -> np.ndarr
     return a
 
 
-def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
+def weight_vector(w, name: str, size: int, per: str, dtype=np.float64) -> Optional[np.ndarray]:
+    """(size,) finite weights >= 0 of ``dtype`` (one per ``per``), or None when w is None."""
     if w is None:
         return None
-    a = real_vector(w, name, N, "record", dtype)
+    a = real_vector(w, name, size, per, dtype)
     bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
     if bad.size:
         raise ValueError(
@@ -190,16 +191,13 @@ def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np
     return a
 
 
+def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
+    return weight_vector(w, name, N, "record", dtype)
+
+
 def check_annotator_weights(v, H: int) -> Optional[np.ndarray]:
-    """(H,) float64 annotator weights v_h (finite, >= 0), or None (all 1)."""
-    if v is None:
-        return None
-    a = real_vector(v, "annotator_weights", H, "annotator")
-    bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
-    if bad.size:
-        raise ValueError(f"annotator_weights: expected finite values >= 0, got {a[bad[0]]} "
-                         f"at index {bad[0]}")
-    return a
+    """(H,) float64 annotator weights v_h, or None (all 1)."""
+    return weight_vector(v, "annotator_weights", H, "annotator")
 
 
 def check_reduction(reduction: str) -> str:
@@ -228,14 +226,8 @@ def check_float(name, x, minimum, *, strict=False):
 
 def check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
     """(N,) float64 row counts (finite, >= 0, not all 0), or None."""
-    if sample_weight is None:
-        return None
-    sw = real_vector(sample_weight, "sample_weight", N, "record")
-    bad = np.flatnonzero(~np.isfinite(sw) | (sw < 0))
-    if bad.size:
-        raise ValueError(f"sample_weight: expected finite values >= 0, got "
-                         f"{sw[bad[0]]} at index {bad[0]}")
-    if not sw.sum() > 0:
+    sw = weight_vector(sample_weight, "sample_weight", N, "record")
+    if sw is not None and not sw.sum() > 0:
         raise ValueError("sample_weight: every weight is 0; nothing to fit")
     return sw
 
@@ -248,15 +240,20 @@ def policy_and_ref(policy_logps, ref_logps):
     if p.shape[0] < 1 or p.shape[1] < 2:
         raise ValueError(f"policy_logps: expected shape (K, M) with K >= 1 and M >= 2, got {p.shape}")
     ref = float_array(ref_logps, "ref_logps")
-    if ref.shape[0] != p.shape[1]:
-        raise ValueError(
-            f"ref_logps: expected shape ({p.shape[1]},) to match policy_logps' M={p.shape[1]}, "
-            f"got {ref.shape}")
-    if ref.dtype != p.dtype:
-        raise TypeError(
-            f"ref_logps: dtype {ref.dtype} does not match policy_logps' dtype {p.dtype}; "
-            f"pass both as float32 or both as float64")
+    check_matches("ref_logps", ref, "policy_logps", p, "M")
     return p, ref, one
+
+
+def check_matches(name: str, ref, of: str, logps, size: str) -> None:
+    """``name`` (1-D, NumPy or torch) has one entry per column of ``of`` (2-D, M or S
+    columns) and the same dtype."""
+    n = logps.shape[1]
+    if ref.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) to match {of}' {size}={n}, got "
+                         f"{tuple(ref.shape)}")
+    if ref.dtype != logps.dtype:
+        raise TypeError(f"{name}: dtype {ref.dtype} does not match {of}' dtype {logps.dtype}; "
+                        f"pass both as float32 or both as float64")
 
 
 def check_loss_weights(weights, K: int, N: int, dtype, one: bool) -> Optional[np.ndarray]:
@@ -294,12 +291,7 @@ def check_sample_ref(sample_ref_logps, lp: np.ndarray, kind: str):
                              "is beta * (log pi_k - log pi_ref)); got None")
         return None
     ref = float_array(sample_ref_logps, "sample_ref_logps")
-    if ref.shape[0] != lp.shape[1]:
-        raise ValueError(f"sample_ref_logps: expected shape ({lp.shape[1]},) to match "
-                         f"sample_logps' S={lp.shape[1]}, got {ref.shape}")
-    if ref.dtype != lp.dtype:
-        raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' dtype "
-                        f"{lp.dtype}; pass both as float32 or both as float64")
+    check_matches("sample_ref_logps", ref, "sample_logps", lp, "S")
     return ref
 
 
