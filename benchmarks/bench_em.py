@@ -28,18 +28,15 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 import warnings
 
 import numpy as np
 
 import emdpo_core as ec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, git_commit  # noqa: E402
-from emdpo_core.em import _mixture
-from emdpo_core.em import _plackett_luce_mm as bk
+from emdpo_core.bench import harness, routines
 from emdpo_core.bench import numpy_baseline as nb
+from emdpo_core.bench.harness import cpu_name, git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_em.csv")
@@ -65,14 +62,8 @@ def environment() -> dict:
 
 
 def percentiles(fn, repeats: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return np.percentile(np.asarray(times) * 1e3, [20, 50, 80])
+    """(p20, p50, p80) milliseconds."""
+    return 1e3 * np.asarray(harness.timeit(fn, repeats, warmup))
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,13 +157,14 @@ def main(argv=None) -> int:
     resp_np, loglik_np = numpy_e_step(theta, items2d, g.n_ranked, g.annotator_offsets, log_w)
     np.testing.assert_allclose(loglik, loglik_np, rtol=1e-9)
     np.testing.assert_allclose(resp, resp_np, atol=1e-9)
-    eta, W = _mixture.mixture_weights(resp, g.annotator_weight, 1.0), \
-        _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
+    eta = routines.mixture_weights(resp, g.annotator_weight, 1.0)
+    W = routines.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
+                                       g.annotator_weight)
     eta_np, W_np = numpy_bookkeeping(resp, g.annotator_offsets)
     np.testing.assert_allclose(eta, eta_np, rtol=1e-12)
     np.testing.assert_allclose(W, W_np, rtol=1e-12)
-    wins = bk.pl_wins(g.items, g.offsets, g.n_ranked, W, n)
-    new = bk.pl_mm_step(g.items, g.offsets, g.n_ranked, W, wins, theta, fam.pseudo_count,
+    wins = routines.pl_wins(g.items, g.offsets, g.n_ranked, W, n)
+    new = routines.pl_mm_step(g.items, g.offsets, g.n_ranked, W, wins, theta, fam.pseudo_count,
                         g.m_max)
     new_np = numpy_mm_step(theta, items2d, g.n_ranked, W, fam.pseudo_count)
     np.testing.assert_allclose(new, new_np, rtol=1e-10, atol=1e-10)
@@ -195,8 +187,9 @@ def main(argv=None) -> int:
         fam.m_step(g, W)
 
     def book_ours():
-        _mixture.mixture_weights(resp, g.annotator_weight, 1.0)
-        _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
+        routines.mixture_weights(resp, g.annotator_weight, 1.0)
+        routines.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
+                                       g.annotator_weight)
 
     cases = [
         ("e_step", e_ours, lambda: numpy_e_step(theta, items2d, g.n_ranked,

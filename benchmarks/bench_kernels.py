@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
 import torch_reference as tref  # noqa: E402
 
 import emdpo_core as ec  # noqa: E402
-from emdpo_core.ops import _reference  # noqa: E402
+from emdpo_core.bench import harness  # noqa: E402
+from emdpo_core.bench.routines import reference as _reference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_data(N, m, K, n_annotators, seed=0):
@@ -108,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="N = 100,000, 5 repeats")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    ap.add_argument("--output", type=Path, default=_common.RESULTS / "bench_kernels.csv")
+    ap.add_argument("--output", type=Path, default=RESULTS / "bench_kernels.csv")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.annotators = 100_000, 5, 5_000
@@ -132,7 +134,7 @@ def main(argv=None):
         if torch is not None:
             torch.set_num_threads(ec.build_info()["num_threads"])
 
-    bw = _common.copy_bandwidth(args.device)
+    bw = harness.copy_bandwidth(args.device)
     M = N * m
     bytes_e = 4 * (K * M + M) + 8 * (N + 1) + 8 * (H + 1) + 2 * 4 * H * K
     bytes_l = 4 * (M + M + N) + 8 * (N + 1) + 4 * M  # read p, ref, w, offsets; write grad
@@ -146,9 +148,9 @@ def main(argv=None):
     one_dev = one_annot if args.device == "cpu" else torch.from_numpy(one_annot).cuda()
     policy0 = dev["policy"][0]
     rows = []
-    t_e = _common.timeit(run_e(aoff_dev), args.repeats, sync=sync)
-    t_e1 = _common.timeit(run_e(one_dev), args.repeats, sync=sync)
-    t_l = _common.timeit(lambda: ec.listwise_dpo_loss_and_grad(
+    t_e = harness.timeit(run_e(aoff_dev), args.repeats, sync=sync)
+    t_e1 = harness.timeit(run_e(one_dev), args.repeats, sync=sync)
+    t_l = harness.timeit(lambda: ec.listwise_dpo_loss_and_grad(
         policy0, dev["ref"], dev["offsets"], dev["weights"], beta=args.beta), args.repeats, sync=sync)
 
     base_e = base_l = None
@@ -169,13 +171,13 @@ def main(argv=None):
                                                     d["weights"], beta=args.beta)
         np.testing.assert_allclose(float(l_t), l_c, rtol=1e-3)
         np.testing.assert_allclose(grad_t.cpu().numpy(), grad_c, rtol=1e-3, atol=1e-5)
-        base_e = _common.timeit(lambda: tref.e_step(tp, tr, layout, rec_ann, H, tlw, args.beta),
+        base_e = harness.timeit(lambda: tref.e_step(tp, tr, layout, rec_ann, H, tlw, args.beta),
                                 max(3, args.repeats // 2), sync=sync)
-        base_l = _common.timeit(lambda: tref.loss_and_grad(tp[0], tr, layout, tw, args.beta),
+        base_l = harness.timeit(lambda: tref.loss_and_grad(tp[0], tr, layout, tw, args.beta),
                                 max(3, args.repeats // 2), sync=sync)
 
     def row(op, impl, t, nbytes, baseline, annotators):
-        r = _common.base_row(args.device)
+        r = harness.base_row(args.device)
         r.update(op=op, impl=impl, N=N, m=m, K=K if op != "loss_grad" else 1, H=annotators,
                  dtype="float32", p20_s=f"{t[0]:.6f}", p50_s=f"{t[1]:.6f}", p80_s=f"{t[2]:.6f}",
                  speedup_vs_torch=f"{baseline[1] / t[1]:.2f}" if baseline else "",
@@ -199,7 +201,7 @@ def main(argv=None):
     else:
         for r in rows:
             r["e_step_peak_extra_MB"] = ""
-    _common.append_rows(args.output, rows)
+    harness.append_rows(args.output, rows)
 
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
     print(f"{'op':<10} {'impl':<17} {'H':>7} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} "

@@ -25,16 +25,14 @@ import datetime as _dt
 import os
 import platform
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
 import emdpo_core as ec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, git_commit  # noqa: E402
-from emdpo_core.ops import _reference
+from emdpo_core.bench import harness
+from emdpo_core.bench.harness import cpu_name, git_commit
+from emdpo_core.bench.routines import reference as _reference
 
 mmra_mod = sys.modules["emdpo_core.mmra"]  # `ec.mmra` is the function of the same name
 
@@ -62,14 +60,7 @@ def versions() -> dict:
 
 def timeit(fn, repeats: int, warmup: int = 1):
     """(p20, p50, p80) wall-clock milliseconds over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return tuple(float(x) for x in np.percentile(times, [20, 50, 80]))
+    return tuple(1e3 * t for t in harness.timeit(fn, repeats, warmup))
 
 
 class Recorder:

@@ -33,16 +33,13 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
-import subprocess
-import time
 
 import numpy as np
 import torch
 
 import emdpo_core
 import emdpo_core.torch as et
-from emdpo_core.ops import _reference, _torch as _torch_dispatch
+from emdpo_core.bench import harness, routines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "bench_torch_loss.csv")
@@ -90,65 +87,10 @@ def sync(device):
 
 
 def time_interleaved(fns, device, repeats, warmup):
-    """Milliseconds per call of each fn, one entry per round, over `repeats` rounds.
-
-    Each round calls every fn once, in turn, so that a change of machine load (a shared
-    machine) hits all of them alike and the ratios stay fair.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: np.asarray(t) for name, t in times.items()}
-
-
-def copy_bandwidth(nbytes, device, repeats):
-    """GB/s of a plain tensor copy (read + write) of nbytes: the practical memory limit."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats, 2)["copy"]
-    return 2 * nbytes / (np.median(t) * 1e-3) / 1e9
-
-
-def _load_avg():
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return "n/a"
-
-
-def git_commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=HERE, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
+    """Milliseconds per call of each fn, one entry per round (the harness's interleaved
+    rounds: a change of machine load hits every fn alike)."""
+    t = harness.rounds(fns, repeats, lambda: sync(device), warmup)
+    return {name: 1e3 * v for name, v in t.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,7 +136,7 @@ def main(argv=None):
         et.padded_listwise_dpo_loss(policy_pad, ref_pad, lengths, beta=beta).backward()
 
     def emdpo_call():
-        _torch_dispatch.listwise_dpo_loss_and_grad(policy0, ref, offsets, beta=beta,
+        routines.torch_loss_and_grad(policy0, ref, offsets, beta=beta,
                                                    reduction="mean", return_tensors=True)
 
     def torch_gather():
@@ -219,7 +161,7 @@ def main(argv=None):
     torch.testing.assert_close(loss_e, loss_t, **tol, msg="torch_gather loss")
     n_check = min(N, 2000)  # the reference is a Python loop
     sl = slice(0, n_check * m)
-    ref_loss, ref_grad = _reference.listwise_dpo_loss_and_grad(
+    ref_loss, ref_grad = routines.reference.listwise_dpo_loss_and_grad(
         policy0[sl].double().cpu().numpy(), ref[sl].double().cpu().numpy(),
         offsets[:n_check + 1].cpu().numpy(), beta=beta, reduction="mean")
     sub = et.listwise_dpo_loss(policy0[sl].double(), ref[sl].double(), offsets[:n_check + 1],
@@ -231,7 +173,7 @@ def main(argv=None):
     print(f"correctness: ok (loss {loss_e.item():.6f}; {n_check} records vs float64 reference)")
 
     # Timing. The 1-minute load average before and after says whether others shared the CPU.
-    load_before = _load_avg()
+    load_before = harness.load_avg()
     impls = [("emdpo_flat", emdpo_flat, "torch_gather"),
              ("torch_gather", torch_gather, ""),
              ("emdpo_padded", emdpo_padded, "torch_view"),
@@ -244,14 +186,15 @@ def main(argv=None):
     # and write it once more (backward scaling), read the offsets.
     nbytes = 5 * M * itemsize + (N + 1) * 8
     # At least 256 MB so that caches do not flatter the copy.
-    copy_gbs = copy_bandwidth(max(M * itemsize, 1 << 28), device, max(3, args.repeats // 2))
+    copy_gbs = harness.copy_bandwidth(device.type, max(M * itemsize, 1 << 28),
+                                      max(3, args.repeats // 2)) / 1e9
     meta = dict(
         timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        device=str(device), device_name=device_name(device), torch_version=torch.__version__,
-        emdpo_version=emdpo_core.__version__, git_commit=git_commit(),
+        device=str(device), device_name=harness.device_name(device.type, torch), torch_version=torch.__version__,
+        emdpo_version=emdpo_core.__version__, git_commit=harness.git_commit(),
         threads=f"torch={torch.get_num_threads()},omp={emdpo_core.build_info()['num_threads']}",
         n=N, m=m, dtype=args.dtype, beta=beta, repeats=args.repeats,
-        load_avg=f"{load_before}->{_load_avg()}")
+        load_avg=f"{load_before}->{harness.load_avg()}")
     rows = []
     print(f"{meta['device_name']} | torch {torch.__version__} | emdpo {emdpo_core.__version__} | "
           f"{meta['threads']} | N={N:,} m={m} {args.dtype} | load {meta['load_avg']}")

@@ -24,9 +24,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_FILE = os.path.join(HERE, os.pardir, "tests", "test_real_data.py")
-sys.path.insert(0, HERE)
 
-from _common import cpu_name, git_commit  # noqa: E402
+from emdpo_core.bench.harness import cpu_name, git_commit  # noqa: E402
 
 
 def load_test_module():

@@ -206,7 +206,7 @@ def test_bench_appends_and_covers_em_fit_and_scaling(tmp_path):
 
 
 def test_bench_without_torch_skips_the_torch_baselines_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.cases, "_import_torch", lambda: None)
+    monkeypatch.setattr(bench.harness, "import_torch", lambda: None)
     _, rows = _run_bench(tmp_path, "e_step,loss_grad")
     assert {r["impl"] for r in rows} == {"emdpo", "emdpo_kernel"}
     assert all("torch not installed" in r["note"] for r in rows)
@@ -255,3 +255,28 @@ def test_plot_script_writes_pngs(tmp_path):
     for name in ("bench_speedups.png", "bench_scaling.png"):
         png = tmp_path / "png" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(not BENCH_DIR.exists(), reason="benchmarks/ is not part of the wheel")
+def test_benchmark_scripts_import_no_private_module_of_the_package():
+    """The scripts share the package's harness, baselines and routines through public
+    modules (emdpo_core.bench.*), so a refactoring inside the package cannot break them."""
+    import ast
+
+    bad = []
+    for path in sorted(BENCH_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "emdpo_core" and any(p.startswith("_") for p in parts[1:]):
+                    bad.append(f"{path.name}:{node.lineno} {name}")
+    assert bad == []

@@ -1,6 +1,12 @@
-"""`emdpo bench`: the benchmark harness, its cases and their baselines."""
+"""Benchmarks: ``emdpo bench`` (:mod:`.cases`: the suite and its command) and what the
+scripts in ``benchmarks/`` share with it: the harness (:mod:`.harness`: machine description,
+commit, interleaved timing, copy bandwidth, CSV rows), the baselines (:mod:`.numpy_baseline`,
+:mod:`.torch_baseline`, the latter imports torch) and :mod:`.routines` (the reference oracles
+and inner routines timed on their own)."""
 
-from .cases import (BETA, CASES, FIELDS, QUICK, Layout, Recorder, Sizes, Timings,  # noqa: F401
-                    add_parser, copy_bandwidth, git_commit, make_layout, run)
+from . import harness
+from .cases import (BETA, CASES, QUICK, Layout, Sizes, add_parser, make_layout,  # noqa: F401
+                    run)
+from .harness import FIELDS, Recorder, Timings, copy_bandwidth, git_commit  # noqa: F401
 
 __all__ = ["add_parser", "run", "CASES", "FIELDS"]

@@ -32,17 +32,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import os
-import platform
-import secrets
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
+
+from . import harness
+from .harness import (FIELDS, Env, Recorder, copy_bandwidth, load_avg, nbytes,  # noqa: F401
+                      rounds)
 
 __all__ = ["add_parser", "run", "CASES", "FIELDS"]
 
@@ -57,15 +55,6 @@ CASES = {
     "scaling_k": "E-step and loss+gradient kernels vs K",
     "scaling_m": "E-step and loss+gradient kernels vs list length m",
 }
-_ALIASES = {"scaling": ("scaling_n", "scaling_k", "scaling_m")}
-
-FIELDS = ["run_id", "timestamp", "table", "case", "impl", "baseline", "device", "device_name",
-          "dtype", "N", "m", "K", "H", "repeats", "p20_ms", "p50_ms", "p80_ms", "speedup_p50",
-          "speedup_paired", "ns_per_record_type", "bytes_moved", "GB_per_s",
-          "bandwidth_fraction", "copy_GB_per_s", "accuracy", "note", "cpu_isa", "threads",
-          "thread_env", "load_avg", "others_cores", "python", "numpy", "torch", "cvxpy",
-          "numba", "emdpo_core", "cuda_build", "commit"]
-
 BETA = 0.5
 
 
@@ -99,318 +88,6 @@ QUICK = dict(N=100_000, repeats=7, loop_N=1_000, regret=((8, 200_000),), mmra_K=
              lp_repeats=10, hedge_repeats=3, em_H=3_000, em_K=4, em_fits=3,
              scale_N=(1_000, 10_000, 100_000), scale_K_N=100_000, scale_m_slots=400_000,
              scale_repeats=5)
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-
-
-def _parse_only(text: str) -> List[str]:
-    names: List[str] = []
-    for name in (x.strip() for x in text.split(",")):
-        if name in _ALIASES:
-            names.extend(_ALIASES[name])
-        elif name in CASES:
-            names.append(name)
-        else:
-            raise argparse.ArgumentTypeError(
-                f"unknown case {name!r}; expected a comma-separated list of "
-                f"{', '.join(list(CASES) + list(_ALIASES))}")
-    return names
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Declare ``emdpo bench`` on the subparsers of the ``emdpo`` command."""
-    p = sub.add_parser(
-        "bench", help="run the microbenchmark suite (each case against its baseline)",
-        description="Microbenchmarks of emdpo-core, each against its baseline measured in the "
-                    "same run: " + "; ".join(f"{k}: {v}" for k, v in CASES.items()) + ". Rows "
-                    "(p20/p50/p80, ns per record x type, bytes moved, fraction of the measured "
-                    "copy bandwidth, device, versions, commit) are appended to a CSV.")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller sizes (N = 100,000; scaling up to 1e5): under a minute "
-                        "on 2 cores")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where the kernels and the PyTorch baselines run (default cpu); the "
-                        "NumPy-only cases (e_step_loop, mmra, em_fit) always run on the CPU")
-    p.add_argument("--output", "-o", default="emdpo_bench.csv", metavar="FILE.csv",
-                   help="CSV file the rows are appended to (default emdpo_bench.csv)")
-    p.add_argument("--only", type=_parse_only, default=None, metavar="NAME,...",
-                   help="run only these cases: " + ", ".join(CASES) + " (scaling = the three "
-                        "scaling tables)")
-    p.add_argument("--n", type=_positive, default=None,
-                   help="records of the main cases (default 1,000,000; --quick 100,000)")
-    p.add_argument("--m", type=_positive, default=None, help="list length (default 4)")
-    p.add_argument("--k", type=_positive, default=None, help="types (default 8)")
-    p.add_argument("--repeats", type=_positive, default=None,
-                   help="timed rounds per case (default 10; --quick 7); also caps the "
-                        "rounds of the LP, hedge, EM-fit and scaling cases")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
-    return p
-
-
-# ----------------------------------------------------------------------------------------
-# Environment
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_avg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "missing"
-
-
-def _thread_env() -> str:
-    """The threading settings from the environment, e.g. "OMP_WAIT_POLICY=passive": they
-    change the figures a lot on a shared machine (see benchmarks/README.md)."""
-    names = sorted(k for k in os.environ if k.startswith(("OMP_", "GOMP_", "KMP_", "NUMBA_NUM",
-                                                          "NUMBA_THREADING", "MKL_NUM")))
-    return " ".join(f"{k}={os.environ[k]}" for k in names)
-
-
-def git_commit() -> str:
-    """The git commit the installed package was built from ("-dirty" when tracked files
-    differed from it), or "unknown" (built from an sdist, or without git)."""
-    try:
-        from .._build_commit import GIT_COMMIT
-    except ImportError:
-        return "unknown"
-    return GIT_COMMIT or "unknown"
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-class _Env:
-    """What every row records about the machine and the software."""
-
-    def __init__(self, device: str, torch):
-        import emdpo_core as ec
-
-        info = ec.build_info()
-        self.device = device
-        self.torch = torch
-        if device == "cuda":
-            self.device_name = torch.cuda.get_device_name()
-            self.sync: Callable[[], None] = torch.cuda.synchronize
-        else:
-            self.device_name = f"{_cpu_name()} ({os.cpu_count()} cores)"
-            self.sync = lambda: None
-        threads = f"omp={info['num_threads']}"
-        if torch is not None:
-            if device == "cpu":
-                # The baseline gets the cores the kernels get.
-                torch.set_num_threads(info["num_threads"])
-            threads += f",torch={torch.get_num_threads()}"
-        self.common = {
-            # UTC start time, plus a random tag so that two runs in one second differ.
-            "run_id": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S-")
-                      + secrets.token_hex(2),
-            "device": device, "device_name": self.device_name, "cpu_isa": info["cpu_isa"],
-            "threads": threads, "thread_env": _thread_env(),
-            "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__ if torch else "missing",
-            "cvxpy": _version("cvxpy"), "numba": _version("numba"),
-            "emdpo_core": ec.__version__, "cuda_build": str(info["cuda"]),
-            "commit": git_commit(),
-        }
-        self.copy_bw = float("nan")
-
-
-# ----------------------------------------------------------------------------------------
-# Timing and rows
-
-
-def _cpu_ticks() -> Optional[Tuple[int, int]]:
-    """(busy clock ticks of the whole machine, ticks of this process), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        with open("/proc/self/stat") as f:
-            mine = f.read().rsplit(")", 1)[1].split()
-        # user nice system idle iowait irq softirq steal; utime stime (fields 14, 15)
-        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], int(mine[11]) + int(mine[12])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class Timings(dict):
-    """name -> seconds per call (array); `others` is the average number of cores that other
-    processes kept busy meanwhile (None where /proc is missing): on a shared machine it says
-    how much of the CPU this measurement really had."""
-
-    others: Optional[float] = None
-
-
-def _rounds(fns: Dict[str, Callable[[], object]], repeats: int, sync, warmup: int = 1):
-    """Seconds per call of each fn over `repeats` interleaved rounds, after `warmup` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    ticks0, t_start = _cpu_ticks(), time.perf_counter()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    out = Timings((name, np.asarray(t)) for name, t in times.items())
-    ticks1, elapsed = _cpu_ticks(), time.perf_counter() - t_start
-    if ticks0 and ticks1 and elapsed > 0.05:   # /proc counts in ticks of 10 ms
-        busy, mine = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
-        out.others = max(0.0, (busy - mine) / os.sysconf("SC_CLK_TCK") / elapsed)
-    return out
-
-
-def copy_bandwidth(env: _Env, nbytes: int, repeats: int = 5) -> float:
-    """Bytes per second of a plain copy of nbytes (read + write counted): the practical
-    memory-bandwidth limit the kernels are compared with."""
-    if env.device == "cuda":
-        torch = env.torch
-        src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
-        dst = torch.empty_like(src)
-        t = _rounds({"copy": lambda: dst.copy_(src)}, repeats, env.sync)["copy"]
-    else:
-        src = np.ones(nbytes // 8)
-        dst = np.empty_like(src)
-        t = _rounds({"copy": lambda: np.copyto(dst, src)}, repeats, env.sync)["copy"]
-    return 2 * nbytes / float(np.median(t))
-
-
-def _nbytes(*arrays) -> int:
-    total = 0
-    for a in arrays:
-        if a is None:
-            continue
-        if hasattr(a, "element_size"):           # torch tensor
-            total += a.element_size() * a.numel()
-        else:
-            total += np.asarray(a).nbytes
-    return total
-
-
-class Recorder:
-    """Collects rows, prints each as it is measured, appends them to the CSV at the end."""
-
-    def __init__(self, env: _Env, path: str):
-        self.env = env
-        self.path = path
-        self.rows: List[dict] = []
-        self.written = 0
-
-    def add(self, table: str, case: str, impl: str, times, *, N="", m="", K="", H="",
-            dtype="", baseline: str = "", baseline_times=None, work: Optional[float] = None,
-            nbytes: Optional[int] = None, accuracy="", note: str = "",
-            device: str = "", others: Optional[float] = None) -> dict:
-        row = dict(self.env.common, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(
-            timespec="seconds"), table=table, case=case, impl=impl, baseline=baseline,
-            dtype=dtype, N=N, m=m, K=K, H=H, accuracy=accuracy, note=note,
-            load_avg=_load_avg(), others_cores="" if others is None else f"{others:.2f}")
-        if device:     # a CPU-only case in a --device cuda run
-            row["device"] = device
-            if device == "cpu":
-                row["device_name"] = f"{_cpu_name()} ({os.cpu_count()} cores)"
-        size = {"N": f"N={N:,}" if N != "" else "", "K": f"K={K}", "m": f"m={m}"}.get(
-            table, " ".join(f"{k}={v:,}" for k, v in (("N", N), ("K", K)) if v != ""))
-        line = f"  {case:<14} {impl:<17} {size:<14}"
-        if times is not None:
-            p20, p50, p80 = (float(x) for x in np.percentile(times, [20, 50, 80]))
-            row.update(repeats=len(times), p20_ms=f"{p20 * 1e3:.4g}",
-                       p50_ms=f"{p50 * 1e3:.4g}", p80_ms=f"{p80 * 1e3:.4g}")
-            line += f" p50 {p50 * 1e3:10.3f} ms [{p20 * 1e3:.3f}, {p80 * 1e3:.3f}]"
-            if baseline_times is not None:
-                speedup = float(np.median(baseline_times)) / p50
-                row["speedup_p50"] = f"{speedup:.3g}"
-                line += f"  {speedup:7.2f}x vs {baseline}"
-                if len(baseline_times) == len(times):
-                    # Ratio within each round, then the median: robust to load drifting.
-                    paired = float(np.median(np.asarray(baseline_times) / times))
-                    row["speedup_paired"] = f"{paired:.3g}"
-                    line += f" (paired {paired:.2f}x)"
-            if work:
-                ns = p50 * 1e9 / work
-                row["ns_per_record_type"] = f"{ns:.4g}"
-                line += f"  {ns:.3g} ns/(rec*type)"
-            if nbytes:
-                gbs = nbytes / p50
-                row.update(bytes_moved=nbytes, GB_per_s=f"{gbs / 1e9:.4g}",
-                           bandwidth_fraction=f"{gbs / self.env.copy_bw:.3g}",
-                           copy_GB_per_s=f"{self.env.copy_bw / 1e9:.4g}")
-                line += f"  {gbs / 1e9:.2f} GB/s = {gbs / self.env.copy_bw:.1%} of copy"
-        if others is not None and others >= 0.25:
-            line += f"  [others used {others:.1f} cores]"
-        if accuracy != "":
-            line += f"  accuracy {accuracy}"
-        if note:
-            line += f"  ({note})"
-        print(line, flush=True)
-        self.rows.append(row)
-        return row
-
-    def check_output(self) -> None:
-        """Fail before measuring anything when the CSV cannot take these rows."""
-        path = self.path
-        if os.path.isdir(path):
-            raise ValueError(f"--output {path}: is a directory; expected a CSV file name")
-        if os.path.exists(path) and os.path.getsize(path) > 0:
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), [])
-            if header != FIELDS:
-                raise ValueError(f"--output {path}: the file exists with other columns; give "
-                                 f"a new file name (columns: {', '.join(FIELDS)})")
-
-    def write(self) -> None:
-        """Append the rows not yet written."""
-        rows = self.rows[self.written:]
-        if not rows:
-            return
-        path = self.path
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in FIELDS})
-        self.written = len(self.rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,7 +155,7 @@ def _check_kernels(d: Layout, n: int = 200) -> None:
 class _OnDevice:
     """The layout's arrays as the kernels take them on the chosen device."""
 
-    def __init__(self, d: Layout, env: _Env):
+    def __init__(self, d: Layout, env: Env):
         if env.device == "cuda":
             t = env.torch
             self.policy = t.from_numpy(d.policy).cuda()
@@ -497,20 +174,20 @@ def _to_numpy(x):
 
 
 def _bytes_e_step(d: Layout, out) -> int:
-    return _nbytes(d.policy, d.ref, d.offsets, d.aoff, d.log_w, out.responsibilities,
+    return nbytes(d.policy, d.ref, d.offsets, d.aoff, d.log_w, out.responsibilities,
                    out.annotator_loglik)
 
 
 def _bytes_loss(d: Layout) -> int:
     # Read policy, ref, weights, offsets once; write the gradient (K, M) once.
-    return _nbytes(d.policy, d.ref, d.weights, d.offsets) + d.policy.nbytes
+    return nbytes(d.policy, d.ref, d.weights, d.offsets) + d.policy.nbytes
 
 
 # ----------------------------------------------------------------------------------------
 # Cases
 
 
-def case_e_step(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
+def case_e_step(rec: Recorder, env: Env, d: Layout, repeats: int) -> None:
     import emdpo_core as ec
 
     dev = _OnDevice(d, env)
@@ -536,7 +213,7 @@ def case_e_step(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
         fns["torch_vectorized"] = lambda: tb.e_step(tp, tr, layout, rec_ann, d.H, tlw, BETA)
     else:
         note = "torch not installed: PyTorch baseline skipped"
-    t = _rounds(fns, repeats, env.sync)
+    t = rounds(fns, repeats, env.sync)
     base = t.get("torch_vectorized")
     shape = dict(N=d.N, m=d.m, K=d.K, H=d.H, dtype="float32", others=t.others)
     rec.add("main", "e_step", "emdpo", t["emdpo"], baseline="torch_vectorized" if base is not
@@ -546,7 +223,7 @@ def case_e_step(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
         rec.add("main", "e_step", "torch_vectorized", base, work=d.N * d.K, **shape)
 
 
-def case_loss_grad(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
+def case_loss_grad(rec: Recorder, env: Env, d: Layout, repeats: int) -> None:
     import emdpo_core as ec
 
     dev = _OnDevice(d, env)
@@ -588,7 +265,7 @@ def case_loss_grad(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
                                    atol=1e-7)
         fns["emdpo_autograd"] = ours
         fns["torch_vectorized"] = lambda: tb.loss_and_grad(tp, tr, layout, tw, BETA)
-    t = _rounds(fns, repeats, env.sync)
+    t = rounds(fns, repeats, env.sync)
     base = t.get("torch_vectorized")
     shape = dict(N=d.N, m=d.m, K=d.K, H="", dtype="float32", others=t.others)
     nbytes = _bytes_loss(d)
@@ -604,7 +281,7 @@ def case_loss_grad(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
         rec.add("main", "loss_grad", "torch_vectorized", base, work=d.N * d.K, **shape)
 
 
-def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
+def case_e_step_loop(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
     import emdpo_core as ec
     from emdpo_core.bench import numpy_baseline as nb
 
@@ -613,7 +290,7 @@ def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
     resp, ll = nb.e_step_python_loop(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA)
     np.testing.assert_allclose(resp, ours.responsibilities, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ll, ours.loglik, rtol=1e-4)
-    t = _rounds({
+    t = rounds({
         "emdpo": lambda: ec.e_step(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA),
         "python_loop": lambda: nb.e_step_python_loop(d.policy, d.ref, d.offsets, d.aoff,
                                                      d.log_w, beta=BETA),
@@ -626,7 +303,7 @@ def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
             note="the authors' style: loop over annotators, records, types", **shape)
 
 
-def case_regret(rec: Recorder, env: _Env, sizes: Sizes, repeats: int, seed: int) -> None:
+def case_regret(rec: Recorder, env: Env, sizes: Sizes, repeats: int, seed: int) -> None:
     import emdpo_core as ec
     from emdpo_core.bench import numpy_baseline as nb
     from emdpo_core.ops import _reference
@@ -654,14 +331,14 @@ def case_regret(rec: Recorder, env: _Env, sizes: Sizes, repeats: int, seed: int)
             # float64 means of S/K samples of magnitude ~40: rounding ~1e-12.
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
             np.testing.assert_allclose(base, want, rtol=0, atol=1e-9)
-            t = _rounds({
+            t = rounds({
                 "emdpo": lambda: ec.regret_matrix(*x, beta=1.0, kind=kind),
                 base_name: lambda: base_fn(*x, beta=1.0, kind=kind),
             }, repeats, env.sync)
-            nbytes = _nbytes(lp, so) + (ref.nbytes if kind == "reward" else 0) + 8 * K * K
+            moved = nbytes(lp, so) + (ref.nbytes if kind == "reward" else 0) + 8 * K * K
             shape = dict(N=S, K=K, dtype="float64", others=t.others)
             rec.add("main", f"regret_{kind}", "emdpo", t["emdpo"], baseline=base_name,
-                    baseline_times=t[base_name], work=S * K, nbytes=nbytes,
+                    baseline_times=t[base_name], work=S * K, nbytes=moved,
                     accuracy=f"{float(np.max(np.abs(got - want))):.2g}",
                     note="N = samples; accuracy = max |R - float64 reference|", **shape)
             rec.add("main", f"regret_{kind}", base_name, t[base_name], work=S * K, **shape)
@@ -673,7 +350,7 @@ def _random_kl_regret(rng, K: int) -> np.ndarray:
     return R
 
 
-def case_mmra(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
+def case_mmra(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
     import emdpo_core as ec
 
     try:
@@ -703,9 +380,9 @@ def case_mmra(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
                                f"({hedge.max_regret})")
         it = iter(range(10 ** 9))
         # Different repeat counts (hedge is slow), so timed apart, not in the same rounds.
-        t_lp = _rounds({"lp": lambda: ec.mmra(mats[next(it) % len(mats)])}, sizes.lp_repeats,
+        t_lp = rounds({"lp": lambda: ec.mmra(mats[next(it) % len(mats)])}, sizes.lp_repeats,
                        lambda: None)
-        t_h = _rounds({"hedge": lambda: ec.mmra(R, solver="hedge")}, sizes.hedge_repeats,
+        t_h = rounds({"hedge": lambda: ec.mmra(R, solver="hedge")}, sizes.hedge_repeats,
                       lambda: None, warmup=0)
         shape = dict(K=K, dtype="float64", device="cpu")
         rec.add("main", "mmra", "emdpo_lp", t_lp["lp"], baseline="hedge_100k",
@@ -716,7 +393,7 @@ def case_mmra(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
                 **shape)
 
 
-def case_em_fit(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
+def case_em_fit(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
     import emdpo_core as ec
     from emdpo_core.bench import numpy_baseline as nb
 
@@ -746,7 +423,7 @@ def case_em_fit(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
     np.testing.assert_allclose(loglik_np, loglik, rtol=1e-9)
     np.testing.assert_allclose(resp_np, resp, atol=1e-9)
     start = np.random.default_rng(seed + 2).normal(size=(K, n_items))
-    t = _rounds({
+    t = rounds({
         "emdpo": lambda: fit("auto"),
         "emdpo_mm": lambda: fit(False),
         "numpy_em": lambda: nb.em_iterations(start, np.full(K, -np.log(K)), items2d,
@@ -767,7 +444,7 @@ def case_em_fit(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
             note=f"{n_iter_mm} EM iterations (E-step, weights, MM step), no init", **shape)
 
 
-def _scaling_point(rec: Recorder, env: _Env, table: str, N: int, m: int, K: int,
+def _scaling_point(rec: Recorder, env: Env, table: str, N: int, m: int, K: int,
                    repeats: int, seed: int) -> None:
     import emdpo_core as ec
 
@@ -775,7 +452,7 @@ def _scaling_point(rec: Recorder, env: _Env, table: str, N: int, m: int, K: int,
     _check_kernels(d, n=50)
     dev = _OnDevice(d, env)
     out = ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w, beta=BETA)
-    t = _rounds({
+    t = rounds({
         "e_step": lambda: ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w,
                                     beta=BETA),
         "loss_grad": lambda: ec.listwise_dpo_loss_and_grad(dev.policy, dev.ref, dev.offsets,
@@ -786,6 +463,66 @@ def _scaling_point(rec: Recorder, env: _Env, table: str, N: int, m: int, K: int,
             nbytes=_bytes_e_step(d, out), **shape)
     rec.add(table, "loss_grad", "emdpo_kernel", t["loss_grad"], work=N * K,
             nbytes=_bytes_loss(d), **shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The command
+
+
+_ALIASES = {"scaling": ("scaling_n", "scaling_k", "scaling_m")}
+
+def _parse_only(text: str) -> List[str]:
+    names: List[str] = []
+    for name in (x.strip() for x in text.split(",")):
+        if name in _ALIASES:
+            names.extend(_ALIASES[name])
+        elif name in CASES:
+            names.append(name)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown case {name!r}; expected a comma-separated list of "
+                f"{', '.join(list(CASES) + list(_ALIASES))}")
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Declare ``emdpo bench`` on the subparsers of the ``emdpo`` command."""
+    p = sub.add_parser(
+        "bench", help="run the microbenchmark suite (each case against its baseline)",
+        description="Microbenchmarks of emdpo-core, each against its baseline measured in the "
+                    "same run: " + "; ".join(f"{k}: {v}" for k, v in CASES.items()) + ". Rows "
+                    "(p20/p50/p80, ns per record x type, bytes moved, fraction of the measured "
+                    "copy bandwidth, device, versions, commit) are appended to a CSV.")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller sizes (N = 100,000; scaling up to 1e5): under a minute "
+                        "on 2 cores")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the kernels and the PyTorch baselines run (default cpu); the "
+                        "NumPy-only cases (e_step_loop, mmra, em_fit) always run on the CPU")
+    p.add_argument("--output", "-o", default="emdpo_bench.csv", metavar="FILE.csv",
+                   help="CSV file the rows are appended to (default emdpo_bench.csv)")
+    p.add_argument("--only", type=_parse_only, default=None, metavar="NAME,...",
+                   help="run only these cases: " + ", ".join(CASES) + " (scaling = the three "
+                        "scaling tables)")
+    p.add_argument("--n", type=_positive, default=None,
+                   help="records of the main cases (default 1,000,000; --quick 100,000)")
+    p.add_argument("--m", type=_positive, default=None, help="list length (default 4)")
+    p.add_argument("--k", type=_positive, default=None, help="types (default 8)")
+    p.add_argument("--repeats", type=_positive, default=None,
+                   help="timed rounds per case (default 10; --quick 7); also caps the "
+                        "rounds of the LP, hedge, EM-fit and scaling cases")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    return p
 
 
 # ----------------------------------------------------------------------------------------
@@ -807,7 +544,7 @@ def run(args) -> int:
     if sizes.m < 2:
         raise ValueError(f"--m: expected a list length >= 2, got {sizes.m}")
     cases = args.only or list(CASES)
-    torch = _import_torch()
+    torch = harness.import_torch()
     if args.device == "cuda":
         if torch is None:
             raise ValueError("--device cuda needs PyTorch (pip install torch with CUDA)")
@@ -817,13 +554,13 @@ def run(args) -> int:
         if not ec.build_info()["cuda"]:
             raise ValueError("--device cuda: this emdpo-core was built without CUDA; reinstall "
                              "with EMDPO_WITH_CUDA=ON (see emdpo_core.build_info())")
-    env = _Env(args.device, torch)
+    env = Env(args.device, torch)
     rec = Recorder(env, args.output)
     rec.check_output()
     thread_env = f" ({env.common['thread_env']})" if env.common["thread_env"] else ""
     print(f"emdpo-core {ec.__version__} bench on {env.device_name} ({args.device}); "
           f"{env.common['threads']} threads{thread_env}, cpu_isa {env.common['cpu_isa']}, "
-          f"load average {_load_avg()}, commit {env.common['commit']}", flush=True)
+          f"load average {load_avg()}, commit {env.common['commit']}", flush=True)
     if torch is None:
         print("  note: torch not installed: PyTorch baselines are skipped", flush=True)
     t_start = time.perf_counter()
@@ -838,7 +575,7 @@ def run(args) -> int:
         main_data = make_layout(sizes.N, sizes.m, sizes.K, H, args.seed)
         _check_kernels(main_data)
     for case in cases:
-        print(f"[{case}] {CASES[case]} (load average {_load_avg()})", flush=True)
+        print(f"[{case}] {CASES[case]} (load average {load_avg()})", flush=True)
         if case == "e_step":
             case_e_step(rec, env, main_data, sizes.repeats)
         elif case == "loss_grad":
@@ -867,5 +604,5 @@ def run(args) -> int:
         if not any(c in ("e_step", "loss_grad") for c in cases[cases.index(case) + 1:]):
             main_data = None  # free it before the scaling tables
     print(f"{rec.written} rows appended to {args.output}")
-    print(f"done in {time.perf_counter() - t_start:.0f} s (load average now {_load_avg()})")
+    print(f"done in {time.perf_counter() - t_start:.0f} s (load average now {load_avg()})")
     return 0
