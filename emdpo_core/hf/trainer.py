@@ -196,9 +196,10 @@ class _LoraTypes:
     """K LoRA adapters ``type_0 .. type_{K-1}`` on one peft model; the reference is the base
     with adapters disabled (no second copy of the base)."""
 
-    def __init__(self, model, names: List[str]):
+    def __init__(self, model, names: List[str], trainable: bool = True):
         self.model = model
         self.names = names
+        self.trainable = trainable
         self.params = [[p for n, p in model.named_parameters() if f".{name}." in n]
                        for name in names]
         for k, ps in enumerate(self.params):
@@ -213,6 +214,8 @@ class _LoraTypes:
         return model
 
     def make_trainable(self):
+        if not self.trainable:          # a loaded mixture: inference only
+            return
         for ps in self.params:
             for p in ps:
                 p.requires_grad_(True)
