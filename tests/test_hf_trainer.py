@@ -372,3 +372,17 @@ def test_aggregate_by_generation_and_serving(planted, tmp_path):
     (tmp_path / "policy" / "mixture.json").write_text("{not json")
     with pytest.raises(ValueError, match="damaged manifest"):
         MixtureLM.load(str(tmp_path / "policy"), tiny_model(seed=0), tiny_tokenizer())
+
+
+def test_fast_adapter_switch_matches_peft_set_adapter(planted):
+    from emdpo_core.hf import sequence_logps
+
+    rows, types, held, em, single = planted
+    batch = em.data_collator([dict(r, row_index=i) for i, r in enumerate(rows[:6])])
+    with torch.no_grad():
+        for k in (1, 0, 1):
+            fast = sequence_logps(em._types.module_for(k, em.model), batch)
+            em.model.set_adapter(f"type_{k}")
+            torch.testing.assert_close(fast, sequence_logps(em.model, batch), rtol=0, atol=0)
+            assert em.model.active_adapter == f"type_{k}"
+    em._types.make_trainable()

@@ -61,19 +61,39 @@ INIT_SMOOTHING = 0.05
 
 class _IndexedRows(torch.utils.data.Dataset):
     """The user's ranked rows, each given a ``row_index`` (its position) on the way out, so a
-    batch can be mapped back to its cached reference log-probabilities and annotators."""
+    batch can be mapped back to its cached reference log-probabilities and annotators.
 
-    def __init__(self, rows):
+    With a ``tokenizer`` (a RankedListCollator), each row is tokenized the first time it is
+    read and kept as int32 token arrays (4 bytes a token), so later epochs and E-steps only
+    pad: tokenizing every batch again would cost more than the rest of the library's work.
+    """
+
+    def __init__(self, rows, tokenizer=None):
         self.rows = rows
+        self.tokenizer = tokenizer
+        self._tokens = {}
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        # The columns the collator reads; record weights are looked up by row_index.
-        row = {k: v for k, v in self.rows[int(i)].items() if k in ROW_COLUMNS}
-        row[ROW_INDEX] = int(i)
-        return row
+        i = int(i)
+        row = self.rows[i]
+        if self.tokenizer is None:
+            # The columns the collator reads; record weights are looked up by row_index.
+            out = {k: v for k, v in row.items() if k in ROW_COLUMNS}
+        else:
+            tokens = self._tokens.get(i)
+            if tokens is None:
+                t = self.tokenizer.tokenize_row(row, i)
+                tokens = (np.asarray(t["prompt_ids"], dtype=np.int32),
+                          [np.asarray(r, dtype=np.int32) for r in t["response_ids"]])
+                self._tokens[i] = tokens
+            out = {"prompt_ids": tokens[0], "response_ids": tokens[1]}
+            if row.get("n_ranked") is not None:
+                out["n_ranked"] = row["n_ranked"]
+        out[ROW_INDEX] = i
+        return out
 
 
 @dataclass
@@ -197,9 +217,12 @@ class _LoraTypes:
     with adapters disabled (no second copy of the base)."""
 
     def __init__(self, model, names: List[str], trainable: bool = True):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.model = model
         self.names = names
         self.trainable = trainable
+        self._layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.params = [[p for n, p in model.named_parameters() if f".{name}." in n]
                        for name in names]
         for k, ps in enumerate(self.params):
@@ -208,9 +231,15 @@ class _LoraTypes:
         self.make_trainable()
 
     def module_for(self, k: int, model):
-        # peft's set_adapter leaves only the active adapter trainable; make_trainable() undoes
-        # that before the backward pass (a leaf with requires_grad=False gets no gradient).
-        self.model.set_adapter(self.names[k])
+        # What peft's set_adapter does to the forward pass (each LoRA layer's active adapter),
+        # without its walk over every module of the model and without freezing the other
+        # adapters (peft's set_adapter leaves only the active one trainable, and a leaf with
+        # requires_grad=False gets no gradient): that walk was most of the library's own time
+        # per step. Checked against set_adapter in the tests.
+        name = self.names[k]
+        for layer in self._layers:
+            layer._active_adapter = [name]
+        self.model.base_model.active_adapter = name
         return model
 
     def make_trainable(self):
@@ -427,8 +456,9 @@ class EMDPOTrainer(Trainer):
                                                max_prompt_length=args.max_prompt_length,
                                                prefix_sharing=args.prefix_sharing)
         self._eval_rows = eval_dataset
+        pretokenize = data_collator if isinstance(data_collator, RankedListCollator) else None
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
-                         train_dataset=_IndexedRows(train_dataset),
+                         train_dataset=_IndexedRows(train_dataset, pretokenize),
                          eval_dataset=None if eval_dataset is None else _IndexedRows(eval_dataset),
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, **kwargs)
@@ -490,7 +520,7 @@ class EMDPOTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         # The ranked rows are tokenized by the collator: keep their columns.
         if self._signature_columns is None:
-            self._signature_columns = list(ROW_COLUMNS)
+            self._signature_columns = list(ROW_COLUMNS) + ["prompt_ids", "response_ids"]
 
     # ------------------------------------------------------------------------------------
     # Batches and no-grad passes
@@ -504,7 +534,8 @@ class EMDPOTrainer(Trainer):
         if key not in self._batches_cache:
             order = np.argsort(-layout.lengths, kind="stable")
             bs = self._logps_batch_size()
-            indexed = _IndexedRows(rows)
+            indexed = rows if isinstance(rows, _IndexedRows) else _IndexedRows(
+                rows, self.train_dataset.tokenizer)
             batches = []
             for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
@@ -567,7 +598,7 @@ class EMDPOTrainer(Trainer):
         D = None
         emb = None
         with self._no_grad_pass():
-            for batch, slots in self._fixed_batches(self.train_dataset.rows, lay, "train"):
+            for batch, slots in self._fixed_batches(self.train_dataset, lay, "train"):
                 b = self._prepare_inputs(batch)
                 with self._types.reference(self.model) as ref_model:
                     h = _response_embeddings(ref_model, b)
@@ -602,7 +633,7 @@ class EMDPOTrainer(Trainer):
         return resp
 
     def _initialize_em(self):
-        self._ref_logps = self._pass_logps(self.train_dataset.rows, self._layout, "train",
+        self._ref_logps = self._pass_logps(self.train_dataset, self._layout, "train",
                                            reference=True)
         resp = self._initial_responsibilities()
         self._em = _EMState(responsibilities=resp, log_weights=self._mixture_log_weights(resp))
@@ -649,7 +680,7 @@ class EMDPOTrainer(Trainer):
     def _e_step(self, log: bool = True) -> dict:
         lay = self._layout
         logps = self._gather_slot_logps(
-            self._pass_logps(self.train_dataset.rows, lay, "train", reference=False))
+            self._pass_logps(self.train_dataset, lay, "train", reference=False))
         policy = logps.double().cpu().numpy()[:, lay.grouped_slots]
         ref = self._ref_logps.double().cpu().numpy()[lay.grouped_slots]
         res = _e_step_kernel(policy, ref, lay.grouped_offsets, lay.annotator_offsets,
