@@ -23,6 +23,7 @@ from .. import mmra as _mmra
 from .. import regret_matrix as _regret_matrix
 from ..mmra import MixturePolicy
 from . import _io, sequence_logps
+from ._types import FullParameterTypes, _FullTypes, _LoraTypes
 
 __all__ = ["MixtureLM", "aggregate_types"]
 
@@ -241,8 +242,6 @@ class MixtureLM:
             raise
 
     def _save_types(self, folder: str) -> str:
-        from .trainer import _FullTypes
-
         if isinstance(self._types, _FullTypes):
             from safetensors.torch import save_file
 
@@ -259,8 +258,6 @@ class MixtureLM:
         """A saved mixture on ``model`` (a fresh instance of the base model the types were
         trained on). Refuses a folder whose manifest is missing or unreadable, or any file
         whose checksum does not match, with a ValueError naming the file."""
-        from .trainer import FullParameterTypes, _FullTypes, _LoraTypes
-
         mpath = os.path.join(path, MANIFEST)
         if not os.path.isfile(mpath):
             raise FileNotFoundError(f"{mpath}: no such file (not a saved MixtureLM folder)")

@@ -23,13 +23,12 @@ See docs/hf.md.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,6 +40,8 @@ from ..torch import mixture_dpo_loss
 from . import RankedListCollator, sequence_logps, validate_ranked_rows
 from . import _io
 from .logps import _unpack_shared
+from ._types import FullParameterTypes, _FullTypes, _LoraTypes
+from .aggregate import aggregate_types
 from .config import EMDPOConfig
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
@@ -206,125 +207,6 @@ def _ranked_pairs(layout: _Layout):
                 hi.append(a + t)
                 lo.append(a + s)
     return np.array(hi, dtype=np.int64), np.array(lo, dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------
-# The K types: LoRA adapters on one base, or full copies
-
-
-class _LoraTypes:
-    """K LoRA adapters ``type_0 .. type_{K-1}`` on one peft model; the reference is the base
-    with adapters disabled (no second copy of the base)."""
-
-    def __init__(self, model, names: List[str], trainable: bool = True):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.model = model
-        self.names = names
-        self.trainable = trainable
-        self._layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        self.params = [[p for n, p in model.named_parameters() if f".{name}." in n]
-                       for name in names]
-        for k, ps in enumerate(self.params):
-            if not ps:
-                raise ValueError(f"peft_config: adapter {names[k]} has no parameters")
-        self.make_trainable()
-
-    def module_for(self, k: int, model):
-        # What peft's set_adapter does to the forward pass (each LoRA layer's active adapter),
-        # without its walk over every module of the model and without freezing the other
-        # adapters (peft's set_adapter leaves only the active one trainable, and a leaf with
-        # requires_grad=False gets no gradient): that walk was most of the library's own time
-        # per step. Checked against set_adapter in the tests.
-        name = self.names[k]
-        for layer in self._layers:
-            layer._active_adapter = [name]
-        self.model.base_model.active_adapter = name
-        return model
-
-    def make_trainable(self):
-        if not self.trainable:          # a loaded mixture: inference only
-            return
-        for ps in self.params:
-            for p in ps:
-                p.requires_grad_(True)
-
-    @contextmanager
-    def reference(self, model):
-        try:
-            with self.model.disable_adapter():
-                yield model
-        finally:
-            # Re-enabling the adapters calls peft's set_adapter, which freezes all but one.
-            self.make_trainable()
-
-    def state_dict(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()
-                if any(f".{name}." in n for name in self.names)}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = dict(self.model.named_parameters())
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
-
-    def type_params(self, k: int):
-        return self.params[k]
-
-
-class FullParameterTypes(torch.nn.Module):
-    """K full copies of a model (``types``) and the original, frozen, as the reference. For
-    small models: memory is K + 1 models plus K optimizer states."""
-
-    def __init__(self, model, n_types: int):
-        super().__init__()
-        self.reference_model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.types = torch.nn.ModuleList()
-        for _ in range(n_types):
-            m = copy.deepcopy(model)
-            for p in m.parameters():
-                p.requires_grad_(True)
-            self.types.append(m)
-        self.config = model.config
-        self.active = 0
-
-    def forward(self, *args, **kwargs):
-        return self.types[self.active](*args, **kwargs)
-
-
-class _FullTypes:
-    def __init__(self, container: FullParameterTypes):
-        self.model = container
-        self.names = [f"type_{k}" for k in range(len(container.types))]
-
-    def module_for(self, k: int, model):
-        self.model.active = k
-        return self.model.types[k]
-
-    def make_trainable(self):
-        pass
-
-    @contextmanager
-    def reference(self, model):
-        yield self.model.reference_model
-
-    def state_dict(self) -> dict:
-        return {f"types.{n}": p.detach().clone() for n, p in self.model.types.named_parameters()}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = {f"types.{n}": p for n, p in self.model.types.named_parameters()}
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
-
-    def type_params(self, k: int):
-        return list(self.model.types[k].parameters())
 
 
 # ----------------------------------------------------------------------------------------
@@ -932,8 +814,6 @@ class EMDPOTrainer(Trainer):
         ``.max_regret``; ``.generate(prompt)`` answers with one type drawn by the weights;
         ``.save(path)``.
         """
-        from .aggregate import aggregate_types
-
         return aggregate_types(self._types, self.tokenizer_, self.data_collator, prompts,
                                n_samples=n_samples, kind=kind, beta=self.args.beta,
                                max_new_tokens=max_new_tokens, temperature=temperature,
