@@ -2,7 +2,7 @@
 
 ``import emdpo_core.torch`` (torch is never imported by ``import emdpo_core``).
 
-The loss of K policies over N ranked lists (DESIGN.md section 1), with implicit rewards
+The loss of K policies over N ranked lists (docs/math.md), with implicit rewards
 r_kj = beta * (logpi_k(y_j) - logpi_ref(y_j)) and the Plackett-Luce log-likelihood of record
 i under policy k, ll_ki = sum_{t < L_i} (r_kt - logsumexp_{s >= t} r_ks):
 

@@ -68,7 +68,7 @@ class AggregationResult:
 class EMDPO(EMEstimator):
     """EM-DPO: latent annotator types, one DPO policy per type (scikit-learn style).
 
-    EM over the types of the annotators (DESIGN.md section 1): the E-step computes each
+    EM over the types of the annotators (docs/math.md): the E-step computes each
     annotator's posterior over the K types from all of its records (the fused kernel on the
     policies' cached log-probabilities), the M-step trains each type's policy on the weighted
     listwise DPO loss with weights w_ik = c_i g_{a_i k}. See :mod:`emdpo_core.em` for the
@@ -213,7 +213,7 @@ class EMDPO(EMEstimator):
         eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         log_weights = np.log(np.maximum(eta, 1e-300))
         self.timings_["init"] += time.perf_counter() - t0
-        _, loglik, _ = self._e_step(g, log_weights)
+        loglik = self._e_step(g, log_weights)[1]
         obj = self._objective(loglik, log_weights)
         run = _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                    objective=obj, trace=[obj / g.total_weight], converged=True,
