@@ -341,8 +341,8 @@ def test_emdpo_warns_on_single_pairs_but_not_on_several_pairs_per_annotator():
 
 def test_aggregate_defaults_to_the_reward_regret():
     truth = ec.PlackettLuceMixture.from_parameters(
-        [[2.0, 1.0, 0.0, -1.0, -2.0], [-2.0, -1.0, 0.0, 1.0, 2.0], [1.0, -1.0, 2.0, 0.0, -2.0]],
-        [0.5, 0.3, 0.2])
+        [[2.0, 1.0, 0.0, -1.0, -2.0, 0.5], [-2.0, -1.0, 0.0, 1.0, 2.0, 0.5],
+         [1.0, -1.0, 2.0, 0.0, -2.0, -0.5]], [0.5, 0.3, 0.2])
     data, _ = truth.sample(600, random_state=1110)
     model = ec.EMDPO(3, ec.TabularPolicies(), random_state=0).fit(data)
     default = model.aggregate(solver="hedge")
