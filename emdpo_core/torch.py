@@ -434,7 +434,9 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         >>> round(loss.item(), 4)  # (log 3! + log 2!) / 2 for uniform policies
         1.2425
     """
-    fast = _small_listwise(policy_logps, ref_logps, offsets, weights, n_ranked, beta, reduction)
+    # The small-batch path has no total_weight; with one, the general path below rescales.
+    fast = None if total_weight is not None else \
+        _small_listwise(policy_logps, ref_logps, offsets, weights, n_ranked, beta, reduction)
     if fast is not None:
         return fast
     policy, ref, out_dtype = _prepare_logps(policy_logps, ref_logps)
@@ -531,8 +533,9 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
         >>> torch.allclose(loss, expected)
         True
     """
-    fast = _small_pairwise(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                           weights, beta, reduction)
+    fast = None if total_weight is not None else \
+        _small_pairwise(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        weights, beta, reduction)
     if fast is not None:
         return fast
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")

@@ -138,6 +138,31 @@ def test_pairwise_and_padded_losses_take_total_weight():
     np.testing.assert_allclose(padded.item(), summed.item() / 6.0, rtol=1e-10)
 
 
+def test_small_cpu_batches_take_total_weight():
+    # Small CPU batches (tensors for every argument) run a path of their own: total_weight
+    # must reach it too (a minibatch of 8 is the trainer's common case).
+    rng = np.random.default_rng(1112)
+    policy = torch.tensor(rng.normal(-10, 1, 24), requires_grad=True)
+    ref = torch.tensor(rng.normal(-10, 1, 24))
+    offsets = torch.arange(0, 25, 3)
+    w = torch.tensor(rng.uniform(0.1, 1.0, 8))
+    got = et.listwise_dpo_loss(policy, ref, offsets, w, beta=0.5, reduction="weighted_mean",
+                               total_weight=20.0)
+    summed = et.listwise_dpo_loss(policy, ref, offsets, w, beta=0.5, reduction="sum")
+    np.testing.assert_allclose(got.item(), summed.item() / 20.0, rtol=1e-12)
+    got.backward()
+    g = policy.grad.clone()
+    policy.grad = None
+    (summed / 20.0).backward()
+    np.testing.assert_allclose(g.numpy(), policy.grad.numpy(), rtol=1e-12, atol=1e-15)
+    pc, pr = policy[0:24:3].detach(), policy[1:24:3].detach()
+    got = et.pairwise_dpo_loss(pc, pr, ref[0:24:3], ref[1:24:3], beta=0.5, weights=w,
+                               reduction="weighted_mean", total_weight=torch.tensor(20.0))
+    summed = et.pairwise_dpo_loss(pc, pr, ref[0:24:3], ref[1:24:3], beta=0.5, weights=w,
+                                  reduction="sum")
+    np.testing.assert_allclose(got.item(), summed.item() / 20.0, rtol=1e-12)
+
+
 def test_listwise_dpo_loss_module_takes_total_weight():
     criterion = et.ListwiseDPOLoss(beta=1.0, reduction="weighted_mean")
     policy = torch.tensor([-1.0, -2.0, -3.0, -1.5, -1.0], dtype=torch.float64)
