@@ -141,14 +141,8 @@ class EMDPO(EMEstimator):
                         f"{type(data).__name__}")
 
     def _data_warnings(self, data) -> List[str]:
-        K = int(self.n_components)
-        if isinstance(data, RankingData):
-            return diagnostics.identifiability(data, K).warnings
-        if isinstance(data, PreferenceData) and K > 1 and np.all(data.list_lengths == 2):
-            return [f"all records are pairwise comparisons: binary comparisons cannot identify "
-                    f"{K} latent types (Chidambaram et al., arXiv 2510.15716); collect rankings "
-                    f"of 3 or more responses, even best-of-3 choices over varying candidate "
-                    f"sets"]
+        if isinstance(data, (RankingData, PreferenceData)):
+            return diagnostics.identifiability(data, int(self.n_components)).warnings
         return []
 
     def _initial_resp(self, g, K, rng):
@@ -227,7 +221,7 @@ class EMDPO(EMEstimator):
     # ------------------------------------------------------------------------------------
     # MMRA
 
-    def aggregate(self, contexts=None, *, n_samples: int = 1, kind: str = "kl",
+    def aggregate(self, contexts=None, *, n_samples: int = 1, kind: str = "reward",
                   group_weights=None, solver=None, random_state=None) -> AggregationResult:
         """MinMax Regret Aggregation of the fitted policies into one mixture.
 
@@ -243,8 +237,21 @@ class EMDPO(EMEstimator):
                 ``sample_fn``; for :class:`~emdpo_core.TabularPolicies` None (all items) or a
                 list of candidate sets (enumerated exactly, no sampling).
             n_samples: samples per context and policy.
-            kind: "kl" (beta E_j[log pi_j - log pi_k], always >= 0) or "reward" (the
-                authors' implicit-reward gap; needs the reference's log-probabilities).
+            kind: the regret R[k, j] of type k served by policy j (see
+                :func:`emdpo_core.regret_matrix` and docs/math.md):
+
+                - "reward" (default; the authors' criterion): beta (A_kk - A_kj), the
+                  implicit reward r_k = beta (log pi_k - log pi_ref) that type k loses when
+                  policy j answers instead of its own, with A_kj the mean of log pi_k -
+                  log pi_ref over policy j's samples. It judges answers by the types'
+                  rewards alone; it needs the reference's log-probabilities and can be
+                  negative.
+                - "kl": beta E_{y ~ pi_j}[log pi_j(y) - log pi_k(y)], the exact loss in type
+                  k's KL-regularized value E[r_k] - beta KL(pi || pi_ref), the objective DPO
+                  maximizes; always >= 0. The right choice when staying close to the
+                  reference is part of what each type values (the KL term is the price DPO
+                  charges for leaving it), or when the reference's log-probabilities of the
+                  samples are not available. The two kinds can give very different weights.
             group_weights: optional (K,) per-type weights c of the LP.
             solver: passed to :func:`emdpo_core.mmra`.
             random_state: seed of the sampling.

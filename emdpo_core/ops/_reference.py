@@ -84,7 +84,9 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         S[h] = (c[ao[h]:ao[h + 1], None] * ll[ao[h]:ao[h + 1]]).sum(axis=0)
     v = lw[None, :] + S
     lse = np.array([_logsumexp(row) for row in v])
-    resp = np.exp(v - lse[:, None])
+    # Relative to each row's largest term: exp(v - lse) would lose log z at |v| >~ 1e16.
+    d = v - v.max(axis=1, keepdims=True)
+    resp = np.exp(d - np.log(np.exp(d).sum(axis=1, keepdims=True)))
     aw = np.ones(H) if annotator_weights is None else np.asarray(annotator_weights, np.float64)
     return resp, float((aw * lse).sum()), S
 
