@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -36,8 +35,7 @@ from contextlib import contextmanager
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import append_rows, base_row  # noqa: E402
+from emdpo_core.bench.harness import append_rows, base_row  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "bench_hf_trainer.csv")
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, append_rows, device_name, git_commit  # noqa: E402
+from emdpo_core.bench.harness import append_rows, device_name, git_commit  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 import emdpo_core  # noqa: E402
 from emdpo_core.hf import RankedListCollator, sequence_logps, supports_prefix_sharing  # noqa: E402

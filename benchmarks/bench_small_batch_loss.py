@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -27,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _common import append_rows, base_row  # noqa: E402
+from emdpo_core.bench.harness import append_rows, base_row  # noqa: E402
 
 import emdpo_core.torch as et  # noqa: E402
 

@@ -98,6 +98,8 @@ def _build_commit() -> Optional[str]:
 
 def device_name(device: str, torch=None) -> str:
     if device == "cuda":
+        if torch is None:
+            import torch
         return torch.cuda.get_device_name()
     return f"{cpu_name()} ({os.cpu_count()} cores)"
 
