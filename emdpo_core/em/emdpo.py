@@ -145,6 +145,11 @@ class EMDPO(EMEstimator):
             return diagnostics.identifiability(data, int(self.n_components)).warnings
         return []
 
+    def _data_notes(self, data) -> List[str]:
+        if isinstance(data, (RankingData, PreferenceData)):
+            return diagnostics.identifiability(data, int(self.n_components)).notes
+        return []
+
     def _initial_resp(self, g, K, rng):
         if K == 1 and isinstance(self.init_params, str):
             return np.ones((g.n_annotators, 1))     # single DPO: nothing to cluster

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import sys
 import time
 import warnings
 from typing import List, Optional
@@ -140,6 +141,11 @@ class EMEstimator(Persistence, abc.ABC):
 
     def _data_warnings(self, data) -> List[str]:
         """Messages emitted as IdentifiabilityWarning at the start of fit."""
+        return []
+
+    def _data_notes(self, data) -> List[str]:
+        """What limits identification without ruling it out; printed (stderr) at the start of
+        fit when verbose >= 1."""
         return []
 
     def _on_fitted(self, data) -> None:
@@ -331,6 +337,9 @@ class EMEstimator(Persistence, abc.ABC):
                              f"H={g.n_annotators}")
         for msg in self._data_warnings(data):
             warnings.warn(msg, IdentifiabilityWarning, stacklevel=2)
+        if self.verbose >= 1:
+            for msg in self._data_notes(data):
+                print(f"note: {msg}", file=sys.stderr)
         self.timings_ = dict.fromkeys(
             ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
         total_weight = g.total_weight

@@ -362,6 +362,9 @@ class PlackettLuceMixture(EMEstimator):
     def _data_warnings(self, data) -> List[str]:
         return diagnostics.identifiability(data, int(self.n_components)).warnings
 
+    def _data_notes(self, data) -> List[str]:
+        return diagnostics.identifiability(data, int(self.n_components)).notes
+
     @property
     def log_worths_(self) -> np.ndarray:
         self._check_fitted()
