@@ -296,12 +296,16 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
         scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
+    elif w is None:
+        scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
     else:
-        totals = (torch.full((K,), float(N), dtype=torch.float64, device=device) if w is None
-                  else w.sum(dim=1, dtype=torch.float64))
-        if not bool((totals > 0).all()):
-            _cpu.loss_scale(reduction, w.cpu().numpy(), K, N)  # raises with the message
-        scale = 1.0 / totals
+        # As _cpu.weighted_mean_weights: each type's weights divided by their largest
+        # magnitude first, so 1 / sum stays finite for tiny weights.
+        if not bool((w.sum(dim=1, dtype=torch.float64) > 0).all()):
+            _cpu.weighted_mean_weights(w.cpu().numpy(), K, N)  # raises with the message
+        top = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
+        w = (w.to(torch.float64) / top).to(p.dtype).contiguous()
+        scale = 1.0 / w.sum(dim=1, dtype=torch.float64)
     grad = torch.empty((K, M), dtype=p.dtype, device=device)
     rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
     loss = torch.empty((), dtype=torch.float64, device=device)
