@@ -286,7 +286,8 @@ def check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
     if bad.size:
         raise ValueError(f"sample_weight: expected finite values >= 0, got "
                          f"{sw[bad[0]]} at index {bad[0]}")
-    total = sw.sum()
+    with np.errstate(over="ignore"):
+        total = sw.sum()
     if not total > 0:
         raise ValueError("sample_weight: every weight is 0; nothing to fit")
     if not math.isfinite(total):

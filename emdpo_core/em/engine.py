@@ -94,7 +94,9 @@ class EMEstimator(Persistence, abc.ABC):
             iterations, at the end of each restart and when the fit is interrupted (any
             exception, e.g. KeyboardInterrupt: the state of the last completed iteration).
             ``type(model).load(path).fit(data)`` resumes and gives exactly the result of an
-            uninterrupted run.
+            uninterrupted run. Files never store this path (a file must not decide where a
+            later call writes): to keep checkpointing after a resume, say so again,
+            ``load(path, checkpoint=path)``.
         checkpoint_every: iterations between checkpoint writes.
 
     Fitted attributes: ``weights_`` (K,), ``responsibilities_`` (H, K) (row h: annotator h of
