@@ -6,7 +6,8 @@
 // associated, so results are bitwise identical for any OMP_NUM_THREADS. Pieces are handed
 // out dynamically: on a busy machine a thread that loses its core does not hold the others
 // up at the barrier. Inputs of one piece run on the calling thread alone (waking the others
-// for a few hundred records cost milliseconds on a busy machine).
+// for a few hundred records cost milliseconds on a busy machine), and so do all inputs in a
+// child forked after the parent's OpenMP threads started (cpu/threads.h).
 #include "cpu/listwise_cpu.h"
 
 #include <algorithm>
@@ -117,7 +118,7 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                         T* out) {
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<T> buf(K * kChunk);
 #pragma omp for schedule(dynamic, 1)
@@ -148,7 +149,7 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
   const int64_t* aoff = annotator_offsets;
   int64_t first_bad = kNoBad;
 
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<double> S(K);
     std::vector<T> ll(K * kChunk);  // this chunk's per-record log-likelihoods, type-major
@@ -236,7 +237,7 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   std::vector<double> chunk_loss(n_chunks * K, 0.0);
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<T> ll(kChunk);
 #pragma omp for schedule(dynamic, 1)

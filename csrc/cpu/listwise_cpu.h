@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/threads.h"
+
 namespace emdpo {
 namespace cpu {
 
@@ -39,8 +41,6 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
 // the array is valid, else the first offending index.
 int64_t first_bad_offset(const int64_t* offsets, int64_t n, int64_t total, int64_t min_gap);
 int64_t first_bad_n_ranked(const int64_t* n_ranked, const int64_t* offsets, int64_t N);
-
-int num_threads();
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
 const char* cpu_isa();

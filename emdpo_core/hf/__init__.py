@@ -25,6 +25,7 @@ from .logps import (prefix_sharing_mask, resolve_layout, sequence_logps,
 _LAZY = {
     "EMDPOConfig": ".trainer",
     "EMDPOTrainer": ".trainer",
+    "MixtureLM": ".aggregate",
 }
 
 __all__ = [
