@@ -437,6 +437,17 @@ def clip(value) -> str:
         return f"<{type(value).__name__}>"
 
 
+# A message from elsewhere (an exception's text) wrapped into ours is cut to this length.
+MESSAGE_CHARS = 400
+
+
+def clip_message(text) -> str:
+    """An exception's message on one line, cut to MESSAGE_CHARS characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_CHARS else \
+        text[:MESSAGE_CHARS - 30] + f"... ({len(text)} characters)"
+
+
 # Ids (item ids, annotator ids) index arrays of size largest id + 1, so their cost grows with
 # the largest id, not with the data. An id may exceed what the data could use by this
 # margin: up to max(SPARE_IDS, 4 * entries) for `entries` values given. Larger ids are

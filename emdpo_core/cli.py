@@ -272,14 +272,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-# An error message is printed on one line of at most this many characters.
-MESSAGE_CHARS = 1000
-
-
 def _one_line(message) -> str:
-    text = " ".join(str(message).split())
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 30] + \
-        f"... ({len(text)} characters)"
+    from ._checks import clip_message
+
+    return clip_message(message)
 
 
 def _parser() -> argparse.ArgumentParser:

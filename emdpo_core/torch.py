@@ -159,7 +159,7 @@ def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
         return torch.as_tensor(x, device=device)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} "
-                        f"({_checks.clip(str(e))})") from None
+                        f"({_checks.clip_message(e)})") from None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

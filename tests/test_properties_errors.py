@@ -237,7 +237,6 @@ def test_ranking_data_refuses_malformed_arguments(data, which):
              sample_weight=np.ones(3), n_items=3)
     bad = {"items": st.sampled_from([None, "x", np.array([0, 1, 2, 2, 0, 1, 0, 0]),
                                      np.array([0, 1, 2, 2, 0, 1, 0, -1]), np.zeros((8, 1)),
-                                     np.array([0, 1, 2, 2, 0, 1, 0, 2 ** 40]),
                                      np.array([0, 1, 2, 2, 0, 1, 0, 1.5]), np.zeros(7),
                                      np.array([0, 1, 2, 2, 0, 1, 0, 2 ** 64 - 1],
                                               dtype=np.uint64)]),

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from .._checks import SPARE_IDS, check_id_bound, clip
+from .._checks import check_id_bound, clip, clip_message
 
 _I64_MAX = int(np.iinfo(np.int64).max)
 # A line longer than this is refused: a junk file without newlines must not be read whole into
@@ -45,7 +45,7 @@ def _text_lines(path):
 def build_from_lists(rankings, candidates, *, n_items, item_names, where):
     """Lists of orders (+ candidate sets) -> constructor fields. ``where(i)`` names record i
     in error messages (a list index or a file line)."""
-    if isinstance(rankings, (str, bytes, dict)) or not hasattr(rankings, "__iter__"):
+    if isinstance(rankings, dict) or not hasattr(rankings, "__iter__"):
         raise TypeError(f"rankings: expected a sequence of orders, got "
                         f"{type(rankings).__name__}")
     rankings = list(rankings)
@@ -156,14 +156,6 @@ def build_from_lists(rankings, candidates, *, n_items, item_names, where):
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     items = np.asarray(items, dtype=np.int64)
-    if n_items is None and names is None and items.size:
-        top = int(items.max())
-        if top >= max(SPARE_IDS, 4 * items.size):       # name the record before the generic check
-            i = int(np.searchsorted(offsets, int(np.argmax(items)), side="right")) - 1
-            try:
-                check_id_bound("items", top, items.size)
-            except ValueError as e:
-                raise ValueError(f"{where(i)}: {e}") from None
     if n_items is None and names is not None:
         n_items = len(names)
     return dict(items=items, offsets=offsets, n_ranked=np.asarray(depths, dtype=np.int64),
@@ -424,7 +416,7 @@ def read_jsonl(path) -> dict:
         except RecursionError:
             raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
         except ValueError as e:      # e.g. an integer of more than 4300 digits
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({clip(str(e))})") from None
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({clip_message(e)})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
                              f"{type(rec).__name__}")

@@ -91,11 +91,11 @@ class RankingData(RecordSet):
                              f"(record {record_of(offsets, j)})")
         top = int(items.max())
         if n_items is None:
-            _checks.check_id_bound("items", top, M)
             n_items = top + 1
         else:
             n_items = _checks.check_int("n_items", n_items, 2)
-            _checks.check_id_bound("n_items", n_items - 1, M, count=True)
+            if n_items > np.iinfo(np.int64).max:
+                raise ValueError(f"n_items: {n_items} is beyond int64")
             if top >= n_items:
                 j = int(np.argmax(items >= n_items))
                 raise ValueError(f"items: id {items[j]} at slot {j} (record "

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .._checks import clip, describe
+from .._checks import clip, clip_message, describe
 from .._io import atomic_write
 
 _FORMAT_VERSION = 1
@@ -195,7 +195,7 @@ class Persistence:
         try:
             est._check_params()
         except (TypeError, ValueError) as e:
-            raise bad("params", str(e)) from None
+            raise bad("params", clip_message(e)) from None
         est.family_ = est._make_family()
 
         def sub(prefix):
@@ -206,7 +206,7 @@ class Persistence:
             try:
                 est.family_.load_state_dict(sub(prefix))
             except (TypeError, ValueError, KeyError, RuntimeError) as e:
-                raise bad(prefix, clip(str(e))) from None
+                raise bad(prefix, clip_message(e)) from None
 
         if meta["status"] == "fitted":
             f = _field(path, meta, "fitted", dict)
@@ -269,7 +269,7 @@ def _read_npz(path: str) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - zip, zlib, format and pickle errors alike
         raise ValueError(f"{path}: not a readable model file (damaged or not an .npz archive "
-                         f"of arrays: {type(e).__name__}: {clip(str(e))})") from None
+                         f"of arrays: {type(e).__name__}: {clip_message(e)})") from None
 
 
 def _read_header(path: str, arrays: dict) -> dict:
@@ -283,7 +283,7 @@ def _read_header(path: str, arrays: dict) -> dict:
     except UnicodeDecodeError:
         raise ValueError(f"{path}: header: not UTF-8 text") from None
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: header: not valid JSON ({clip(str(e))})") from None
+        raise ValueError(f"{path}: header: not valid JSON ({clip_message(e)})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: header: expected a JSON object, got {type(meta).__name__}")
     for name, kind in _HEADER_FIELDS.items():

@@ -109,6 +109,14 @@ class TabularPolicies(PolicyFamily):
         if self.log_worths is not None and data.n_items > self.n_items:
             raise ValueError(f"data: has n_items={data.n_items} but the model was fitted on "
                              f"{self.n_items} items")
+        if fitting and self.log_worths is None:
+            # one worth per item id and type: ids far beyond what the data holds would make
+            # the fit's cost grow with the largest id (RankingData itself keeps sparse ids)
+            try:
+                _checks.check_id_bound("items", data.n_items - 1, data.n_slots)
+            except ValueError as e:
+                raise ValueError(f"data: {e} (tabular policies hold a worth per item id "
+                                 f"and type)") from None
         if fitting and self.log_worths is not None and data.n_items != self.n_items:
             # a warm start (or a resumed fit) continues from worths over the model's items;
             # the MM step indexes the data's per-item sums by them
