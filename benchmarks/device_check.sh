@@ -239,6 +239,25 @@ else
   echo "$BENCH_LINE"
 fi
 
+step "benchmarks/bench_hf_trainer.py --device cuda --dtype bf16 (EMDPOTrainer)"
+if [ ! -f "$REPO/benchmarks/bench_hf_trainer.py" ]; then
+  HF_LINE="skipped: benchmarks/bench_hf_trainer.py not in this checkout"
+elif ! (cd /tmp && "$PY" -c "import transformers, peft, tokenizers, accelerate" > /dev/null 2>&1); then
+  HF_LINE="skipped: transformers/peft/tokenizers/accelerate not installed (pip install '.[hf]')"
+else
+  # From /tmp, so that the installed (CUDA) build is imported rather than the checkout.
+  (cd /tmp && timeout 300 "$PY" "$REPO/benchmarks/bench_hf_trainer.py" --device cuda --dtype bf16 \
+    --output "$OUT/bench_hf_trainer.csv" 2>&1) | tee "$OUT/bench_hf_trainer.log"
+  HF_RC=$?
+  if [ "$HF_RC" -eq 0 ]; then
+    HF_LINE="ok -> bench_hf_trainer.csv; $(grep -E "library overhead" "$OUT/bench_hf_trainer.log" \
+      | sed -E 's/ +/ /g' | tr '\n' ';')"
+  else
+    HF_LINE="FAILED (rc=$HF_RC, see bench_hf_trainer.log)"; STATUS=1
+  fi
+fi
+echo "$HF_LINE"
+
 echo
 echo "==================== device_check summary ===================="
 note "device:  ${GPU_NAME:-unknown (nvidia-smi failed)}"
@@ -250,6 +269,7 @@ else
   note "kernels: FAILED (rc=$KERN_RC, see kernels.log)"
 fi
 note "bench:   $BENCH_LINE"
+note "hf:      $HF_LINE"
 if [ -s "$OUT/bench_cuda.csv" ]; then
   note "bench_cuda.csv (last rows):"
   tail -n 6 "$OUT/bench_cuda.csv" | cut -c1-160 | tee -a "$SUMMARY"
