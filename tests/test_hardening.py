@@ -535,3 +535,36 @@ def test_hedge_survives_huge_regrets():
     res = ec.mmra(R, solver="hedge")
     assert np.all(np.isfinite(res.weights)) and np.isfinite(res.max_regret)
     np.testing.assert_allclose(res.weights, [0.5, 0.5], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# Threads (docs/guarantees.md): concurrent calls on shared inputs equal a serial call bitwise
+
+
+def test_kernels_called_from_many_threads_match_a_serial_call():
+    rng = np.random.default_rng(12)
+    N, K = 5000, 3                        # > 2048 records: the kernels' parallel path
+    m = rng.integers(2, 6, N)
+    off = np.concatenate([[0], np.cumsum(m)])
+    M = int(off[-1])
+    p, ref = rng.normal(-30, 2, (K, M)), rng.normal(-30, 2, M)
+    ao = np.concatenate([[0], np.sort(rng.choice(np.arange(1, N), 400, replace=False)), [N]])
+    lw = np.log(np.full(K, 1.0 / K))
+
+    def call():
+        r = ec.e_step(p, ref, off, ao, lw, beta=0.7)
+        loss, grad = ec.listwise_dpo_loss_and_grad(p[0], ref, off, beta=0.7)
+        return r.responsibilities.tobytes(), r.loglik, loss, grad.tobytes()
+
+    serial = call()
+    results = [None] * 8
+
+    def worker(i):
+        results[i] = [call() for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == serial for rs in results for r in rs)
