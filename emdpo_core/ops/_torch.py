@@ -18,8 +18,13 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _require_tensor(x, name, device):
+    _checks.refuse_sparse(x, name)
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x), device=device)
+        try:
+            x = torch.as_tensor(np.asarray(x), device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}: expected a tensor or an array of numbers, got "
+                            f"{_checks.clip(x)}") from None
     if x.device != device:
         raise ValueError(
             f"{name}: on {x.device}, but policy_logps is on {device}; put all inputs on one device")
@@ -42,6 +47,8 @@ def _index_tensor(x, name, device):
         raise TypeError(f"{name}: expected an integer tensor (int64), got {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D integer tensor, got shape {tuple(x.shape)}")
+    if x.dtype != torch.int64 and not x.dtype.is_signed and x.element_size() == 8 and x.numel():
+        _checks.as_int64(x.cpu().numpy(), name)     # uint64 beyond int64: the real value
     return x.to(torch.int64).contiguous()
 
 
