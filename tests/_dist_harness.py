@@ -1,0 +1,91 @@
+"""Run functions on P gloo processes (torch.multiprocessing spawn) and collect their results.
+
+``run_group(P, jobs)`` starts P processes once, joins them into a gloo group on 127.0.0.1 and
+a free port, and runs every job ``(name, function, kwargs)`` in each of them, in order;
+``function(comm_rank, world_size, **kwargs)`` returns a picklable value (or raises: the
+exception's type and message are returned instead, so error paths can be asserted). Starting
+processes is the expensive part (each imports torch), so a test module starts one group per
+P and runs all its scenarios in it. Every wait has a deadline: a hung collective fails the
+test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+
+# A collective that does not complete in this time raises in the workers (gloo timeout);
+# the parent gives up on the whole group after GROUP_DEADLINE seconds. The machine is
+# shared and loaded; starting 3 processes that import torch took up to 50 s under load.
+COLLECTIVE_TIMEOUT_S = 120
+GROUP_DEADLINE = 400
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, jobs, outdir, env):
+    os.environ.update(env)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    import torch.distributed as dist
+
+    results = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        for name, fn, kwargs in jobs:
+            try:
+                results[name] = ("ok", fn(rank, world_size, **kwargs))
+            except Exception as e:   # noqa: BLE001 -- reported to the parent test
+                results[name] = ("error", type(e).__name__, str(e), traceback.format_exc())
+        dist.destroy_process_group()
+    finally:
+        tmp = os.path.join(outdir, f"rank{rank}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(results, f)
+        os.replace(tmp, os.path.join(outdir, f"rank{rank}.pkl"))
+
+
+def run_group(world_size, jobs, env=None, deadline=GROUP_DEADLINE):
+    """[results of rank 0, results of rank 1, ...], each {job name: ("ok", value) or
+    ("error", type name, message, traceback)}."""
+    import torch.multiprocessing as mp
+
+    outdir = tempfile.mkdtemp(prefix="emdpo-dist-")
+    env = dict(env or {})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("NUMBA_NUM_THREADS", "1")
+    ctx = mp.start_processes(_worker, args=(world_size, free_port(), jobs, outdir, env),
+                             nprocs=world_size, join=False, start_method="spawn")
+    t0 = time.monotonic()
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() - t0 > deadline:
+                raise TimeoutError(f"distributed test group of {world_size} did not finish in "
+                                   f"{deadline} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = []
+    for r in range(world_size):
+        with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as f:
+            out.append(pickle.load(f))
+    return out
+
+
+def value(results, name):
+    """The value of job ``name`` on one rank, re-raising a worker's error with its traceback."""
+    res = results[name]
+    if res[0] != "ok":
+        raise AssertionError(f"job {name} failed in the worker: {res[1]}: {res[2]}\n{res[3]}")
+    return res[1]
