@@ -62,6 +62,8 @@ __all__ = [
     "shard_layout",
     "e_step",
     "shard_of",
+    "shard",
+    "take_records",
     "load_shard",
     "SHARDINGS",
 ]
@@ -108,6 +110,13 @@ class LocalComm:
     def barrier(self) -> None:
         pass
 
+    def sum_tensor(self, t):
+        """Sum of a torch tensor over the ranks, on its device and in its dtype."""
+        return t
+
+    def broadcast_tensors(self, tensors, src: int = 0) -> None:
+        """Overwrite each tensor with rank ``src``'s, in place."""
+
     def reset_counters(self) -> None:
         self.calls = self.payload_bytes = self.wire_bytes = 0
 
@@ -151,33 +160,58 @@ class TorchComm(LocalComm):
 
     def sum(self, x) -> np.ndarray:
         a = np.asarray(x, dtype=np.float64)
-        flat = a.reshape(-1)
-        P, n = self.world_size, flat.shape[0]
-        if n == 0:
+        if a.size == 0:
             return a.copy()
+        return self._ordered_sum(self._tensor(a.reshape(-1))).cpu().numpy().reshape(a.shape)
+
+    def sum_tensor(self, t):
+        flat = t.detach().reshape(-1)
+        if flat.device != self.device:
+            flat = flat.to(self.device)
+        return self._ordered_sum(flat).to(t.device).reshape(t.shape)
+
+    def _ordered_sum(self, flat):
+        """Rank-order sum of a 1-d tensor on self.device (see the module doc)."""
+        torch, dist, P = self._torch, self._dist, self.world_size
+        n, size = flat.shape[0], flat.element_size()
         if n <= GATHER_MAX:
-            parts = self._gather(flat)
-            acc = parts[0].copy()
+            out = torch.empty(P * n, dtype=flat.dtype, device=self.device)
+            dist.all_gather_into_tensor(out, flat.contiguous(), group=self.group)
+            parts = out.view(P, n)
+            acc = parts[0].clone()
             for r in range(1, P):
                 acc += parts[r]
-            return acc.reshape(a.shape)
+            self.calls += 1
+            self.payload_bytes += size * n
+            self.wire_bytes += size * n * (P - 1)
+            return acc
         # Ordered reduce-scatter: rank r receives chunk r of every rank (all_to_all), adds
         # them in rank order, then the summed chunks are all-gathered.
         chunk = -(-n // P)
-        padded = np.zeros(chunk * P)
+        padded = torch.zeros(chunk * P, dtype=flat.dtype, device=self.device)
         padded[:n] = flat
-        recv = self._torch.empty(chunk * P, dtype=self._torch.float64, device=self.device)
-        self._dist.all_to_all_single(recv, self._tensor(padded), group=self.group)
-        parts = recv.cpu().numpy().reshape(P, chunk)
-        acc = parts[0].copy()
+        recv = torch.empty_like(padded)
+        dist.all_to_all_single(recv, padded, group=self.group)
+        parts = recv.view(P, chunk)
+        acc = parts[0].clone()
         for r in range(1, P):
             acc += parts[r]
-        out = self._torch.empty(chunk * P, dtype=self._torch.float64, device=self.device)
-        self._dist.all_gather_into_tensor(out, self._tensor(acc), group=self.group)
+        out = torch.empty_like(padded)
+        dist.all_gather_into_tensor(out, acc, group=self.group)
         self.calls += 2
-        self.payload_bytes += 8 * chunk * P
-        self.wire_bytes += 2 * 8 * chunk * (P - 1)
-        return out.cpu().numpy()[:n].reshape(a.shape)
+        self.payload_bytes += size * chunk * P
+        self.wire_bytes += 2 * size * chunk * (P - 1)
+        return out[:n]
+
+    def broadcast_tensors(self, tensors, src: int = 0) -> None:
+        for t in tensors:
+            if t.device == self.device:
+                self._dist.broadcast(t.data, group=self.group, group_src=src)
+            else:
+                tmp = t.detach().to(self.device)
+                self._dist.broadcast(tmp, group=self.group, group_src=src)
+                t.data.copy_(tmp.to(t.device))
+            self.calls += 1
 
     def sum_unordered(self, x) -> np.ndarray:
         """Sum by ``all_reduce`` (the backend's order of additions): for the benchmark's
@@ -192,6 +226,8 @@ class TorchComm(LocalComm):
 
     def max(self, x) -> np.ndarray:
         a = np.asarray(x, dtype=np.float64)
+        if a.size == 0:
+            return a.copy()
         return self._gather(a.reshape(-1)).max(axis=0).reshape(a.shape)
 
     def gather_objects(self, obj) -> list:
@@ -202,7 +238,7 @@ class TorchComm(LocalComm):
 
     def broadcast_object(self, obj, src: int = 0):
         box = [obj]
-        self._dist.broadcast_object_list(box, src=src, group=self.group)
+        self._dist.broadcast_object_list(box, group=self.group, group_src=src)
         self.calls += 1
         return box[0]
 
@@ -225,7 +261,7 @@ def resolve_comm(process_group=None):
     None: the default process group when torch.distributed is initialised with more than one
     rank, else :class:`LocalComm` (one process; torch is not imported for this). A process
     group object: that group (torch.distributed must be initialised). A communicator is
-    returned as it is.
+    returned as it is: ``LocalComm()`` means this process alone even when a group exists.
     """
     if isinstance(process_group, LocalComm):
         return process_group
@@ -622,8 +658,7 @@ def load_shard(source, *, rank=None, world_size=None, process_group=None, format
     fmt = format or _guess_format(source)
     if fmt == "preflib":
         full = RankingData.from_preflib(source)
-        a, b = _block(full.n_records, r, P)
-        return _subset(full, np.arange(a, b))
+        return shard(full, rank=r, world_size=P)
     if fmt == "jsonl":
         rows = _jsonl_rows(os.fspath(source))
     elif fmt == "parquet":
@@ -729,14 +764,50 @@ def _rows_shard(rows, r, P, acol, rcol, icol, wcol, n_items, item_names, where):
         item_names=item_names if string_items else None)
 
 
-def _subset(data, rows):
-    from .data import RankingData
+def take_records(data, rows):
+    """A RankingData or PreferenceData of the records ``rows`` (int indices, in that order):
+    their slots, depths, annotator ids (the original ids), weights and per-slot arrays."""
+    from .data import PreferenceData, RankingData
 
+    rows = np.asarray(rows, dtype=np.int64)
     lengths = np.diff(data.offsets)[rows]
-    slots = np.concatenate([np.arange(data.offsets[i], data.offsets[i + 1]) for i in rows]) \
-        if rows.size else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    starts = data.offsets[:-1][rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    slots = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
     annot = None if data.annotator is None else data.annotator_labels[data.annotator[rows]]
     sw = None if data.sample_weight is None else data.sample_weight[rows]
-    return RankingData(data.items[slots], offsets, data.n_ranked[rows], annotator=annot,
-                       sample_weight=sw, n_items=data.n_items, item_names=data.item_names)
+    if isinstance(data, RankingData):
+        return RankingData(data.items[slots], offsets, data.n_ranked[rows], annotator=annot,
+                           sample_weight=sw, n_items=data.n_items, item_names=data.item_names)
+    if isinstance(data, PreferenceData):
+        def take(x):
+            if x is None:
+                return None
+            if hasattr(x, "detach"):              # a torch tensor: index on its device
+                import torch
+
+                return x[torch.as_tensor(slots, device=x.device)]
+            return np.asarray(x)[slots]
+
+        return PreferenceData(offsets, {k: take(v) for k, v in data.inputs.items()},
+                              ref_logps=take(data.ref_logps), n_ranked=data.n_ranked[rows],
+                              annotator=annot, sample_weight=sw, features=take(data.features))
+    raise TypeError(f"data: expected a RankingData or a PreferenceData, got "
+                    f"{type(data).__name__}")
+
+
+def shard(data, *, rank=None, world_size=None, process_group=None):
+    """This rank's records of an in-memory RankingData or PreferenceData: the records of the
+    annotators that :func:`shard_of` sends here (annotators never straddle ranks), or a
+    contiguous block of records when the data has no annotator ids. The union of the ranks'
+    shards is the data (records of each annotator in their original order)."""
+    r, P = _rank_and_size(rank, world_size, process_group)
+    N = data.n_records
+    if data.annotator is not None:
+        rows = np.flatnonzero(shard_of(data.annotator_labels[data.annotator], P) == r)
+    else:
+        a, b = _block(N, r, P)
+        rows = np.arange(a, b)
+    if rows.size == 0:
+        raise ValueError(f"data: rank {r} of {P} gets no records; use fewer ranks")
+    return take_records(data, rows)

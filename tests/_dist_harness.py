@@ -55,30 +55,44 @@ def _worker(rank, world_size, port, jobs, outdir, env):
         os.replace(tmp, os.path.join(outdir, f"rank{rank}.pkl"))
 
 
-def run_group(world_size, jobs, env=None, deadline=GROUP_DEADLINE):
+def run_group(world_size, jobs, env=None, deadline=GROUP_DEADLINE, allow_exit=False):
     """[results of rank 0, results of rank 1, ...], each {job name: ("ok", value) or
-    ("error", type name, message, traceback)}."""
-    import torch.multiprocessing as mp
+    ("error", type name, message, traceback)}; None for a rank that exited without results
+    (allowed only with ``allow_exit``: a test that kills a rank on purpose)."""
+    import multiprocessing
 
+    ctx = multiprocessing.get_context("spawn")
     outdir = tempfile.mkdtemp(prefix="emdpo-dist-")
     env = dict(env or {})
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("NUMBA_NUM_THREADS", "1")
-    ctx = mp.start_processes(_worker, args=(world_size, free_port(), jobs, outdir, env),
-                             nprocs=world_size, join=False, start_method="spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, jobs, outdir, env),
+                         daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
     t0 = time.monotonic()
     try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() - t0 > deadline:
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - (time.monotonic() - t0)))
+            if p.is_alive():
                 raise TimeoutError(f"distributed test group of {world_size} did not finish in "
                                    f"{deadline} s")
     finally:
-        for p in ctx.processes:
+        for p in procs:
             if p.is_alive():
                 p.kill()
+                p.join(5)
     out = []
     for r in range(world_size):
-        with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as f:
+        path = os.path.join(outdir, f"rank{r}.pkl")
+        if not os.path.exists(path):
+            if not allow_exit:
+                raise AssertionError(f"rank {r} exited with code {procs[r].exitcode} and no "
+                                     f"results")
+            out.append(None)
+            continue
+        with open(path, "rb") as f:
             out.append(pickle.load(f))
     return out
 
