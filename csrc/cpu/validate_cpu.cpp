@@ -1,9 +1,5 @@
 #include "cpu/listwise_cpu.h"
 
-#ifdef EMDPO_HAVE_OPENMP
-#include <omp.h>
-#endif
-
 namespace emdpo {
 namespace cpu {
 
@@ -14,8 +10,12 @@ int64_t first_bad_offset(const int64_t* offsets, int64_t n, int64_t total, int64
   if (n == 0) return 0;
   if (offsets[0] != 0) return 0;
   for (int64_t i = 1; i < n; ++i) {
-    // Compare without subtracting: offsets[i] may be any int64, offsets[i-1] is in [0, total].
-    if (offsets[i] > total || offsets[i] < offsets[i - 1] + min_gap) return i;
+    // offsets[i-1] is in [0, total] here and offsets[i] may be any int64: the difference is
+    // taken only once offsets[i] is known to lie in [offsets[i-1], total], where it cannot
+    // overflow (nor can offsets[i-1] + min_gap, which is never formed).
+    if (offsets[i] > total || offsets[i] < offsets[i - 1] ||
+        offsets[i] - offsets[i - 1] < min_gap)
+      return i;
   }
   if (offsets[n - 1] != total) return n - 1;
   return -1;
@@ -27,14 +27,6 @@ int64_t first_bad_n_ranked(const int64_t* n_ranked, const int64_t* offsets, int6
     if (n_ranked[i] < 1 || n_ranked[i] > m - 1) return i;
   }
   return -1;
-}
-
-int num_threads() {
-#ifdef EMDPO_HAVE_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 }  // namespace cpu
