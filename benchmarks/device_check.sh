@@ -239,6 +239,16 @@ else
   echo "$BENCH_LINE"
 fi
 
+# ---- step added by the distributed-EM work (benchmarks/device_check_distributed.py) ----
+step "distributed EM on NCCL (one GPU: a group of one rank)"
+(cd /tmp && timeout 180 "$PY" "$REPO/benchmarks/device_check_distributed.py" 2>&1) \
+  | tee "$OUT/distributed.log"
+DIST_RC=$?
+DIST_LINE="$(grep -E "^distributed device check" "$OUT/distributed.log" | tail -n 1)"
+[ -z "$DIST_LINE" ] && DIST_LINE="no summary line (rc=$DIST_RC, see distributed.log)"
+[ "$DIST_RC" -ne 0 ] && STATUS=1
+# ---- end of the distributed-EM step ----
+
 echo
 echo "==================== device_check summary ===================="
 note "device:  ${GPU_NAME:-unknown (nvidia-smi failed)}"
@@ -250,6 +260,7 @@ else
   note "kernels: FAILED (rc=$KERN_RC, see kernels.log)"
 fi
 note "bench:   $BENCH_LINE"
+note "dist:    $DIST_LINE"
 if [ -s "$OUT/bench_cuda.csv" ]; then
   note "bench_cuda.csv (last rows):"
   tail -n 6 "$OUT/bench_cuda.csv" | cut -c1-160 | tee -a "$SUMMARY"

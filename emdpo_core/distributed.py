@@ -50,8 +50,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .kernels import EStepResult
-from .kernels import e_step as _kernel_e_step
+from .ops.listwise import EStepResult
+from .ops.listwise import e_step as _kernel_e_step
 
 __all__ = [
     "LocalComm",
@@ -465,7 +465,7 @@ def _numpy(x):
     return np.asarray(x)
 
 
-def _posteriors(S, log_weights):
+def posteriors(S, log_weights):
     """(responsibilities, per-row log-likelihood) from partial sums S (R, K)."""
     z = S + log_weights[None, :]
     mx = z.max(axis=1, keepdims=True)
@@ -488,7 +488,7 @@ def combine_annotator_loglik(layout: ShardLayout, S_local, log_weights, annotato
         table = np.zeros((layout.n_shared, S.shape[1]))
         table[layout.shared_slot] = S[layout.shared_rows]
         S[layout.shared_rows] = comm.sum(table)[layout.shared_slot]
-    resp, per = _posteriors(S, lw)
+    resp, per = posteriors(S, lw)
     v = np.ones(S.shape[0]) if annotator_weight is None else np.asarray(annotator_weight)
     stats = Statistics().add("loglik", np.dot(v[layout.owned], per[layout.owned]))
     stats.sync(comm)
@@ -498,10 +498,21 @@ def combine_annotator_loglik(layout: ShardLayout, S_local, log_weights, annotato
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
            n_ranked=None, record_weights=None, return_record_loglik=False, process_group=None,
            annotator_ids=None, sharding="auto") -> EStepResult:
-    """Fused E-step over the union of the ranks' shards (see :func:`emdpo_core.e_step`).
+    """Fused E-step: per-record likelihoods, per-annotator sums, posteriors over types; on a
+    process group, over the union of the ranks' records.
 
-    Each rank passes its own records (grouped by annotator, as for the one-process E-step).
-    How a rank's annotator rows map to the union:
+    Records must be grouped by annotator: records annotator_offsets[h]:annotator_offsets[h+1]
+    belong to annotator h (see :func:`emdpo_core.group_by_annotator`). With
+    S_hk = sum_i c_i ll_ik:
+        log g_hk = log eta_k + S_hk - logsumexp_j (log eta_j + S_hj),
+        loglik  = sum_h logsumexp_k (log eta_k + S_hk).
+    Arguments and the one-process result as :func:`emdpo_core.ops.e_step` (the compiled
+    kernel, which this calls on this rank's records).
+
+    ``process_group``: None = the default group when torch.distributed is initialised with
+    several ranks, else this process alone (``LocalComm()``: alone in any case). On a group
+    each rank passes its own records (grouped by annotator). How a rank's annotator rows map
+    to the union:
 
     - ``annotator_ids`` (H_local,) given: row h is annotator ``annotator_ids[h]`` (any
       integers or strings, distinct within the rank). Annotators whose records are on
@@ -520,6 +531,13 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     are float64 NumPy arrays (torch tensors on the input's device for torch input),
     ``record_loglik`` is this rank's records. With no process group (one process) this is
     exactly the one-process E-step.
+
+    Example:
+        >>> import numpy as np, emdpo_core as ec
+        >>> p = np.log(np.full((2, 6), 0.5)); ref = np.zeros(6)
+        >>> r = ec.e_step(p, ref, [0, 3, 6], [0, 2], np.log([0.5, 0.5]), beta=1.0)
+        >>> r.responsibilities.round(3).tolist()
+        [[0.5, 0.5]]
     """
     comm = resolve_comm(process_group)
     res = _kernel_e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights,
