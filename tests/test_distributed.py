@@ -362,3 +362,69 @@ def test_docs_example_runs_under_torchrun(tmp_path, group):
     assert line == (f"weights {ref.weights_.round(3).tolist()} loglik "
                     f"{round(ref.loglik_, 6)}")
     assert ec.PlackettLuceMixture.load(tmp_path / "f.npz").n_iter_ == ref.n_iter_
+
+
+# ----------------------------------------------------------------------------------------
+# The Hugging Face trainer under DDP (torchrun, as accelerate launch runs it), CPU, gloo
+
+
+def test_emdpo_trainer_under_ddp_equals_one_process(tmp_path, group):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from _dist_harness import free_port
+    from conftest import SUBPROCESS_CWD
+
+    P, _ = group
+    if P != 2:
+        pytest.skip("run once, with 2 processes")
+    script = Path(__file__).resolve().parent / "_ddp_trainer.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+         str(tmp_path)], cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True,
+        timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads((tmp_path / "result.json").read_text())
+    assert got["world_size"] == 2
+    import _ddp_trainer as ddp
+
+    one = ddp.summary(_one_process_trainer(tmp_path / "one"))
+    ddp_run, resumed = got["a"], got["b"]
+    # float32 policies: the M-step's gradients are averaged over 2 processes by DDP and the
+    # E-step's per-annotator sums added across them, i.e. float32 sums in another order.
+    # Measured: ~2e-7 relative; 1e-5 leaves margin.
+    np.testing.assert_allclose(ddp_run["weights"], one["weights"], rtol=1e-5)
+    np.testing.assert_allclose(ddp_run["resp"], one["resp"], atol=1e-5)
+    np.testing.assert_allclose(ddp_run["loglik"], one["loglik"], rtol=1e-5)
+    for n, v in one["params"].items():
+        assert ddp_run["params"][n] == pytest.approx(v, rel=1e-4, abs=1e-5), n
+    # Resumed under DDP from the middle of the second M-step: the uninterrupted DDP run.
+    np.testing.assert_allclose(resumed["weights"], ddp_run["weights"], rtol=1e-6)
+    np.testing.assert_allclose(resumed["loglik"], ddp_run["loglik"], rtol=1e-6)
+    for n, v in ddp_run["params"].items():
+        assert resumed["params"][n] == pytest.approx(v, rel=1e-6, abs=1e-7), n
+
+
+def _one_process_trainer(out):
+    import torch
+
+    import _ddp_trainer as ddp
+    from test_hf_trainer import make_trainer
+
+    rows, params = ddp.rows_and_params()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = make_trainer(str(out), rows, per_device_train_batch_size=8,
+                         **dict(params, save_strategy="no"))
+        t.train()
+    finally:
+        torch.set_num_threads(n)
+    return t

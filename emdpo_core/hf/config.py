@@ -43,6 +43,10 @@ class EMDPOConfig(TrainingArguments):
         prefix_sharing: collate each ranked list as one sequence with the prompt encoded
             once (see :class:`RankedListCollator`; for models where
             ``supports_prefix_sharing(model)``).
+        ddp_static_graph: default True here: an M-step batch runs one forward pass per type
+            through the model, and DDP (``accelerate launch`` / ``torchrun``) accepts several
+            forward passes before one backward pass only with a static graph. On CPU, DDP
+            also needs ``use_cpu=True`` (a transformers rule). See docs/distributed.md.
     """
 
     n_types: int = field(default=2, metadata={"help": "K, the number of latent types."})
@@ -66,6 +70,8 @@ class EMDPOConfig(TrainingArguments):
         default=None, metadata={"help": "Rows per no-grad forward."})
     prefix_sharing: bool = field(
         default=False, metadata={"help": "Encode each prompt once per ranked list."})
+    ddp_static_graph: Optional[bool] = field(
+        default=True, metadata={"help": "DDP static graph (K forward passes per step)."})
 
     def __post_init__(self):
         def positive_int(name, value, allow_none=False):
