@@ -239,6 +239,44 @@ else
   echo "$BENCH_LINE"
 fi
 
+step "benchmarks/bench_hf_trainer.py --device cuda --dtype bf16 (EMDPOTrainer)"
+if [ ! -f "$REPO/benchmarks/bench_hf_trainer.py" ]; then
+  HF_LINE="skipped: benchmarks/bench_hf_trainer.py not in this checkout"
+elif ! (cd /tmp && "$PY" -c "import transformers, peft, tokenizers, accelerate" > /dev/null 2>&1); then
+  HF_LINE="skipped: transformers/peft/tokenizers/accelerate not installed (pip install '.[hf]')"
+else
+  # From /tmp, so that the installed (CUDA) build is imported rather than the checkout.
+  (cd /tmp && timeout 300 "$PY" "$REPO/benchmarks/bench_hf_trainer.py" --device cuda --dtype bf16 \
+    --output "$OUT/bench_hf_trainer.csv" 2>&1) | tee "$OUT/bench_hf_trainer.log"
+  HF_RC=$?
+  if [ "$HF_RC" -eq 0 ]; then
+    HF_LINE="ok -> bench_hf_trainer.csv; $(grep -E "library overhead" "$OUT/bench_hf_trainer.log" \
+      | sed -E 's/ +/ /g' | tr '\n' ';')"
+  else
+    HF_LINE="FAILED (rc=$HF_RC, see bench_hf_trainer.log)"; STATUS=1
+  fi
+fi
+echo "$HF_LINE"
+
+# ---- step added by the Hugging Face layer (emdpo_core.hf): prefix sharing on CUDA --------
+# Padded vs prefix-shared sequence log-probabilities of ranked lists (bf16, a 1024-hidden,
+# 8-layer random Llama), m = 2, 4 and prompt:response 1:1, 4:1; needs transformers.
+step "benchmarks/bench_prefix_sharing.py --device cuda --quick"
+if ! (cd /tmp && "$PY" -c "import transformers" > /dev/null 2>&1); then
+  PREFIX_LINE="skipped: transformers is not installed (pip install .[hf])"
+  echo "$PREFIX_LINE"
+elif [ -f "$REPO/benchmarks/bench_prefix_sharing.py" ]; then
+  (cd /tmp && timeout 240 "$PY" "$REPO/benchmarks/bench_prefix_sharing.py" --device cuda \
+    --quick --output "$OUT/bench_prefix_sharing_cuda.csv" 2>&1) | tee "$OUT/bench_prefix_sharing.log"
+  PREFIX_RC=$?
+  if [ "$PREFIX_RC" -eq 0 ]; then PREFIX_LINE="ok -> bench_prefix_sharing_cuda.csv"; else
+    PREFIX_LINE="FAILED (rc=$PREFIX_RC, see bench_prefix_sharing.log)"; STATUS=1; fi
+else
+  PREFIX_LINE="skipped: benchmarks/bench_prefix_sharing.py not in this checkout"
+  echo "$PREFIX_LINE"
+fi
+# ---- end of the prefix-sharing step ---------------------------------------------------------
+
 # ---- step added by the distributed-EM work (benchmarks/device_check_distributed.py) ----
 step "distributed EM on NCCL (one GPU: a group of one rank)"
 (cd /tmp && timeout 180 "$PY" "$REPO/benchmarks/device_check_distributed.py" 2>&1) \
@@ -260,10 +298,15 @@ else
   note "kernels: FAILED (rc=$KERN_RC, see kernels.log)"
 fi
 note "bench:   $BENCH_LINE"
+note "hf:      $HF_LINE"
 note "dist:    $DIST_LINE"
 if [ -s "$OUT/bench_cuda.csv" ]; then
   note "bench_cuda.csv (last rows):"
   tail -n 6 "$OUT/bench_cuda.csv" | cut -c1-160 | tee -a "$SUMMARY"
+fi
+note "prefix sharing (hf): $PREFIX_LINE"
+if [ -s "$OUT/bench_prefix_sharing.log" ]; then
+  grep -E "^(mode|fwd)" "$OUT/bench_prefix_sharing.log" | tee -a "$SUMMARY"
 fi
 note "status:  $([ "$STATUS" -eq 0 ] && echo ok || echo FAILED)  (logs in $OUT)"
 exit "$STATUS"

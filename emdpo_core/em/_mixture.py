@@ -34,7 +34,7 @@ def expand_record_weights(responsibilities, annotator_offsets, record_weight, an
 @numba.njit(cache=True, nogil=True)
 def type_totals(responsibilities, annotator_weight):
     """(K,) sum_h v_h g_hk: each type's share of the annotators (a sum over annotators: the
-    shards of a distributed fit add theirs)."""
+    shards of a distributed fit add theirs), summed in annotator order as the kernel does."""
     H, K = responsibilities.shape
     totals = np.zeros(K, dtype=np.float64)
     for h in range(H):
@@ -45,25 +45,29 @@ def type_totals(responsibilities, annotator_weight):
 
 
 @numba.njit(cache=True, nogil=True)
-def weights_from_totals(totals, alpha):
-    """MAP mixture weights from type totals T_k = sum_h v_h g_hk under a symmetric
-    Dirichlet(alpha) prior, alpha >= 1: eta_k = (T_k + alpha - 1) / sum_j (T_j + alpha - 1)."""
-    K = totals.shape[0]
-    out = totals.copy()
-    denom = 0.0
-    for k in range(K):
-        out[k] += alpha - 1.0
-        denom += out[k]
-    for k in range(K):
-        out[k] /= denom
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
 def mixture_weights(responsibilities, annotator_weight, alpha):
     """MAP mixture weights under a symmetric Dirichlet(alpha) prior, alpha >= 1:
     eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1))."""
-    return weights_from_totals(type_totals(responsibilities, annotator_weight), alpha)
+    H, K = responsibilities.shape
+    totals = np.zeros(K, dtype=np.float64)
+    for h in range(H):
+        v = annotator_weight[h]
+        for k in range(K):
+            totals[k] += v * responsibilities[h, k]
+    denom = 0.0
+    for k in range(K):
+        totals[k] += alpha - 1.0
+        denom += totals[k]
+    for k in range(K):
+        totals[k] /= denom
+    return totals
+
+
+def weights_from_totals(totals, alpha):
+    """:func:`mixture_weights` from the type totals sum_h v_h g_hk the E-step kernel returns
+    (the same sums, in the same annotator order)."""
+    t = np.asarray(totals, dtype=np.float64) + (alpha - 1.0)
+    return t / t.sum()
 
 
 @numba.njit(cache=True, nogil=True)

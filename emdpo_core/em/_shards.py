@@ -51,25 +51,32 @@ class EMShards:
         lay = self.layout
         return a if lay is None or lay.all_owned else a[lay.owned]
 
-    def combine(self, resp, S, log_weights, annotator_weight):
-        """(responsibilities (H_local, K) float64, loglik of the union, per-annotator
-        log-likelihood (H_local,)) from this rank's E-step kernel output (resp, S)."""
+    def combine(self, resp, S, loglik, totals, log_weights, annotator_weight):
+        """(responsibilities (H_local, K) float64, loglik of the union, type totals (K,) of
+        the union, S (H_local, K) with the shared rows summed) from this rank's E-step kernel
+        output: its posteriors, partial sums S, weighted log-likelihood and type totals. One
+        process: the kernel's values as they are."""
+        resp = np.ascontiguousarray(resp, dtype=np.float64)
+        if not self.distributed:
+            return resp, float(loglik), np.asarray(totals, dtype=np.float64), S
         lw = np.asarray(log_weights, dtype=np.float64)
         lay = self.layout
-        if lay is not None and lay.n_shared:
+        if lay.n_shared:
             S = np.array(S, dtype=np.float64)
-            resp = np.array(resp, dtype=np.float64)
             table = np.zeros((lay.n_shared, S.shape[1]))
             table[lay.shared_slot] = S[lay.shared_rows]
             S[lay.shared_rows] = self.comm.sum(table)[lay.shared_slot]
             resp[lay.shared_rows] = posteriors(S[lay.shared_rows], lw)[0]
-        loglik, per = _mixture.weighted_loglik(S, lw, annotator_weight)
-        if lay is not None and not lay.all_owned:
-            loglik, _ = _mixture.weighted_loglik(np.ascontiguousarray(S[lay.owned]), lw,
-                                           np.ascontiguousarray(annotator_weight[lay.owned]))
-        if self.distributed:
-            loglik = self.comm.sum(np.float64(loglik))
-        return np.ascontiguousarray(resp, dtype=np.float64), float(loglik), per
+        if not lay.all_owned or lay.n_shared:
+            # Each annotator counted once, by its lowest rank, with its summed S.
+            own = lay.owned
+            loglik, _ = _mixture.weighted_loglik(np.ascontiguousarray(S[own]), lw,
+                                                 np.ascontiguousarray(annotator_weight[own]))
+            totals = _mixture.type_totals(np.ascontiguousarray(resp[own]),
+                                          np.ascontiguousarray(annotator_weight[own]))
+        K = resp.shape[1]
+        flat = self.comm.sum(np.concatenate([[float(loglik)], np.asarray(totals, np.float64)]))
+        return resp, float(flat[0]), flat[1:1 + K], S
 
     def mixture_weights(self, resp, annotator_weight, alpha):
         if not self.distributed:

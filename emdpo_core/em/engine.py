@@ -1,6 +1,6 @@
 """The EM engine over latent annotator types, and its exact tabular form.
 
-EM-DPO (DESIGN.md section 1): annotators h = 0..H-1 belong to K latent types with weights eta;
+EM-DPO (docs/math.md): annotators h = 0..H-1 belong to K latent types with weights eta;
 type k ranks a record's candidates by Plackett-Luce on the rewards
 r_kj = beta (log pi_k(y_j) - log pi_ref(y_j)). EM alternates
     E-step  g_hk = posterior of annotator h over types, from all of h's records
@@ -225,23 +225,31 @@ class EMEstimator(Persistence, abc.ABC):
     # ------------------------------------------------------------------------------------
     # EM steps
 
-    def _e_step(self, g, log_weights):
-        """(responsibilities (H, K), weighted loglik, per-annotator log-lik (H,))."""
+    def _e_step(self, g, log_weights, *, per_annotator=False):
+        """(responsibilities (H, K), loglik, type totals (K,)): the kernel's weighted
+        log-likelihood sum_h v_h logsumexp_k (...) and sum_h v_h g_hk. With
+        ``per_annotator`` also the (H,) terms logsumexp_k (log eta_k + S_hk)."""
         t0 = time.perf_counter()
         lp = self.family_.logps(g)
         t1 = time.perf_counter()
         res = e_step(lp.policy, lp.ref, g.offsets, g.annotator_offsets, log_weights,
                      beta=lp.beta, n_ranked=g.n_ranked,
-                     record_weights=None if g.unit_record_weight else g.record_weight)
-        # Distributed fits: the partial sums of annotators on several ranks are added, and the
-        # log-likelihood is summed over the ranks (one process: the plain computation).
-        resp, loglik, per = self._shards.combine(_to_numpy(res.responsibilities),
-                                                 _to_numpy(res.annotator_loglik), log_weights,
-                                                 g.annotator_weight)
+                     record_weights=None if g.unit_record_weight else g.record_weight,
+                     annotator_weights=None if g.unit_annotator_weight else g.annotator_weight)
+        # Distributed fits: the partial sums of annotators on several ranks are added, the
+        # log-likelihood and type totals summed over the ranks (one process: as they are).
+        resp, loglik, totals, S = self._shards.combine(
+            _to_numpy(res.responsibilities), _to_numpy(res.annotator_loglik), res.loglik,
+            _to_numpy(res.type_totals), log_weights, g.annotator_weight)
+        out = (resp, loglik, totals)
+        if per_annotator:
+            _, per = _mixture.weighted_loglik(np.ascontiguousarray(S, dtype=np.float64),
+                                              log_weights, g.annotator_weight)
+            out += (per,)
         t2 = time.perf_counter()
         self.timings_["logps"] += t1 - t0
         self.timings_["e_step"] += t2 - t1
-        return np.ascontiguousarray(resp, dtype=np.float64), float(loglik), per
+        return out
 
     def _objective(self, loglik, log_weights):
         prior = 0.0
@@ -250,10 +258,14 @@ class EMEstimator(Persistence, abc.ABC):
         prior += self.family_.log_prior()
         return loglik + prior
 
-    def _weights_and_drops(self, g, resp, components):
-        """Mixture weights from resp; drop types below min_weight. Returns (eta, resp, keep)
-        with keep None when nothing is dropped."""
-        eta = self._shards.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+    def _weights_and_drops(self, g, resp, components, totals=None):
+        """Mixture weights from the E-step's type totals sum_h v_h g_hk (from resp when they
+        are not at hand; summed over the ranks of a distributed fit); drop types below
+        min_weight. Returns (eta, resp, keep) with keep None when nothing is dropped."""
+        if totals is None:
+            eta = self._shards.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+        else:
+            eta = _mixture.weights_from_totals(totals, float(self.alpha))
         before = eta
         threshold = self._min_weight(g)
         low = (eta < threshold) | (eta <= 0.0)
@@ -382,7 +394,7 @@ class EMEstimator(Persistence, abc.ABC):
             if run is not None and run.resp.shape[0] != g.n_annotators:
                 # Checkpoints of distributed fits hold no responsibilities: the E-step of the
                 # saved policies and weights gives them again, bit for bit.
-                run.resp = self._e_step(g, run.log_weights)[0]
+                run.resp, _, run.totals = self._e_step(g, run.log_weights)
         else:
             if not warm:
                 self.family_ = self._make_family()
@@ -478,19 +490,19 @@ class EMEstimator(Persistence, abc.ABC):
                                      g.annotator_weight)
         self.family_.initialize(g, W, rng)
         log_weights = np.log(eta)
-        resp, loglik, _ = self._e_step(g, log_weights)
+        resp, loglik, totals = self._e_step(g, log_weights)
         obj = self._objective(loglik, log_weights)
         return _Run(restart=r, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                     objective=obj, trace=[obj / total_weight], components=components,
-                    dropped=dropped)
+                    dropped=dropped, totals=totals)
 
     def _warm_run(self, g, total_weight) -> _Run:
         log_weights = np.log(self.weights_)
-        resp, loglik, _ = self._e_step(g, log_weights)
+        resp, loglik, totals = self._e_step(g, log_weights)
         obj = self._objective(loglik, log_weights)
         return _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                     objective=obj, trace=[obj / total_weight],
-                    components=np.arange(log_weights.shape[0]))
+                    components=np.arange(log_weights.shape[0]), totals=totals)
 
     def _iterate(self, g, run, total_weight, best, summaries, n_runs, callback, bar) -> _Run:
         fam = self.family_
@@ -500,7 +512,7 @@ class EMEstimator(Persistence, abc.ABC):
         self._snapshot = (run, fam.state_dict()) if self.checkpoint is not None else None
         while run.n_iter < self.max_iter and not run.converged:
             t0 = time.perf_counter()
-            eta, resp, keep = self._weights_and_drops(g, run.resp, run.components)
+            eta, resp, keep = self._weights_and_drops(g, run.resp, run.components, run.totals)
             W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
                                          g.annotator_weight)
             t1 = time.perf_counter()
@@ -509,7 +521,7 @@ class EMEstimator(Persistence, abc.ABC):
             fam.m_step(g, W)
             t2 = time.perf_counter()
             log_weights = np.log(eta)
-            new_resp, loglik, _ = self._e_step(g, log_weights)
+            new_resp, loglik, totals = self._e_step(g, log_weights)
             t3 = time.perf_counter()
             obj = self._objective(loglik, log_weights)
             n_iter = run.n_iter + 1
@@ -524,7 +536,7 @@ class EMEstimator(Persistence, abc.ABC):
                        resp=new_resp, loglik=loglik, objective=obj,
                        trace=run.trace + [obj / total_weight],
                        converged=keep is None and abs(change) < self.tol,
-                       components=components, dropped=dropped)
+                       components=components, dropped=dropped, totals=totals)
             self.timings_["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
             self.timings_["m_step"] += t2 - t1
             if bar is not None:
@@ -578,7 +590,7 @@ class EMEstimator(Persistence, abc.ABC):
         if not hasattr(self, "timings_"):
             self.timings_ = dict.fromkeys(
                 ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
-        resp, loglik, per = self._e_step(g, np.log(self.weights_))
+        resp, loglik, _, per = self._e_step(g, np.log(self.weights_), per_annotator=True)
         return resp, loglik, per, g
 
     def predict_proba(self, data=None) -> np.ndarray:
