@@ -496,8 +496,9 @@ def combine_annotator_loglik(layout: ShardLayout, S_local, log_weights, annotato
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None, return_record_loglik=False, process_group=None,
-           annotator_ids=None, sharding="auto") -> EStepResult:
+           n_ranked=None, record_weights=None, annotator_weights=None,
+           return_record_loglik=False, process_group=None, annotator_ids=None,
+           sharding="auto") -> EStepResult:
     """Fused E-step: per-record likelihoods, per-annotator sums, posteriors over types; on a
     process group, over the union of the ranks' records.
 
@@ -542,6 +543,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     comm = resolve_comm(process_group)
     res = _kernel_e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights,
                          beta=beta, n_ranked=n_ranked, record_weights=record_weights,
+                         annotator_weights=annotator_weights,
                          return_record_loglik=return_record_loglik)
     if comm.world_size == 1:
         return res
@@ -579,23 +581,30 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
                              np.full(H, first), np.arange(H, dtype=np.int64),
                              np.arange(H, dtype=np.int64), H)
     out_resp = np.array(_numpy(res.responsibilities), dtype=np.float64)
+    v = None if annotator_weights is None else np.asarray(_numpy(annotator_weights),
+                                                          dtype=np.float64)
     if layout.mode == "annotator":
         # Local posteriors are final: keep the kernel's values bit for bit; only the
-        # log-likelihood is summed over ranks.
+        # log-likelihood and the type totals are summed over ranks.
         S, resp = np.array(S_local, dtype=np.float64), out_resp
-        loglik = float(Statistics().add("loglik", res.loglik).sync(comm)["loglik"])
+        st = Statistics().add("loglik", res.loglik).add("totals", _numpy(res.type_totals))
+        st.sync(comm)
+        loglik, totals = float(st["loglik"]), st["totals"]
     else:
-        S, resp, _, loglik = combine_annotator_loglik(layout, S_local, log_weights)
+        S, resp, _, loglik = combine_annotator_loglik(layout, S_local, log_weights, v)
         rows = layout.shared_rows
         out_resp[rows] = resp[rows]
         resp = out_resp
+        w = np.ones(H) if v is None else v
+        own = layout.owned
+        totals = comm.sum((w[own, None] * resp[own]).sum(axis=0))
     if not isinstance(res.annotator_loglik, np.ndarray):
         import torch
 
         dev = res.annotator_loglik.device
         resp = torch.as_tensor(resp, device=dev)
         S = torch.as_tensor(S, device=dev)
-    return EStepResult(resp, loglik, S, res.record_loglik)
+    return EStepResult(resp, loglik, S, res.record_loglik, totals)
 
 
 # ----------------------------------------------------------------------------------------
