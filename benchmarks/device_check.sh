@@ -258,6 +258,25 @@ else
 fi
 echo "$HF_LINE"
 
+# ---- step added by the Hugging Face layer (emdpo_core.hf): prefix sharing on CUDA --------
+# Padded vs prefix-shared sequence log-probabilities of ranked lists (bf16, a 1024-hidden,
+# 8-layer random Llama), m = 2, 4 and prompt:response 1:1, 4:1; needs transformers.
+step "benchmarks/bench_prefix_sharing.py --device cuda --quick"
+if ! (cd /tmp && "$PY" -c "import transformers" > /dev/null 2>&1); then
+  PREFIX_LINE="skipped: transformers is not installed (pip install .[hf])"
+  echo "$PREFIX_LINE"
+elif [ -f "$REPO/benchmarks/bench_prefix_sharing.py" ]; then
+  (cd /tmp && timeout 240 "$PY" "$REPO/benchmarks/bench_prefix_sharing.py" --device cuda \
+    --quick --output "$OUT/bench_prefix_sharing_cuda.csv" 2>&1) | tee "$OUT/bench_prefix_sharing.log"
+  PREFIX_RC=$?
+  if [ "$PREFIX_RC" -eq 0 ]; then PREFIX_LINE="ok -> bench_prefix_sharing_cuda.csv"; else
+    PREFIX_LINE="FAILED (rc=$PREFIX_RC, see bench_prefix_sharing.log)"; STATUS=1; fi
+else
+  PREFIX_LINE="skipped: benchmarks/bench_prefix_sharing.py not in this checkout"
+  echo "$PREFIX_LINE"
+fi
+# ---- end of the prefix-sharing step ---------------------------------------------------------
+
 echo
 echo "==================== device_check summary ===================="
 note "device:  ${GPU_NAME:-unknown (nvidia-smi failed)}"
@@ -273,6 +292,10 @@ note "hf:      $HF_LINE"
 if [ -s "$OUT/bench_cuda.csv" ]; then
   note "bench_cuda.csv (last rows):"
   tail -n 6 "$OUT/bench_cuda.csv" | cut -c1-160 | tee -a "$SUMMARY"
+fi
+note "prefix sharing (hf): $PREFIX_LINE"
+if [ -s "$OUT/bench_prefix_sharing.log" ]; then
+  grep -E "^(mode|fwd)" "$OUT/bench_prefix_sharing.log" | tee -a "$SUMMARY"
 fi
 note "status:  $([ "$STATUS" -eq 0 ] && echo ok || echo FAILED)  (logs in $OUT)"
 exit "$STATUS"

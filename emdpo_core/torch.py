@@ -2,13 +2,19 @@
 
 ``import emdpo_core.torch`` (torch is never imported by ``import emdpo_core``).
 
-The loss of K policies over N ranked lists (DESIGN.md section 1), with implicit rewards
+The loss of K policies over N ranked lists (docs/math.md), with implicit rewards
 r_kj = beta * (logpi_k(y_j) - logpi_ref(y_j)) and the Plackett-Luce log-likelihood of record
 i under policy k, ll_ki = sum_{t < L_i} (r_kt - logsumexp_{s >= t} r_ks):
 
     loss = sum_k scale_k * sum_i w_ki * (-ll_ki),
-    scale_k = 1 ("sum"), 1/N ("mean"), 1/sum_i w_ki ("weighted_mean");
+    scale_k = 1 ("sum"), 1/N ("mean"), 1/T_k ("weighted_mean");
     reduction="none" returns the per-record losses w_ki * (-ll_ki), shape (N,) or (K, N).
+
+T_k is ``total_weight[k]`` when given, else sum_i w_ki over the records of this call. A
+minibatch M-step passes each type's total weight over all records of the M-step (times the
+minibatch's share of the records), so that every minibatch loss estimates the full-batch
+loss: dividing by the minibatch's own total would give a type with little weight in a
+minibatch a full step on other types' records.
 
 A pair (m=2, L=1) gives the standard DPO sigmoid loss -log sigmoid(beta * ((pc - rc) - (pr - rr)))
 (Rafailov et al., 2023); longer lists give the Plackett-Luce DPO loss of the same paper.
@@ -266,6 +272,7 @@ def _describe(x) -> str:
 
 
 def _require_policy_tensor(x, name: str) -> torch.Tensor:
+    _checks.refuse_sparse(x, name)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name}: expected a torch.Tensor, got {_describe(x)}; for NumPy arrays use "
@@ -280,6 +287,7 @@ def _require_policy_tensor(x, name: str) -> torch.Tensor:
 
 
 def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
+    _checks.refuse_sparse(x, name)
     if isinstance(x, torch.Tensor):
         if x.device != device:
             raise ValueError(
@@ -289,7 +297,8 @@ def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
     try:
         return torch.as_tensor(x, device=device)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} ({e})") from None
+        raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} "
+                        f"({_checks.clip_message(e)})") from None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -313,6 +322,12 @@ def _as_index(x, name: str, device: torch.device) -> torch.Tensor:
     t = _as_tensor(x, name, device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor (int64), got {t.dtype}")
+    if t.dtype != torch.int64:
+        # every integer type is read as int64 here, once (the backward's index arithmetic
+        # needs int64: uint8 offsets used to pass the forward and fail in the backward)
+        if not t.dtype.is_signed and t.element_size() == 8 and t.numel():
+            _checks.as_int64(t.cpu().numpy(), name)        # uint64 beyond int64
+        t = t.to(torch.int64)
     return t
 
 
@@ -336,6 +351,36 @@ def _prepare_weights(weights, policy: torch.Tensor, N: int) -> Optional[torch.Te
     return w
 
 
+def _prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optional[torch.Tensor]:
+    """None, or the divisors T_k of the "weighted_mean" reduction: shape (K,) for a (K, M)
+    ``policy`` (a number is shared by all K), () for an (M,) one; detached, in the computation
+    dtype. Checked on the host: finite and > 0 (one tiny device-to-host copy on CUDA)."""
+    if total_weight is None:
+        return None
+    if _checks.check_reduction(reduction) != "weighted_mean":
+        raise ValueError(f"total_weight: only with reduction='weighted_mean' (it is that "
+                         f"reduction's divisor, in place of the weights' own total), got "
+                         f"reduction={reduction!r}")
+    t = _as_tensor(total_weight, "total_weight", policy.device)
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"total_weight: expected real numbers > 0, got {t.dtype}")
+    K = policy.shape[0] if policy.dim() == 2 else None
+    shapes = [()] + ([(K,)] if K is not None else [(1,)])
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"total_weight: expected shape {' or '.join(map(str, shapes))} (a "
+                         f"number{', or one per policy' if K is not None else ''}), got "
+                         f"{tuple(t.shape)}")
+    host = t.detach().reshape(-1).to("cpu", torch.float64)
+    bad = torch.nonzero(~torch.isfinite(host) | (host <= 0))
+    if bad.numel():
+        i = int(bad[0, 0])
+        where = "" if t.dim() == 0 else f" at index {i}"
+        raise ValueError(f"total_weight: expected finite numbers > 0 (each policy's total "
+                         f"weight over all records), got {host[i].item()}{where}")
+    t = t.detach().to(policy.dtype)
+    return t.reshape(()) if K is None else t.expand(K)
+
+
 def _n_records(offsets: torch.Tensor) -> int:
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError(
@@ -348,7 +393,7 @@ def _n_records(offsets: torch.Tensor) -> int:
 
 
 def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n_ranked=None,
-                      reduction="mean"):
+                      reduction="mean", total_weight=None):
     """Weighted listwise (Plackett-Luce) DPO loss, differentiable in ``policy_logps``.
 
     With r_kj = beta * (policy_logps[k, j] - ref_logps[j]) and record i in slots
@@ -357,8 +402,17 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         ll_ki = sum_{t < L_i} (r_kt - logsumexp_{s >= t} r_ks)
         loss  = sum_k scale_k * sum_i w_ki * (-ll_ki)
 
-    with scale_k = 1 ("sum"), 1/N ("mean") or 1/sum_i w_ki ("weighted_mean"). For lists of two
-    (a chosen and a rejected response) this is the DPO loss -log sigmoid(beta * margin).
+    with scale_k = 1 ("sum"), 1/N ("mean") or 1/T_k ("weighted_mean"; T_k = ``total_weight``
+    when given, else sum_i w_ki over these records). For lists of two (a chosen and a rejected
+    response) this is the DPO loss -log sigmoid(beta * margin).
+
+    Minibatches: pass ``total_weight`` = each type's total weight over all records of the
+    M-step (sum over the whole data set, and over all ranks when sharded), times the
+    minibatch's share of the records (B / N) to keep the full-batch scale. Then every
+    minibatch loss is an unbiased estimate of the full-batch weighted mean, and the gradients
+    of the minibatches of one epoch add up to the full-batch gradient (times N / B). Without
+    it, "weighted_mean" divides by the minibatch's own total, which scales up a type that has
+    little weight in the minibatch: its step is then driven by other types' records.
 
     Args:
         policy_logps: (M,) or (K, M) sequence log-probabilities of the policy (K policies, one
@@ -371,8 +425,10 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         beta: DPO temperature, > 0.
         n_ranked: optional (N,) number of ranked leading slots L_i in [1, m_i - 1]; default
             m_i - 1 (full rankings). Use 1 for best-of-m choices.
-        reduction: "mean" (divide by N), "sum", "weighted_mean" (divide by the sum of
-            weights, per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
+        reduction: "mean" (divide by N), "sum", "weighted_mean" (divide by the total weight,
+            per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
+        total_weight: optional divisor of "weighted_mean" (only with that reduction): a
+            number > 0, or (K,) one per policy for a (K, M) ``policy_logps``. A constant.
 
     Returns:
         A 0-d tensor (or (N,) / (K, N) for "none") in the promoted dtype of the log-probabilities.
@@ -387,7 +443,9 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         >>> round(loss.item(), 4)  # (log 3! + log 2!) / 2 for uniform policies
         1.2425
     """
-    fast = _small_listwise(policy_logps, ref_logps, offsets, weights, n_ranked, beta, reduction)
+    # The small-batch path has no total_weight; with one, the general path below rescales.
+    fast = None if total_weight is not None else \
+        _small_listwise(policy_logps, ref_logps, offsets, weights, n_ranked, beta, reduction)
     if fast is not None:
         return fast
     policy, ref, out_dtype = _prepare_logps(policy_logps, ref_logps)
@@ -397,6 +455,14 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
     if n_ranked is not None:
         n_ranked = _as_index(n_ranked, "n_ranked", device)
     weights = _prepare_weights(weights, policy, N)
+    total = _prepare_total_weight(total_weight, reduction, policy)
+    if total is not None:
+        # sum_i (w_ki / T_k) (-ll_ki): the kernel's "sum" of the rescaled weights.
+        if weights is None:
+            shape = (policy.shape[0], N) if policy.dim() == 2 else (N,)
+            weights = torch.ones(shape, dtype=policy.dtype, device=policy.device)
+        weights = weights / (total[:, None] if total.dim() == 1 else total)
+        reduction = "sum"
     loss = _apply(policy, ref, offsets, weights, n_ranked, beta, reduction)
     return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
@@ -418,9 +484,11 @@ class ListwiseDPOLoss(torch.nn.Module):
         self.beta = _checks.check_beta(beta)
         self.reduction = _checks.check_reduction(reduction)
 
-    def forward(self, policy_logps, ref_logps, offsets, weights=None, n_ranked=None):
+    def forward(self, policy_logps, ref_logps, offsets, weights=None, n_ranked=None,
+                total_weight=None):
         return listwise_dpo_loss(policy_logps, ref_logps, offsets, weights, beta=self.beta,
-                                 n_ranked=n_ranked, reduction=self.reduction)
+                                 n_ranked=n_ranked, reduction=self.reduction,
+                                 total_weight=total_weight)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}"
@@ -449,7 +517,7 @@ def _check_columns(names, tensors):
 
 
 def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                      beta, weights=None, reduction="mean"):
+                      beta, weights=None, reduction="mean", total_weight=None):
     """Standard (sigmoid) DPO loss in TRL's column layout, through the listwise kernel.
 
         loss_i = -log sigmoid(beta * ((chosen_i - ref_chosen_i) - (rejected_i - ref_rejected_i)))
@@ -462,6 +530,7 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
         beta: > 0.
         weights: optional (B,) per-pair weights; a constant.
         reduction: "mean" | "sum" | "weighted_mean" | "none" ((B,) per-pair losses).
+        total_weight: optional divisor of "weighted_mean" (see :func:`listwise_dpo_loss`).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -473,8 +542,9 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
         >>> torch.allclose(loss, expected)
         True
     """
-    fast = _small_pairwise(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                           weights, beta, reduction)
+    fast = None if total_weight is not None else \
+        _small_pairwise(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        weights, beta, reduction)
     if fast is not None:
         return fast
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
@@ -495,7 +565,7 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
     ref = torch.stack((ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)),
                       dim=1).reshape(2 * B)
     return listwise_dpo_loss(policy, ref, _regular_offsets(B, 2, device), weights, beta=beta,
-                             reduction=reduction)
+                             reduction=reduction, total_weight=total_weight)
 
 
 def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
@@ -519,7 +589,7 @@ def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
 
 
 def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, beta,
-                             n_ranked=None, reduction="mean"):
+                             n_ranked=None, reduction="mean", total_weight=None):
     """:func:`listwise_dpo_loss` for lists kept padded, one per row, best first.
 
     Row b holds its lengths[b] responses in columns 0..lengths[b]-1; the columns after them
@@ -532,7 +602,8 @@ def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, 
         ref_logps: (B, m_max) reference log-probabilities; a constant.
         lengths: (B,) integer list lengths, 2 <= lengths[b] <= m_max.
         weights: optional (B,) per-list weights; a constant.
-        beta, n_ranked ((B,)), reduction: as in :func:`listwise_dpo_loss` ("none": (B,)).
+        beta, n_ranked ((B,)), reduction, total_weight: as in :func:`listwise_dpo_loss`
+            ("none": (B,)).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -563,11 +634,11 @@ def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, 
         offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
         torch.cumsum(lengths, 0, out=offsets[1:])
     return listwise_dpo_loss(flat_policy, flat_ref, offsets, weights, beta=beta,
-                             n_ranked=n_ranked, reduction=reduction)
+                             n_ranked=n_ranked, reduction=reduction, total_weight=total_weight)
 
 
 def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *, weights=None,
-                     beta, n_ranked=None, reduction="mean"):
+                     beta, n_ranked=None, reduction="mean", total_weight=None):
     """The EM-DPO M-step objective for K policies at once, in one kernel launch.
 
         loss = sum_k scale_k * sum_i w_ik * (-ll_ik),   w_ik = responsibilities[i, k]
@@ -583,6 +654,9 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
         weights: (K, N) the same, transposed. Exactly one of the two; constants.
         beta, n_ranked, reduction: as in :func:`listwise_dpo_loss` ("weighted_mean" divides
             each type's term by its own total weight; "none" returns (K, N)).
+        total_weight: optional (K,) per-type divisors T_k of "weighted_mean" (or one number for
+            all). For minibatches: each type's total weight over all records of the M-step,
+            times the minibatch's share of the records (see :func:`listwise_dpo_loss`).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -608,6 +682,14 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
         if tuple(resp.shape) != (N, K):
             raise ValueError(f"responsibilities: expected shape ({N}, {K}) (one row per record, "
                              f"one column per type), got {tuple(resp.shape)}")
+        if resp.dtype.is_complex or resp.dtype == torch.bool:
+            raise TypeError(f"responsibilities: expected real numbers, got {resp.dtype}")
+        # checked here, before the transpose, so that the index is (record, type)
+        bad = ~(torch.isfinite(resp) & (resp >= 0))
+        if bool(bad.any()):
+            i, k = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"responsibilities: expected finite posteriors >= 0, got "
+                             f"{resp[i, k].item()} at index ({i}, {k}) (record {i}, type {k})")
         weights = resp.t()
     else:
         weights = _as_tensor(weights, "weights", policy.device)
@@ -615,4 +697,4 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
             raise ValueError(f"weights: expected shape ({K}, {N}) (one row per type, one column "
                              f"per record), got {tuple(weights.shape)}")
     return listwise_dpo_loss(policy, ref_logps, offsets, weights, beta=beta, n_ranked=n_ranked,
-                             reduction=reduction)
+                             reduction=reduction, total_weight=total_weight)

@@ -18,8 +18,13 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _require_tensor(x, name, device):
+    _checks.refuse_sparse(x, name)
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x), device=device)
+        try:
+            x = torch.as_tensor(np.asarray(x), device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}: expected a tensor or an array of numbers, got "
+                            f"{_checks.clip(x)}") from None
     if x.device != device:
         raise ValueError(
             f"{name}: on {x.device}, but policy_logps is on {device}; put all inputs on one device")
@@ -42,6 +47,8 @@ def _index_tensor(x, name, device):
         raise TypeError(f"{name}: expected an integer tensor (int64), got {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D integer tensor, got shape {tuple(x.shape)}")
+    if x.dtype != torch.int64 and not x.dtype.is_signed and x.element_size() == 8 and x.numel():
+        _checks.as_int64(x.cpu().numpy(), name)     # uint64 beyond int64: the real value
     return x.to(torch.int64).contiguous()
 
 
@@ -110,12 +117,7 @@ def _prepare(policy_logps, ref_logps):
     if p.shape[1] < 2:
         raise ValueError(f"policy_logps: expected shape (K, M) with M >= 2, got {tuple(p.shape)}")
     ref = _float_tensor(ref_logps, "ref_logps", device)
-    if ref.shape[0] != p.shape[1]:
-        raise ValueError(f"ref_logps: expected shape ({p.shape[1]},) to match policy_logps' "
-                         f"M={p.shape[1]}, got {tuple(ref.shape)}")
-    if ref.dtype != p.dtype:
-        raise TypeError(f"ref_logps: dtype {ref.dtype} does not match policy_logps' dtype "
-                        f"{p.dtype}; pass both as float32 or both as float64")
+    _checks.check_matches("ref_logps", ref, "policy_logps", p, "M")
     return p, ref, one, device
 
 
@@ -163,17 +165,25 @@ def _layout(offsets, n_ranked, M, device):
     return offsets, nr
 
 
+def _inputs(policy_logps, ref_logps, beta, offsets, n_ranked):
+    """The checks every listwise op starts with: (p (K, M), ref, one, device, beta, offsets,
+    n_ranked)."""
+    p, ref, one, device = _prepare(policy_logps, ref_logps)
+    beta = _checks.check_beta(beta)
+    if device.type != "cpu":
+        _require_cuda_build(device)
+    offsets, nr = _layout(offsets, n_ranked, p.shape[1], device)
+    return p, ref, one, device, beta, offsets, nr
+
+
 def _as_tensors(*arrays):
     return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
 
 
 def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
-    p, ref, _, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+    p, ref, _, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                   n_ranked)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     if device.type == "cpu":
         return torch.from_numpy(_cpu.listwise_loglik(p.numpy(), ref.numpy(), offsets.numpy(),
                                                         _numpy(nr), beta))
@@ -215,25 +225,26 @@ def _record_weights(record_weights, N, device, dtype):
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None, return_record_loglik=False):
-    p, ref, _, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+           n_ranked=None, record_weights=None, annotator_weights=None,
+           return_record_loglik=False):
+    p, ref, _, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                   n_ranked)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     N = offsets.shape[0] - 1
     ao = _annotator_offsets(annotator_offsets, N, device)
     H = ao.shape[0] - 1
     lw_host = _checks.check_log_weights(
         _numpy(log_weights) if isinstance(log_weights, torch.Tensor) else log_weights, K)
     cw = _record_weights(record_weights, N, device, p.dtype)
+    v_host = _checks.check_annotator_weights(
+        _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+        else annotator_weights, H)
     if device.type == "cpu":
         r = _cpu.e_step(p.numpy(), ref.numpy(), offsets.numpy(), _numpy(nr), ao.numpy(),
-                           lw_host, _numpy(cw), beta, return_record_loglik)
-        resp, annot_ll, rec = _as_tensors(r.responsibilities, r.annotator_loglik,
-                                          r.record_loglik)
-        return _cpu.EStepResult(resp, r.loglik, annot_ll, rec)
+                        lw_host, _numpy(cw), v_host, beta, return_record_loglik)
+        resp, annot_ll, rec, totals = _as_tensors(r.responsibilities, r.annotator_loglik,
+                                                  r.record_loglik, r.type_totals)
+        return _cpu.EStepResult(resp, r.loglik, annot_ll, rec, totals)
     lw = torch.from_numpy(lw_host).to(device)
     resp = torch.empty((H, K), dtype=p.dtype, device=device)
     annot_ll = torch.empty((H, K), dtype=p.dtype, device=device)
@@ -248,20 +259,26 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
                           resp.data_ptr(), annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec),
                           first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
     _raise_if_bad(first_bad, p, ref, offsets, beta)
-    return _cpu.EStepResult(resp, float(loglik.item()), annot_ll, rec)
+    # The CUDA kernel has no annotator weights yet: weight its per-annotator terms here, on
+    # the device (O(H K) work, K numbers and one scalar leave it).
+    g = resp.to(torch.float64)
+    if v_host is None:
+        totals = g.sum(dim=0)
+    else:
+        v = torch.from_numpy(v_host).to(device)
+        totals = (v[:, None] * g).sum(dim=0)
+        loglik = (v * torch.logsumexp(lw[None, :] + annot_ll.to(torch.float64), dim=1)).sum()
+    return _cpu.EStepResult(resp, float(loglik.item()), annot_ll, rec, totals)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
                                n_ranked=None, reduction="sum", return_tensors=False):
     """Returns (loss, grad) like the NumPy version. With return_tensors=True the loss is a
     0-d float64 tensor on the input's device (no host synchronisation for the value)."""
-    p, ref, one, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+    p, ref, one, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                     n_ranked)
     reduction = _checks.check_reduction(reduction)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     N = offsets.shape[0] - 1
     if device.type == "cpu":
         w = None if weights is None else _float_tensor(weights, "weights", device, dims=(1, 2))
@@ -286,12 +303,16 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
         scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
+    elif w is None:
+        scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
     else:
-        totals = (torch.full((K,), float(N), dtype=torch.float64, device=device) if w is None
-                  else w.sum(dim=1, dtype=torch.float64))
-        if not bool((totals > 0).all()):
-            _cpu.loss_scale(reduction, w.cpu().numpy(), K, N)  # raises with the message
-        scale = 1.0 / totals
+        # As _cpu.weighted_mean_weights: each type's weights divided by their largest
+        # magnitude first, so 1 / sum stays finite for tiny weights.
+        if not bool((w.sum(dim=1, dtype=torch.float64) > 0).all()):
+            _cpu.weighted_mean_weights(w.cpu().numpy(), K, N)  # raises with the message
+        top = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
+        w = (w.to(torch.float64) / top).to(p.dtype).contiguous()
+        scale = 1.0 / w.sum(dim=1, dtype=torch.float64)
     grad = torch.empty((K, M), dtype=p.dtype, device=device)
     rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
     loss = torch.empty((), dtype=torch.float64, device=device)
@@ -329,12 +350,7 @@ def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind,
         _checks.check_sample_ref(None, None, kind)  # raises for kind="reward"
     else:
         ref = _float_tensor(sample_ref_logps, "sample_ref_logps", device)
-        if ref.shape[0] != S:
-            raise ValueError(f"sample_ref_logps: expected shape ({S},) to match sample_logps' "
-                             f"S={S}, got {tuple(ref.shape)}")
-        if ref.dtype != lp.dtype:
-            raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' "
-                            f"dtype {lp.dtype}; pass both as float32 or both as float64")
+        _checks.check_matches("sample_ref_logps", ref, "sample_logps", lp, "S")
     if kind_code == 1:
         ref = None
     so = _index_tensor(source_offsets, "source_offsets", device)
