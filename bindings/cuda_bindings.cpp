@@ -54,24 +54,38 @@ void register_cuda(py::module_& m) {
            uintptr_t n_ranked, uintptr_t record_weights, uintptr_t annotator_offsets,
            uintptr_t log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
            uintptr_t resp, uintptr_t annot_ll, uintptr_t loglik, uintptr_t record_ll,
-           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+           uintptr_t annotator_weights, uintptr_t type_totals) {
           py::gil_scoped_release release;
           auto fb = ptr<unsigned long long>(first_bad);
+          auto v = ptr<const double>(annotator_weights);
+          auto tt = ptr<double>(type_totals);
           if (is_float32(dtype))
             cuda::e_step<float>(ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
                                 ptr<int64_t>(n_ranked), ptr<float>(record_weights),
                                 ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
                                 M, K, H, beta, ptr<float>(resp), ptr<float>(annot_ll),
                                 ptr<double>(loglik), ptr<float>(record_ll), fb,
-                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
+                                tt);
           else
             cuda::e_step<double>(ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
                                  ptr<int64_t>(n_ranked), ptr<double>(record_weights),
                                  ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
                                  M, K, H, beta, ptr<double>(resp), ptr<double>(annot_ll),
                                  ptr<double>(loglik), ptr<double>(record_ll), fb,
-                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
-        });
+                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
+                                 tt);
+        },
+        // The trailing pointers are optional (0 = none): annotator weights v (H,) float64
+        // and the type totals output (K,) float64 = sum_h v_h g_hk.
+        py::arg("dtype"), py::arg("policy"), py::arg("ref"), py::arg("offsets"),
+        py::arg("n_ranked"), py::arg("record_weights"), py::arg("annotator_offsets"),
+        py::arg("log_weights"), py::arg("N"), py::arg("M"), py::arg("K"), py::arg("H"),
+        py::arg("beta"), py::arg("responsibilities"), py::arg("annotator_loglik"),
+        py::arg("loglik"), py::arg("record_ll"), py::arg("first_bad"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"), py::arg("annotator_weights_ptr") = 0,
+        py::arg("type_totals_ptr") = 0);
 
   m.def("cuda_loss_workspace_bytes", &cuda::loss_workspace_bytes);
   m.def("cuda_listwise_dpo_loss_and_grad",

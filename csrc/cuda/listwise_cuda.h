@@ -27,13 +27,17 @@ size_t e_step_workspace_bytes(int64_t N, int64_t H, int64_t K);
 
 // log_weights (K,) float64 on the device; loglik: one float64 on the device.
 // record_ll (N, K) or null; record_weights (N,) or null.
+// annotator_weights (H,) float64 or null (all ones): loglik = sum_h v_h lse_h with
+// lse_h = logsumexp_k (log eta_k + S_hk); the posteriors do not depend on v.
+// type_totals (K,) float64 or null: sum_h v_h g_hk, summed in a fixed order.
 template <typename T>
 void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
             const T* record_weights, const int64_t* annotator_offsets,
             const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
             T* responsibilities, T* annotator_loglik, double* loglik, T* record_ll,
             unsigned long long* first_bad, void* workspace, size_t workspace_bytes,
-            void* stream);
+            void* stream, const double* annotator_weights = nullptr,
+            double* type_totals = nullptr);
 
 size_t loss_workspace_bytes(int64_t N, int64_t K);
 
