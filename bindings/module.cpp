@@ -6,6 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -36,7 +37,8 @@ template <typename T>
 py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
                       py::object record_weights, py::array annotator_offsets,
                       py::array log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
-                      double beta, py::array resp, py::array annot_ll, py::object record_ll) {
+                      double beta, py::array resp, py::array annot_ll, py::object record_ll,
+                      py::object annotator_weights, py::object type_totals) {
   const T* p = in_ptr<T>(policy, "policy_logps", K * M);
   const T* r = in_ptr<T>(ref, "ref_logps", M);
   const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
@@ -47,11 +49,20 @@ py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::ob
   T* g = out_ptr<T>(resp, "responsibilities", H * K);
   T* s = out_ptr<T>(annot_ll, "annotator_loglik", H * K);
   T* rl = opt_out_ptr<T>(record_ll, "record_loglik", N * K);
+  const double* v = opt_in_ptr<double>(annotator_weights, "annotator_weights", H);
+  if (v) {
+    for (int64_t h = 0; h < H; ++h)
+      if (!(v[h] >= 0.0 && v[h] < INFINITY))
+        throw py::value_error("annotator_weights: expected finite values >= 0, got " +
+                              std::to_string(v[h]) + " at index " + std::to_string(h));
+  }
+  double* tt = opt_out_ptr<double>(type_totals, "type_totals", K);
   double loglik = 0.0;
   int64_t bad;
   {
     py::gil_scoped_release release;
-    bad = emdpo::cpu::e_step<T>(p, r, o, nr, w, ao, lw, N, M, K, H, beta, g, s, &loglik, rl);
+    bad = emdpo::cpu::e_step<T>(p, r, o, nr, w, ao, lw, v, N, M, K, H, beta, g, s, &loglik, rl,
+                                tt);
   }
   return py::make_tuple(bad, loglik);
 }
@@ -150,7 +161,8 @@ PYBIND11_MODULE(_core, m) {
       [](py::array policy, py::array ref, py::array offsets, py::object n_ranked,
          py::object record_weights, py::array annotator_offsets, py::array log_weights,
          int64_t N, int64_t M, int64_t K, int64_t H, double beta, py::array resp,
-         py::array annot_ll, py::object record_ll) {
+         py::array annot_ll, py::object record_ll, py::object annotator_weights,
+         py::object type_totals) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
         const int64_t* ao = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", H + 1);
@@ -159,12 +171,19 @@ PYBIND11_MODULE(_core, m) {
         return is_float32(policy)
                    ? e_step_impl<float>(policy, ref, offsets, n_ranked, record_weights,
                                         annotator_offsets, log_weights, N, M, K, H, beta, resp,
-                                        annot_ll, record_ll)
+                                        annot_ll, record_ll, annotator_weights, type_totals)
                    : e_step_impl<double>(policy, ref, offsets, n_ranked, record_weights,
                                          annotator_offsets, log_weights, N, M, K, H, beta, resp,
-                                         annot_ll, record_ll);
+                                         annot_ll, record_ll, annotator_weights, type_totals);
       },
-      "Returns (first record with non-finite rewards or -1, total log-likelihood).");
+      py::arg("policy_logps"), py::arg("ref_logps"), py::arg("offsets"), py::arg("n_ranked"),
+      py::arg("record_weights"), py::arg("annotator_offsets"), py::arg("log_weights"),
+      py::arg("N"), py::arg("M"), py::arg("K"), py::arg("H"), py::arg("beta"),
+      py::arg("responsibilities"), py::arg("annotator_loglik"), py::arg("record_loglik"),
+      py::arg("annotator_weights") = py::none(), py::arg("type_totals") = py::none(),
+      "Returns (first record with non-finite rewards or -1, total log-likelihood).\n"
+      "annotator_weights (H,) float64 >= 0 weighs each annotator's log-likelihood term\n"
+      "(default 1); type_totals, a (K,) float64 output, receives sum_h v_h g_hk.");
 
   m.def(
       "listwise_dpo_loss_and_grad",

@@ -12,6 +12,7 @@ import numpy as np
 __all__ = [
     "listwise_loglik",
     "e_step",
+    "e_step_type_totals",
     "listwise_dpo_loss_and_grad",
     "group_by_annotator",
     "regret_matrix",
@@ -66,8 +67,12 @@ def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None):
-    """Returns (responsibilities (H, K), loglik, annotator_loglik (H, K))."""
+           n_ranked=None, record_weights=None, annotator_weights=None):
+    """Returns (responsibilities (H, K), loglik, annotator_loglik (H, K)).
+
+    loglik = sum_h v_h logsumexp_k (log eta_k + S_hk) with annotator weights v (default 1);
+    the responsibilities do not depend on v.
+    """
     ll = listwise_loglik(policy_logps, ref_logps, offsets, beta=beta, n_ranked=n_ranked)
     N, K = ll.shape
     c = np.ones(N) if record_weights is None else np.asarray(record_weights, np.float64)
@@ -80,7 +85,16 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     v = lw[None, :] + S
     lse = np.array([_logsumexp(row) for row in v])
     resp = np.exp(v - lse[:, None])
-    return resp, float(lse.sum()), S
+    aw = np.ones(H) if annotator_weights is None else np.asarray(annotator_weights, np.float64)
+    return resp, float((aw * lse).sum()), S
+
+
+def e_step_type_totals(responsibilities, annotator_weights=None):
+    """(K,) sum_h v_h g_hk: the weighted type counts the M-step of the mixture weights uses."""
+    g = np.asarray(responsibilities, dtype=np.float64)
+    aw = np.ones(g.shape[0]) if annotator_weights is None else np.asarray(annotator_weights,
+                                                                           np.float64)
+    return (aw[:, None] * g).sum(axis=0)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,

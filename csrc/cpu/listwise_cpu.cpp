@@ -6,7 +6,8 @@
 // associated, so results are bitwise identical for any OMP_NUM_THREADS. Pieces are handed
 // out dynamically: on a busy machine a thread that loses its core does not hold the others
 // up at the barrier. Inputs of one piece run on the calling thread alone (waking the others
-// for a few hundred records cost milliseconds on a busy machine).
+// for a few hundred records cost milliseconds on a busy machine), and so do all inputs in a
+// child forked after the parent's OpenMP threads started (cpu/threads.h).
 #include "cpu/listwise_cpu.h"
 
 #include <algorithm>
@@ -117,7 +118,7 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                         T* out) {
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<T> buf(K * kChunk);
 #pragma omp for schedule(dynamic, 1)
@@ -135,9 +136,9 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
 template <typename T>
 int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
                const T* record_weights, const int64_t* annotator_offsets,
-               const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
-               double beta, T* responsibilities, T* annotator_loglik, double* loglik,
-               T* record_ll) {
+               const double* log_weights, const double* annotator_weights, int64_t N,
+               int64_t M, int64_t K, int64_t H, double beta, T* responsibilities,
+               T* annotator_loglik, double* loglik, T* record_ll, double* type_totals) {
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   // An annotator whose records all fall inside one chunk is finished by that chunk. One
   // that crosses chunk boundaries leaves a partial sum in its first chunk (slot "tail") and
@@ -148,7 +149,7 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
   const int64_t* aoff = annotator_offsets;
   int64_t first_bad = kNoBad;
 
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<double> S(K);
     std::vector<T> ll(K * kChunk);  // this chunk's per-record log-likelihoods, type-major
@@ -210,9 +211,21 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
       lse[h] = finish_annotator<T>(S.data(), log_weights, K, responsibilities + h * K,
                                    annotator_loglik + h * K);
   }
+  // Sequential sums in annotator order: the same association for any thread count.
   double total = 0.0;
-  for (int64_t h = 0; h < H; ++h) total += lse[h];
+  if (annotator_weights) {
+    for (int64_t h = 0; h < H; ++h) total += annotator_weights[h] * lse[h];
+  } else {
+    for (int64_t h = 0; h < H; ++h) total += lse[h];
+  }
   *loglik = total;
+  if (type_totals) {
+    std::fill(type_totals, type_totals + K, 0.0);
+    for (int64_t h = 0; h < H; ++h) {
+      const double v = annotator_weights ? annotator_weights[h] : 1.0;
+      for (int64_t k = 0; k < K; ++k) type_totals[k] += v * double(responsibilities[h * K + k]);
+    }
+  }
   return as_result(first_bad);
 }
 
@@ -224,7 +237,7 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   std::vector<double> chunk_loss(n_chunks * K, 0.0);
   int64_t first_bad = kNoBad;
-#pragma omp parallel reduction(min : first_bad) if (n_chunks > 1)
+#pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
     std::vector<T> ll(kChunk);
 #pragma omp for schedule(dynamic, 1)
@@ -259,8 +272,8 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
   template int64_t listwise_loglik<T>(const T*, const T*, const int64_t*, const int64_t*,     \
                                       int64_t, int64_t, int64_t, double, T*);                 \
   template int64_t e_step<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,    \
-                             const int64_t*, const double*, int64_t, int64_t, int64_t,        \
-                             int64_t, double, T*, T*, double*, T*);                           \
+                             const int64_t*, const double*, const double*, int64_t, int64_t,  \
+                             int64_t, int64_t, double, T*, T*, double*, T*, double*);         \
   template int64_t listwise_dpo_loss_and_grad<T>(const T*, const T*, const int64_t*,          \
                                                  const int64_t*, const T*, const double*,     \
                                                  int64_t, int64_t, int64_t, double, double*,  \

@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/threads.h"
+
 namespace emdpo {
 namespace cpu {
 
@@ -14,14 +16,16 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                         const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
                         T* out);
 
-// E-step. record_weights (N,) or null; log_weights (K,). Writes responsibilities (H, K),
-// annotator_loglik (H, K), *loglik, and record_ll (N, K) when not null.
+// E-step. record_weights (N,) or null; log_weights (K,); annotator_weights (H,) or null (all
+// ones). Writes responsibilities (H, K), annotator_loglik (H, K),
+// *loglik = sum_h v_h logsumexp_k (log eta_k + S_hk), record_ll (N, K) when not null, and
+// type_totals (K,) = sum_h v_h g_hk when not null (summed in annotator order: deterministic).
 template <typename T>
 int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
                const T* record_weights, const int64_t* annotator_offsets,
-               const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
-               double beta, T* responsibilities, T* annotator_loglik, double* loglik,
-               T* record_ll);
+               const double* log_weights, const double* annotator_weights, int64_t N,
+               int64_t M, int64_t K, int64_t H, double beta, T* responsibilities,
+               T* annotator_loglik, double* loglik, T* record_ll, double* type_totals);
 
 // Weighted listwise DPO loss of K policies at once:
 //   loss = sum_k scale_k * sum_i w_ki * (-ll_ki),   grad (K, M) = d loss / d policy.
@@ -37,8 +41,6 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
 // the array is valid, else the first offending index.
 int64_t first_bad_offset(const int64_t* offsets, int64_t n, int64_t total, int64_t min_gap);
 int64_t first_bad_n_ranked(const int64_t* n_ranked, const int64_t* offsets, int64_t N);
-
-int num_threads();
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
 const char* cpu_isa();

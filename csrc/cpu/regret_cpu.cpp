@@ -4,7 +4,8 @@
 // depends only on source_offsets). A chunk's sum for one type is accumulated sequentially in
 // double; the chunk sums of a source are then added in chunk order by one thread. The thread
 // count only decides who computes a chunk, never how sums are associated, so R is bitwise
-// identical for any OMP_NUM_THREADS.
+// identical for any OMP_NUM_THREADS (and in a forked child, which runs serially:
+// cpu/threads.h).
 #include "cpu/regret_cpu.h"
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "common/regret.h"
+#include "cpu/threads.h"
 
 namespace emdpo {
 namespace cpu {
@@ -53,7 +55,7 @@ int64_t regret_matrix(const T* lp, const T* ref, const int64_t* source_offsets, 
   int64_t first_bad = kNoBad;
 
 #pragma omp parallel for collapse(2) schedule(static) reduction(min : first_bad) \
-    if (K * S >= kParallelMinTerms)
+    if (use_threads(K * S >= kParallelMinTerms))
   for (int64_t c = 0; c < n_chunks; ++c) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t j = src[c];

@@ -1,9 +1,5 @@
 #include "cpu/listwise_cpu.h"
 
-#ifdef EMDPO_HAVE_OPENMP
-#include <omp.h>
-#endif
-
 namespace emdpo {
 namespace cpu {
 
@@ -27,14 +23,6 @@ int64_t first_bad_n_ranked(const int64_t* n_ranked, const int64_t* offsets, int6
     if (n_ranked[i] < 1 || n_ranked[i] > m - 1) return i;
   }
   return -1;
-}
-
-int num_threads() {
-#ifdef EMDPO_HAVE_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 }  // namespace cpu

@@ -1,0 +1,97 @@
+"""EMDPOConfig: TrainingArguments plus the EM-DPO settings of :class:`EMDPOTrainer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+INIT_CHOICES = ("kmeans", "random")
+
+
+@dataclass
+class EMDPOConfig(TrainingArguments):
+    """Every ``TrainingArguments`` field (learning rate, batch sizes, gradient accumulation,
+    mixed precision, logging, saving, evaluation ...) plus the EM-DPO settings below.
+
+    The length of training is set by the EM settings, not by ``num_train_epochs`` or
+    ``max_steps``: there are ``em_iterations`` M-steps of ``e_step_every`` optimizer steps
+    each (default: one epoch), with an E-step between two M-steps and one after the last.
+
+    Args:
+        n_types: K, the number of latent annotator types (one LoRA adapter each).
+        beta: the DPO temperature (implicit reward r = beta * (log pi - log pi_ref)).
+        em_iterations: the number of M-steps (EM iterations).
+        e_step_every: optimizer steps per M-step; None (default) means one epoch of the
+            training set.
+        em_tol: stop early when the observed-data log-likelihood per record improves by less
+            than this between two E-steps; None (default) runs all ``em_iterations``.
+        init: how the types start, when the trainer is given no ``init_responsibilities``:
+            ``"kmeans"`` (k-means over the annotators' preference directions in the base
+            model's response embeddings) or ``"random"`` (Dirichlet posteriors).
+        reinit_types: re-initialise every type from the base (and reset its optimizer
+            state) at the start of every M-step, as the EM-DPO authors do.
+        full_parameter_types: K full copies of the model instead of K LoRA adapters (small
+            models only; the reference is the model you pass, frozen).
+        max_length: truncate prompt + response to this many tokens (like TRL's).
+        max_prompt_length: truncate prompts (from the left) to this many tokens.
+        mixture_alpha: Dirichlet prior on the mixture weights, >= 1 (1 = maximum likelihood).
+        logps_batch_size: ranked rows per no-grad forward (reference caching, E-steps,
+            evaluation); default ``per_device_eval_batch_size``.
+        prefix_sharing: collate each ranked list as one sequence with the prompt encoded
+            once (see :class:`RankedListCollator`; for models where
+            ``supports_prefix_sharing(model)``).
+    """
+
+    n_types: int = field(default=2, metadata={"help": "K, the number of latent types."})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature."})
+    em_iterations: int = field(default=5, metadata={"help": "Number of M-steps."})
+    e_step_every: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps per M-step (default: one epoch)."})
+    em_tol: Optional[float] = field(
+        default=None, metadata={"help": "Stop when the log-likelihood per record improves "
+                                        "by less than this."})
+    init: str = field(default="kmeans", metadata={"help": "'kmeans' or 'random'."})
+    reinit_types: bool = field(
+        default=False, metadata={"help": "Re-initialise every type at every M-step."})
+    full_parameter_types: bool = field(
+        default=False, metadata={"help": "K full model copies instead of LoRA adapters."})
+    max_length: Optional[int] = field(default=None, metadata={"help": "Max tokens per slot."})
+    max_prompt_length: Optional[int] = field(
+        default=None, metadata={"help": "Max prompt tokens."})
+    mixture_alpha: float = field(default=1.0, metadata={"help": "Dirichlet prior, >= 1."})
+    logps_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Rows per no-grad forward."})
+    prefix_sharing: bool = field(
+        default=False, metadata={"help": "Encode each prompt once per ranked list."})
+
+    def __post_init__(self):
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+        positive_int("n_types", self.n_types)
+        positive_int("em_iterations", self.em_iterations)
+        positive_int("e_step_every", self.e_step_every, allow_none=True)
+        positive_int("max_length", self.max_length, allow_none=True)
+        positive_int("max_prompt_length", self.max_prompt_length, allow_none=True)
+        positive_int("logps_batch_size", self.logps_batch_size, allow_none=True)
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
+                and self.beta > 0):
+            raise ValueError(f"beta: expected a finite number > 0, got {self.beta!r}")
+        if self.em_tol is not None and not (math.isfinite(self.em_tol) and self.em_tol >= 0):
+            raise ValueError(f"em_tol: expected None or a finite number >= 0, got "
+                             f"{self.em_tol!r}")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init: expected one of {INIT_CHOICES}, got {self.init!r}")
+        if not (math.isfinite(self.mixture_alpha) and self.mixture_alpha >= 1):
+            raise ValueError(f"mixture_alpha: expected a number >= 1, got "
+                             f"{self.mixture_alpha!r}")
+        if self.max_steps is not None and self.max_steps > 0:
+            raise ValueError(f"max_steps: EMDPOConfig sets the length of training with "
+                             f"em_iterations and e_step_every; got max_steps={self.max_steps}")
+        super().__post_init__()

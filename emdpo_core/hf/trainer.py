@@ -1,0 +1,919 @@
+"""EMDPOTrainer: EM-DPO on a Hugging Face causal language model, as a transformers Trainer.
+
+The K latent annotator types are K LoRA adapters on one base model (or, for small models, K
+full copies); the reference policy is the base with the adapters disabled. Training
+alternates, inside one ``Trainer.train()`` (so TrainingArguments, accelerate, mixed
+precision, gradient accumulation, logging, callbacks and checkpoints all work as usual):
+
+- **M-step**: ordinary optimizer steps on the weighted listwise DPO loss of all K types
+  (:func:`emdpo_core.torch.mixture_dpo_loss`), record i of annotator a weighted for type k by
+  the posterior g_ak divided by the type's total weight T_k = sum_i g_{a_i k} over the whole
+  training set. Each micro-batch's loss is a sum over its records, so the micro-batches of an
+  epoch add up exactly to the full-data objective sum_k (1/T_k) sum_i g_{a_i k} (-ll_ik).
+- **E-step** (every ``e_step_every`` optimizer steps, default every epoch, and once at the
+  end): no-grad log-probabilities of every slot under every type, then the fused kernel
+  :func:`emdpo_core.e_step` gives each annotator's posterior over the types from all of its
+  rankings, the mixture weights and the observed-data log-likelihood (logged).
+
+The reference log-probabilities are computed once, before the first step, and cached per
+slot. The EM state (posteriors, mixture weights, iteration, cached reference, type weights)
+is saved with every Trainer checkpoint and restored by ``train(resume_from_checkpoint=...)``.
+See docs/hf.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .. import e_step as _e_step_kernel
+from .. import group_by_annotator, listwise_dpo_loss_and_grad
+from ..torch import mixture_dpo_loss
+from . import RankedListCollator, sequence_logps, validate_ranked_rows
+from . import _io
+from .logps import _unpack_shared
+from .config import EMDPOConfig
+
+__all__ = ["EMDPOTrainer", "EMDPOConfig"]
+
+STATE_FILE = "emdpo_state.npz"
+TYPES_FILE = "emdpo_types.safetensors"
+ROW_INDEX = "row_index"
+ROW_COLUMNS = ("prompt", "responses", "n_ranked", "annotator", ROW_INDEX)
+WEIGHT = "weight"
+# Posteriors of the k-means start: the cluster gets 1 - INIT_SMOOTHING, the rest is spread,
+# so that no type starts with an exactly zero weight for anybody.
+INIT_SMOOTHING = 0.05
+
+
+# ----------------------------------------------------------------------------------------
+# Data layout
+
+
+class _IndexedRows(torch.utils.data.Dataset):
+    """The user's ranked rows, each given a ``row_index`` (its position) on the way out, so a
+    batch can be mapped back to its cached reference log-probabilities and annotators."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        # The columns the collator reads; record weights are looked up by row_index.
+        row = {k: v for k, v in self.rows[int(i)].items() if k in ROW_COLUMNS}
+        row[ROW_INDEX] = int(i)
+        return row
+
+
+@dataclass
+class _Layout:
+    """Records (rows) and slots (responses) of one data set, with its annotator grouping."""
+
+    offsets: np.ndarray            # (N+1,) slot offsets of the rows
+    n_ranked: np.ndarray           # (N,)
+    annotator: np.ndarray          # (N,) int annotator index of each row
+    annotator_ids: list            # (H,) the data set's ids, in index order
+    order: np.ndarray              # (N,) rows grouped by annotator
+    annotator_offsets: np.ndarray  # (H+1,)
+    grouped_slots: np.ndarray      # (M,) slots in grouped row order
+    grouped_offsets: np.ndarray    # (N+1,)
+    lengths: np.ndarray            # (N,) characters of prompt + responses (batching order)
+    record_weights: np.ndarray     # (N,) c_i, the rows' ``weight`` column or ones
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_annotators(self) -> int:
+        return len(self.annotator_ids)
+
+    def fingerprint(self) -> list:
+        return [self.n_rows, self.n_slots, self.n_annotators,
+                _io.sha256(self.offsets.tobytes() + self.n_ranked.tobytes()
+                           + self.annotator.tobytes() + self.record_weights.tobytes())]
+
+
+def _text_size(x) -> int:
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, dict):
+        return len(str(x.get("content", "")))
+    return sum(_text_size(v) for v in x)
+
+
+def _annotator_index(raw_ids):
+    """Map hashable annotator ids to 0..H-1: sorted order when the ids sort, else first
+    appearance. Returns (index (N,), ids (H,))."""
+    uniq = list(dict.fromkeys(raw_ids))
+    try:
+        uniq = sorted(uniq)
+    except TypeError:
+        pass
+    where = {a: h for h, a in enumerate(uniq)}
+    return np.array([where[a] for a in raw_ids], dtype=np.int64), uniq
+
+
+def _build_layout(rows, name: str) -> _Layout:
+    n = validate_ranked_rows(rows)
+    lengths = np.empty(n, dtype=np.int64)
+    n_ranked = np.empty(n, dtype=np.int64)
+    sizes = np.empty(n, dtype=np.int64)
+    raw = []
+    weights = np.ones(n)
+    has_annotator = None
+    has_weight = None
+    for i in range(n):
+        row = rows[i]
+        m = len(row["responses"])
+        lengths[i] = m
+        L = row.get("n_ranked")
+        n_ranked[i] = m - 1 if L is None else int(L)
+        sizes[i] = _text_size(row["prompt"]) + _text_size(row["responses"])
+        if has_annotator is None:
+            has_annotator = "annotator" in row
+            has_weight = row.get(WEIGHT) is not None
+        if has_weight:
+            w = row.get(WEIGHT)
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating,
+                                                         np.integer)) \
+                    or not math.isfinite(float(w)) or w < 0:
+                raise ValueError(f"{name}: row {i} has {WEIGHT}={w!r}; record weights must be "
+                                 f"finite numbers >= 0")
+            weights[i] = float(w)
+        # Without an annotator column every row is its own annotator (validate_ranked_rows
+        # warned about it).
+        raw.append(row["annotator"] if has_annotator else ("row", i))
+    annotator, ids = _annotator_index(raw)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    order, annotator_offsets = group_by_annotator(annotator, len(ids))
+    grouped_slots = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+    grouped_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths[order], out=grouped_offsets[1:])
+    if not has_annotator:
+        ids = list(range(n))
+    return _Layout(offsets=offsets, n_ranked=n_ranked, annotator=annotator, annotator_ids=ids,
+                   order=order, annotator_offsets=annotator_offsets,
+                   grouped_slots=grouped_slots, grouped_offsets=grouped_offsets,
+                   lengths=sizes, record_weights=weights)
+
+
+def _ranked_pairs(layout: _Layout):
+    """(hi, lo) slot indices of every ordered pair of a ranking: position t < L_i against
+    every slot s > t of the same row (the pairs a ranking asserts)."""
+    hi, lo = [], []
+    for i in range(layout.n_rows):
+        a, m, L = int(layout.offsets[i]), int(layout.offsets[i + 1] - layout.offsets[i]), \
+            int(layout.n_ranked[i])
+        for t in range(L):
+            for s in range(t + 1, m):
+                hi.append(a + t)
+                lo.append(a + s)
+    return np.array(hi, dtype=np.int64), np.array(lo, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# The K types: LoRA adapters on one base, or full copies
+
+
+class _LoraTypes:
+    """K LoRA adapters ``type_0 .. type_{K-1}`` on one peft model; the reference is the base
+    with adapters disabled (no second copy of the base)."""
+
+    def __init__(self, model, names: List[str]):
+        self.model = model
+        self.names = names
+        self.params = [[p for n, p in model.named_parameters() if f".{name}." in n]
+                       for name in names]
+        for k, ps in enumerate(self.params):
+            if not ps:
+                raise ValueError(f"peft_config: adapter {names[k]} has no parameters")
+        self.make_trainable()
+
+    def module_for(self, k: int, model):
+        # peft's set_adapter leaves only the active adapter trainable; make_trainable() undoes
+        # that before the backward pass (a leaf with requires_grad=False gets no gradient).
+        self.model.set_adapter(self.names[k])
+        return model
+
+    def make_trainable(self):
+        for ps in self.params:
+            for p in ps:
+                p.requires_grad_(True)
+
+    @contextmanager
+    def reference(self, model):
+        try:
+            with self.model.disable_adapter():
+                yield model
+        finally:
+            # Re-enabling the adapters calls peft's set_adapter, which freezes all but one.
+            self.make_trainable()
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()
+                if any(f".{name}." in n for name in self.names)}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        for n, v in state.items():
+            if n not in params:
+                raise ValueError(f"type weights: unknown parameter {n!r}")
+            with torch.no_grad():
+                params[n].copy_(v)
+
+    def type_params(self, k: int):
+        return self.params[k]
+
+
+class FullParameterTypes(torch.nn.Module):
+    """K full copies of a model (``types``) and the original, frozen, as the reference. For
+    small models: memory is K + 1 models plus K optimizer states."""
+
+    def __init__(self, model, n_types: int):
+        super().__init__()
+        self.reference_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.types = torch.nn.ModuleList()
+        for _ in range(n_types):
+            m = copy.deepcopy(model)
+            for p in m.parameters():
+                p.requires_grad_(True)
+            self.types.append(m)
+        self.config = model.config
+        self.active = 0
+
+    def forward(self, *args, **kwargs):
+        return self.types[self.active](*args, **kwargs)
+
+
+class _FullTypes:
+    def __init__(self, container: FullParameterTypes):
+        self.model = container
+        self.names = [f"type_{k}" for k in range(len(container.types))]
+
+    def module_for(self, k: int, model):
+        self.model.active = k
+        return self.model.types[k]
+
+    def make_trainable(self):
+        pass
+
+    @contextmanager
+    def reference(self, model):
+        yield self.model.reference_model
+
+    def state_dict(self) -> dict:
+        return {f"types.{n}": p.detach().clone() for n, p in self.model.types.named_parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = {f"types.{n}": p for n, p in self.model.types.named_parameters()}
+        for n, v in state.items():
+            if n not in params:
+                raise ValueError(f"type weights: unknown parameter {n!r}")
+            with torch.no_grad():
+                params[n].copy_(v)
+
+    def type_params(self, k: int):
+        return list(self.model.types[k].parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# EM state
+
+
+@dataclass
+class _EMState:
+    responsibilities: np.ndarray    # (H, K) posteriors used by the current M-step
+    log_weights: np.ndarray         # (K,) log mixture weights
+    n_e_steps: int = 0              # E-steps done
+    last_e_step_at: int = -1        # global step of the latest E-step
+    history: list = field(default_factory=list)
+    converged: bool = False
+
+
+class _EMSchedule(TrainerCallback):
+    """Runs the E-step between two M-steps (at the end of an optimizer step, before the
+    Trainer logs and saves, so a checkpoint holds the posteriors of the next M-step)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if (state.global_step % t._steps_per_m_step == 0 and state.global_step < state.max_steps
+                and t._em.last_e_step_at != state.global_step):
+            t._between_m_steps(control)
+        return control
+
+
+def _kmeans(X: np.ndarray, K: int, rng, n_iter: int = 100) -> np.ndarray:
+    """Labels of k-means (k-means++ seeding, Lloyd iterations) on the rows of X."""
+    H = X.shape[0]
+    centers = np.empty((K, X.shape[1]))
+    centers[0] = X[rng.integers(H)]
+    d2 = ((X - centers[0]) ** 2).sum(1)
+    for k in range(1, K):
+        total = d2.sum()
+        centers[k] = X[rng.choice(H, p=d2 / total) if total > 0 else rng.integers(H)]
+        d2 = np.minimum(d2, ((X - centers[k]) ** 2).sum(1))
+    labels = np.zeros(H, dtype=np.int64)
+    for it in range(n_iter):
+        dist = ((X[:, None, :] - centers[None]) ** 2).sum(-1)
+        new = dist.argmin(1)
+        if it > 0 and np.array_equal(new, labels):
+            break
+        labels = new
+        for k in range(K):
+            if np.any(labels == k):
+                centers[k] = X[labels == k].mean(0)
+    return labels
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer
+
+
+class EMDPOTrainer(Trainer):
+    """EM-DPO over K latent annotator types on a Hugging Face causal LM.
+
+    Args:
+        model: a ``transformers`` causal LM (``PreTrainedModel``), not yet wrapped by peft.
+        args: an :class:`EMDPOConfig`.
+        train_dataset: ranked rows (a ``datasets.Dataset`` or a list of dicts) with
+            ``prompt``, ``responses`` (best first), optional ``n_ranked`` and ``annotator``.
+        eval_dataset: optional ranked rows for :meth:`evaluate` (per-type implicit-reward
+            accuracy and margins, held-out mixture log-likelihood).
+        processing_class: the tokenizer.
+        peft_config: a ``peft.LoraConfig``: each type is one adapter with this config.
+            Required unless ``args.full_parameter_types``.
+        init_responsibilities: optional start, (H, K) posteriors with rows following
+            ``trainer.annotator_ids_`` (the sorted annotator ids) or a dict
+            {annotator id: K weights}; overrides ``args.init``.
+        data_collator: default :class:`RankedListCollator` (``max_length``,
+            ``max_prompt_length`` from ``args``).
+        callbacks, optimizers: as for ``transformers.Trainer``.
+
+    Why the types start different: a fresh LoRA adapter (B = 0) leaves the base model
+    unchanged, so K fresh adapters are K copies of the base and a first E-step would give
+    every annotator uniform posteriors. The first M-step therefore starts from given or
+    clustered posteriors instead of an E-step: ``init="kmeans"`` clusters the annotators by
+    their preference direction in the base model's response embeddings (mean over an
+    annotator's rankings of sum_j (d ll / d r_j at r = 0) * embedding_j; for a pair that is
+    (chosen - rejected) / 2), ``"random"`` draws Dirichlet posteriors, and
+    ``init_responsibilities`` takes yours. Each type's first M-step is then trained on a
+    different weighting of the data, which breaks the symmetry.
+
+    Fitted attributes (after ``train()``): ``responsibilities_`` (H, K) posteriors from the
+    final E-step, rows following ``annotator_ids_``; ``weights_`` (K,) mixture weights;
+    ``loglik_`` the observed-data log-likelihood; ``loglik_history_`` per E-step;
+    ``n_iter_`` M-steps done; ``converged_`` (with ``em_tol``).
+    """
+
+    def __init__(self, model=None, args: Optional[EMDPOConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None,
+                 init_responsibilities=None, data_collator=None, callbacks=None,
+                 optimizers=(None, None), **kwargs):
+        if args is None:
+            raise ValueError("args: pass an EMDPOConfig(output_dir, n_types=..., beta=...)")
+        if not isinstance(args, EMDPOConfig):
+            raise TypeError(f"args: expected an EMDPOConfig, got {type(args).__name__}")
+        if model is None or isinstance(model, str):
+            raise TypeError("model: pass an instantiated transformers causal LM (for example "
+                            "AutoModelForCausalLM.from_pretrained(name))")
+        if train_dataset is None:
+            raise ValueError("train_dataset: ranked rows are required")
+        if processing_class is None:
+            raise ValueError("processing_class: pass the tokenizer")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer_ = tokenizer
+        K = args.n_types
+
+        self._layout = _build_layout(train_dataset, "train_dataset")
+        self.annotator_ids_ = list(self._layout.annotator_ids)
+        H = self._layout.n_annotators
+        self._init_resp = None
+        if init_responsibilities is not None:
+            self._init_resp = self._check_init(init_responsibilities, H, K)
+        elif K > H:
+            raise ValueError(f"n_types={K} exceeds the number of annotators H={H}")
+
+        self._types = self._make_types(model, peft_config, args)
+
+        if data_collator is None:
+            data_collator = RankedListCollator(tokenizer, max_length=args.max_length,
+                                               max_prompt_length=args.max_prompt_length,
+                                               prefix_sharing=args.prefix_sharing)
+        self._eval_rows = eval_dataset
+        super().__init__(model=self._types.model, args=args, data_collator=data_collator,
+                         train_dataset=_IndexedRows(train_dataset),
+                         eval_dataset=None if eval_dataset is None else _IndexedRows(eval_dataset),
+                         processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, **kwargs)
+        # compute_loss returns the loss already scaled for gradient accumulation.
+        self.loss_is_scaled_for_ga = True
+        self.add_callback(_EMSchedule(self))
+        self._em: Optional[_EMState] = None
+        self._ref_logps = None           # (M,) device tensor, cached once
+        self._record_weights = None      # (K, N) device tensor, g_{a_i k} / T_k
+        self._slot_offsets = torch.as_tensor(self._layout.offsets)
+        self._batches_cache = {}
+        self._eval_cache = {}
+        self._initial_types = None
+        self._steps_per_m_step = None
+
+    # ------------------------------------------------------------------------------------
+    # Construction helpers
+
+    @staticmethod
+    def _check_init(init, H: int, K: int) -> np.ndarray:
+        if isinstance(init, dict):
+            raise TypeError("init_responsibilities: a dict needs the annotator ids; pass an "
+                            "(H, K) array in the order of trainer.annotator_ids_")
+        r = np.asarray(init, dtype=np.float64)
+        if r.shape != (H, K):
+            raise ValueError(f"init_responsibilities: expected shape (H, K) = ({H}, {K}), got "
+                             f"{r.shape}")
+        bad = np.flatnonzero(~np.isfinite(r).all(1) | (r < 0).any(1) | ~(r.sum(1) > 0))
+        if bad.size:
+            raise ValueError(f"init_responsibilities: row {bad[0]} must be finite, >= 0 and not "
+                             f"all zero, got {r[bad[0]].tolist()}")
+        return r / r.sum(1, keepdims=True)
+
+    def _make_types(self, model, peft_config, args):
+        K = args.n_types
+        names = [f"type_{k}" for k in range(K)]
+        if args.full_parameter_types:
+            if peft_config is not None:
+                raise ValueError("peft_config: not used with full_parameter_types=True; pass one "
+                                 "or the other")
+            return _FullTypes(FullParameterTypes(model, K))
+        if peft_config is None:
+            raise ValueError("peft_config: pass a peft.LoraConfig (each type is one LoRA "
+                             "adapter on the shared base), or set full_parameter_types=True "
+                             "in the config for small models")
+        from peft import PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):
+            raise ValueError("model: pass the base model, not a PeftModel; the trainer adds one "
+                             "adapter per type from peft_config")
+        # Seeded so that the adapters' random initialisation (LoRA A) is reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            peft_model = get_peft_model(model, peft_config, adapter_name=names[0])
+            for name in names[1:]:
+                peft_model.add_adapter(name, peft_config)
+        return _LoraTypes(peft_model, names)
+
+    def _set_signature_columns_if_needed(self):
+        # The ranked rows are tokenized by the collator: keep their columns.
+        if self._signature_columns is None:
+            self._signature_columns = list(ROW_COLUMNS)
+
+    # ------------------------------------------------------------------------------------
+    # Batches and no-grad passes
+
+    def _logps_batch_size(self) -> int:
+        return self.args.logps_batch_size or self.args.per_device_eval_batch_size
+
+    def _fixed_batches(self, rows, layout: _Layout, key: str):
+        """Collated batches of all rows (longest first, so padding is small), kept on the
+        host and reused by every no-grad pass over the same data."""
+        if key not in self._batches_cache:
+            order = np.argsort(-layout.lengths, kind="stable")
+            bs = self._logps_batch_size()
+            indexed = _IndexedRows(rows)
+            batches = []
+            for s in range(0, len(order), bs):
+                idx = order[s:s + bs]
+                batch = self.data_collator([indexed[i] for i in idx])
+                batches.append((batch, self._slots_of(batch, layout)))
+            self._batches_cache[key] = batches
+        return self._batches_cache[key]
+
+    @staticmethod
+    def _slots_of(batch, layout_or_offsets) -> torch.Tensor:
+        """(M_b,) global slot index of each slot of a batch, from its rows' indices."""
+        offsets = (layout_or_offsets.offsets if isinstance(layout_or_offsets, _Layout)
+                   else layout_or_offsets)
+        offsets = torch.as_tensor(offsets)
+        rows = batch[ROW_INDEX].to(offsets.device)
+        b_off = batch["offsets"].to(offsets.device)
+        lengths = b_off[1:] - b_off[:-1]
+        shift = offsets[rows] - b_off[:-1]
+        return torch.repeat_interleave(shift, lengths) + torch.arange(int(b_off[-1]),
+                                                                      device=offsets.device)
+
+    @contextmanager
+    def _no_grad_pass(self):
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                yield
+        finally:
+            model.train(was_training)
+
+    def _pass_logps(self, rows, layout: _Layout, key: str, reference: bool) -> torch.Tensor:
+        """(M,) reference or (K, M) type log-probabilities of every slot, float32 on the
+        training device."""
+        K = len(self._types.names)
+        out = torch.empty((1 if reference else K, layout.n_slots), dtype=torch.float32,
+                          device=self.args.device)
+        with self._no_grad_pass():
+            for batch, slots in self._fixed_batches(rows, layout, key):
+                b = self._prepare_inputs(batch)
+                slots = slots.to(out.device)
+                if reference:
+                    with self._types.reference(self.model) as ref_model:
+                        out[0, slots] = sequence_logps(ref_model, b).float()
+                else:
+                    for k in range(K):
+                        out[k, slots] = sequence_logps(self._types.module_for(k, self.model),
+                                                       b).float()
+        self._types.make_trainable()
+        return out[0] if reference else out
+
+    # ------------------------------------------------------------------------------------
+    # Initialisation
+
+    def _annotator_features(self) -> np.ndarray:
+        """(H, D) preference directions of the annotators in the base model's response
+        embeddings (mean over response tokens of the last hidden state)."""
+        lay = self._layout
+        D = None
+        emb = None
+        with self._no_grad_pass():
+            for batch, slots in self._fixed_batches(self.train_dataset.rows, lay, "train"):
+                b = self._prepare_inputs(batch)
+                with self._types.reference(self.model) as ref_model:
+                    h = _response_embeddings(ref_model, b)
+                if emb is None:
+                    D = h.shape[1]
+                    emb = np.zeros((lay.n_slots, D))
+                emb[slots.numpy()] = h.double().cpu().numpy()
+        zeros = np.zeros(lay.n_slots)
+        _, grad = listwise_dpo_loss_and_grad(zeros, zeros, lay.offsets, beta=1.0,
+                                             n_ranked=lay.n_ranked, reduction="sum")
+        contrib = -grad[:, None] * emb           # d ll / d r_j times phi_j
+        per_row = np.add.reduceat(contrib, lay.offsets[:-1], axis=0)
+        X = np.zeros((lay.n_annotators, D))
+        np.add.at(X, lay.annotator, per_row)
+        X /= np.bincount(lay.annotator, minlength=lay.n_annotators)[:, None]
+        X -= X.mean(0)
+        scale = X.std(0)
+        return X / np.where(scale > 0, scale, 1.0)
+
+    def _initial_responsibilities(self) -> np.ndarray:
+        K, H = self.args.n_types, self._layout.n_annotators
+        if self._init_resp is not None:
+            return self._init_resp
+        rng = np.random.default_rng(self.args.seed)
+        if K == 1:
+            return np.ones((H, 1))
+        if self.args.init == "random":
+            return rng.dirichlet(np.ones(K), size=H)
+        labels = _kmeans(self._annotator_features(), K, rng)
+        resp = np.full((H, K), INIT_SMOOTHING / K)
+        resp[np.arange(H), labels] += 1.0 - INIT_SMOOTHING
+        return resp
+
+    def _initialize_em(self):
+        self._ref_logps = self._pass_logps(self.train_dataset.rows, self._layout, "train",
+                                           reference=True)
+        resp = self._initial_responsibilities()
+        self._em = _EMState(responsibilities=resp, log_weights=self._mixture_log_weights(resp))
+        self._set_record_weights()
+        if self.args.reinit_types:
+            self._initial_types = self._types.state_dict()
+
+    def _mixture_log_weights(self, resp: np.ndarray) -> np.ndarray:
+        a, (H, K) = self.args.mixture_alpha, resp.shape
+        eta = (resp.sum(0) + a - 1.0) / (H + K * (a - 1.0))
+        return np.log(np.maximum(eta, 1e-300))
+
+    # ------------------------------------------------------------------------------------
+    # E-step and M-step weights. Cross-rank points (for distributed training): the slot
+    # log-probabilities of an E-step (_gather_slot_logps) and the per-type totals
+    # (_type_totals); every process holds all posteriors, so nothing else needs a reduction.
+
+    def _gather_slot_logps(self, logps: torch.Tensor) -> torch.Tensor:
+        """Hook for distributed runs: the (K, M) slot log-probabilities of the whole data
+        set. One process computes all slots, so this is the identity."""
+        return logps
+
+    def _type_totals(self, record_resp: np.ndarray) -> np.ndarray:
+        """(K,) T_k = sum over all training records of g_{a_i k} (one process holds them
+        all)."""
+        return record_resp.sum(0)
+
+    def _set_record_weights(self):
+        """w_ik = g_{a_i k} / T_k for every record, on the device, for the M-step."""
+        lay = self._layout
+        record_resp = self._em.responsibilities[lay.annotator] * lay.record_weights[:, None]
+        totals = self._type_totals(record_resp)
+        empty = np.flatnonzero(totals <= 1e-12 * record_resp.shape[0])
+        if empty.size:
+            warnings.warn(f"type(s) {empty.tolist()} have no posterior weight left; they are "
+                          f"not trained in this M-step (use fewer n_types or mixture_alpha > 1)",
+                          UserWarning, stacklevel=3)
+        scale = np.where(totals > 1e-12 * record_resp.shape[0], 1.0 / np.maximum(totals, 1e-300),
+                         0.0)
+        w = (record_resp * scale).T
+        self._record_weights = torch.as_tensor(np.ascontiguousarray(w), dtype=torch.float32,
+                                               device=self.args.device)
+
+    def _e_step(self, log: bool = True) -> dict:
+        lay = self._layout
+        logps = self._gather_slot_logps(
+            self._pass_logps(self.train_dataset.rows, lay, "train", reference=False))
+        policy = logps.double().cpu().numpy()[:, lay.grouped_slots]
+        ref = self._ref_logps.double().cpu().numpy()[lay.grouped_slots]
+        res = _e_step_kernel(policy, ref, lay.grouped_offsets, lay.annotator_offsets,
+                             self._em.log_weights, beta=self.args.beta,
+                             n_ranked=lay.n_ranked[lay.order],
+                             record_weights=lay.record_weights[lay.order])
+        resp = np.asarray(res.responsibilities, dtype=np.float64)
+        em = self._em
+        em.responsibilities = resp
+        em.log_weights = self._mixture_log_weights(resp)
+        em.n_e_steps += 1
+        em.last_e_step_at = self.state.global_step
+        entry = {"em_iteration": em.n_e_steps, "step": self.state.global_step,
+                 "loglik": float(res.loglik), "loglik_per_record": float(res.loglik) / lay.n_rows,
+                 "weights": np.exp(em.log_weights).tolist()}
+        em.history.append(entry)
+        self._set_record_weights()
+        if log:
+            logs = {"em/iteration": em.n_e_steps, "em/loglik": entry["loglik_per_record"]}
+            for k, w in enumerate(entry["weights"]):
+                logs[f"em/weight_{k}"] = w
+            self.log(logs)
+        return entry
+
+    def _between_m_steps(self, control):
+        history = self._em.history
+        entry = self._e_step()
+        tol = self.args.em_tol
+        if tol is not None and len(history) >= 2:
+            if entry["loglik_per_record"] - history[-2]["loglik_per_record"] < tol:
+                self._em.converged = True
+                control.should_training_stop = True
+                return
+        if self.args.reinit_types:
+            self._reinitialize_types()
+
+    def _reinitialize_types(self):
+        """The authors' option: every type restarts from its initial weights (the base, for
+        LoRA: B = 0) with a fresh optimizer state."""
+        self._types.load_state_dict(self._initial_types)
+        if self.optimizer is not None:
+            for k in range(len(self._types.names)):
+                for p in self._types.type_params(k):
+                    self.optimizer.state.pop(p, None)
+
+    # ------------------------------------------------------------------------------------
+    # Loss
+
+    def _m_step_objective(self, model, inputs) -> torch.Tensor:
+        """sum over the batch's records of sum_k w_ik (-ll_ik), w_ik = g_{a_i k} / T_k.
+
+        Summed over the micro-batches of an epoch this is exactly the full-data M-step
+        objective sum_k (1/T_k) sum_i g_{a_i k} (-ll_ik)."""
+        K = len(self._types.names)
+        rows = inputs[ROW_INDEX]
+        policy = torch.stack([sequence_logps(self._types.module_for(k, model), inputs)
+                              for k in range(K)])
+        self._types.make_trainable()
+        slots = self._slots_of(inputs, self._slot_offsets.to(rows.device))
+        ref = self._ref_logps[slots]
+        weights = self._record_weights[:, rows]
+        return mixture_dpo_loss(policy, ref, inputs["offsets"], weights=weights,
+                                beta=self.args.beta, n_ranked=inputs["n_ranked"],
+                                reduction="sum")
+
+    def _records_per_step(self) -> int:
+        """Records per optimizer step in one process: with DDP, gradient averaging over
+        processes makes each step an average over the global batch."""
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._em is None:
+            raise RuntimeError("EMDPOTrainer.compute_loss: call train() (the EM state is set "
+                               "up there)")
+        # Scaled so that an optimizer step's gradient is an unbiased estimate of the full
+        # M-step objective's (records drawn uniformly); for K = 1 it is the mean DPO loss.
+        loss = self._m_step_objective(model, inputs) * (self._layout.n_rows
+                                                        / self._records_per_step())
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------
+    # Training
+
+    def _steps_per_epoch(self) -> int:
+        n_batches = len(self.get_train_dataloader())
+        ga = self.args.gradient_accumulation_steps
+        return max(n_batches // ga + int(n_batches % ga > 0), 1)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """EM-DPO: ``em_iterations`` M-steps with E-steps between them and after the last.
+        ``resume_from_checkpoint`` restores the whole EM state with the Trainer's."""
+        args = self.args
+        self._steps_per_m_step = args.e_step_every or self._steps_per_epoch()
+        args.max_steps = args.em_iterations * self._steps_per_m_step
+        if not resume_from_checkpoint:
+            self._initialize_em()
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                            ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        if self._em.last_e_step_at != self.state.global_step:
+            self._e_step()
+        self._set_fitted()
+        return out
+
+    def _set_fitted(self):
+        em = self._em
+        self.responsibilities_ = em.responsibilities.copy()
+        self.weights_ = np.exp(em.log_weights)
+        self.loglik_ = em.history[-1]["loglik"] if em.history else None
+        self.loglik_history_ = [h["loglik"] for h in em.history]
+        self.converged_ = bool(em.converged)
+        self.n_iter_ = int(math.ceil(self.state.global_step / self._steps_per_m_step))
+        self.em_history_ = list(em.history)
+
+    def predict_types(self) -> np.ndarray:
+        """(H,) most likely type of each annotator (rows follow ``annotator_ids_``)."""
+        return self.responsibilities_.argmax(1)
+
+    # ------------------------------------------------------------------------------------
+    # Evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Per-type implicit-reward accuracy and margin over the ranked pairs of the eval
+        rows (every position t < L against every lower slot), the mixture weights, and the
+        held-out observed-data log-likelihood per record under the current mixture."""
+        rows = eval_dataset if eval_dataset is not None else self._eval_rows
+        if rows is None:
+            raise ValueError("evaluate: no eval_dataset given here or to the trainer")
+        if isinstance(rows, _IndexedRows):
+            rows = rows.rows
+        key = f"eval-{id(rows)}"
+        if key not in self._eval_cache:
+            lay = _build_layout(rows, "eval_dataset")
+            ref = self._pass_logps(rows, lay, key, reference=True)
+            self._eval_cache[key] = (lay, ref, _ranked_pairs(lay))
+        lay, ref, (hi, lo) = self._eval_cache[key]
+        K = len(self._types.names)
+        logps = self._pass_logps(rows, lay, key, reference=False)
+        r = (self.args.beta * (logps.double() - ref.double())).cpu().numpy()   # (K, M)
+        metrics = {}
+        margins = r[:, hi] - r[:, lo]
+        for k in range(K):
+            metrics[f"{metric_key_prefix}_type{k}_accuracy"] = float((margins[k] > 0).mean())
+            metrics[f"{metric_key_prefix}_type{k}_margin"] = float(margins[k].mean())
+        log_weights = (self._em.log_weights if self._em is not None
+                       else np.log(np.full(K, 1.0 / K)))
+        res = _e_step_kernel(logps.double().cpu().numpy()[:, lay.grouped_slots],
+                             ref.double().cpu().numpy()[lay.grouped_slots], lay.grouped_offsets,
+                             lay.annotator_offsets, log_weights, beta=self.args.beta,
+                             n_ranked=lay.n_ranked[lay.order],
+                             record_weights=lay.record_weights[lay.order])
+        metrics[f"{metric_key_prefix}_loglik"] = float(res.loglik) / lay.n_rows
+        for k in range(K):
+            metrics[f"{metric_key_prefix}_weight_{k}"] = float(np.exp(log_weights[k]))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------------
+    # Checkpoints: the EM state and all K types travel with every Trainer checkpoint.
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_em_state(folder)
+
+    def save_em_state(self, folder: str) -> None:
+        """Write the EM state (posteriors, mixture weights, iteration, history, cached
+        reference log-probabilities) and the weights of all K types into ``folder``."""
+        from safetensors.torch import save as st_save
+
+        em = self._em
+        types = {n: v.contiguous().cpu() for n, v in self._types.state_dict().items()}
+        if self._initial_types is not None:
+            types.update({f"initial.{n}": v.contiguous().cpu()
+                          for n, v in self._initial_types.items()})
+        blob = st_save(types)
+        _io.atomic_write_bytes(os.path.join(folder, TYPES_FILE), blob)
+        meta = {"format": "emdpo-hf-em-state", "version": 1, "n_e_steps": em.n_e_steps,
+                "last_e_step_at": em.last_e_step_at, "history": em.history,
+                "converged": em.converged, "layout": self._layout.fingerprint(),
+                "types_sha256": _io.sha256(blob), "type_names": self._types.names}
+        _io.save_arrays(os.path.join(folder, STATE_FILE),
+                        {"responsibilities": em.responsibilities,
+                         "log_weights": em.log_weights,
+                         "ref_logps": self._ref_logps.double().cpu().numpy()}, meta)
+
+    def load_em_state(self, folder: str) -> None:
+        """Restore what :meth:`save_em_state` wrote; refuses damaged files and a checkpoint
+        of another training set."""
+        from safetensors.torch import load as st_load
+
+        path = os.path.join(folder, STATE_FILE)
+        arrays, meta = _io.load_arrays(path)
+        if meta.get("format") != "emdpo-hf-em-state":
+            raise ValueError(f"{path}: not an EMDPOTrainer state file")
+        if meta["layout"] != self._layout.fingerprint():
+            raise ValueError(f"{path}: saved for another training set (rows, slots, annotators "
+                             f"{meta['layout'][:3]}, here {self._layout.fingerprint()[:3]})")
+        if meta["type_names"] != self._types.names:
+            raise ValueError(f"{path}: saved with types {meta['type_names']}, this trainer has "
+                             f"{self._types.names}")
+        tpath = os.path.join(folder, TYPES_FILE)
+        if not os.path.isfile(tpath):
+            raise FileNotFoundError(f"{tpath}: no such file")
+        with open(tpath, "rb") as f:
+            blob = f.read()
+        if _io.sha256(blob) != meta["types_sha256"]:
+            raise ValueError(f"{tpath}: checksum mismatch, the file is damaged; refusing to "
+                             f"load it")
+        tensors = st_load(blob)
+        initial = {n[len("initial."):]: v for n, v in tensors.items() if n.startswith("initial.")}
+        self._types.load_state_dict({n: v for n, v in tensors.items()
+                                     if not n.startswith("initial.")})
+        self._initial_types = initial or None
+        if self.args.reinit_types and self._initial_types is None:
+            raise ValueError(f"{tpath}: reinit_types=True but the checkpoint holds no initial "
+                             f"type weights")
+        self._em = _EMState(responsibilities=arrays["responsibilities"],
+                            log_weights=arrays["log_weights"], n_e_steps=meta["n_e_steps"],
+                            last_e_step_at=meta["last_e_step_at"], history=meta["history"],
+                            converged=meta["converged"])
+        self._ref_logps = torch.as_tensor(arrays["ref_logps"], dtype=torch.float32,
+                                          device=self.args.device)
+        self._set_record_weights()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # All K types come from the EM state file (the Trainer's own PEFT loading would
+        # restore only the active adapter).
+        self.load_em_state(resume_from_checkpoint)
+
+    # ------------------------------------------------------------------------------------
+    # Aggregation
+
+    def aggregate(self, prompts, *, n_samples: int = 4, kind: str = "reward",
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                  batch_size: Optional[int] = None, group_weights=None, solver=None,
+                  random_state=0):
+        """MinMax Regret Aggregation of the trained types by generation.
+
+        Samples ``n_samples`` responses per prompt from every type with ``generate``,
+        scores every sample under every type and the reference, builds the regret matrix
+        (:func:`emdpo_core.regret_matrix`) and solves the MMRA LP (:func:`emdpo_core.mmra`).
+        Returns a :class:`~emdpo_core.hf.MixtureLM`: ``.weights`` (K,), ``.regret_matrix``,
+        ``.max_regret``; ``.generate(prompt)`` answers with one type drawn by the weights;
+        ``.save(path)``.
+        """
+        from .aggregate import aggregate_types
+
+        return aggregate_types(self._types, self.tokenizer_, self.data_collator, prompts,
+                               n_samples=n_samples, kind=kind, beta=self.args.beta,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, batch_size=batch_size or self._logps_batch_size(),
+                               group_weights=group_weights, solver=solver,
+                               random_state=random_state, device=self.args.device)
+
+
+def _response_embeddings(model, batch) -> torch.Tensor:
+    """(M_b, D) mean of the last hidden state over each slot's response tokens."""
+    if batch.get("layout") == "prefix_shared":
+        batch = _unpack_shared(batch)     # one sequence per slot: simple and done once
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True, use_cache=False)
+    h = out.hidden_states[-1].float()
+    mask = batch["response_mask"].to(h.dtype)[..., None]
+    return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
