@@ -177,6 +177,30 @@ __device__ __forceinline__ int64_t owner(const int64_t* __restrict__ aoff, int64
   return lo;
 }
 
+// The same search started from a guess g in [lo, hi]: check g, then gallop away from it
+// (steps 1, 2, 4, ...) until the answer is bracketed, then bisect the bracket. With a good
+// guess (records spread evenly over annotators, or one annotator per record) it costs two
+// loads instead of log2(hi - lo) dependent ones: the tile kernel's prologue is latency.
+__device__ __forceinline__ int64_t owner_from(const int64_t* __restrict__ aoff, int64_t lo,
+                                              int64_t hi, int64_t i, int64_t g) {
+  g = g < lo ? lo : (g > hi ? hi : g);
+  if (aoff[g] <= i) {  // the answer is in [g, hi]
+    int64_t step = 1;
+    while (g + step <= hi && aoff[g + step] <= i) {
+      g += step;
+      step *= 2;
+    }
+    return owner(aoff, g, min(hi, g + step - 1), i);
+  }
+  int64_t step = 1;  // the answer is in [lo, g - 1]
+  int64_t top = g - 1;
+  while (top - step >= lo && aoff[top - step + 1] > i) {
+    top -= step;
+    step *= 2;
+  }
+  return owner(aoff, max(lo, top - step + 1), top, i);
+}
+
 // Sum over a warp in a fixed tree; the result is valid in lane 0.
 __device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
@@ -492,6 +516,34 @@ __device__ __forceinline__ bool st_head(unsigned st) { return st & kStHead; }
 __device__ __forceinline__ unsigned st_kind(unsigned st) { return (st >> kStKindShift) & 3u; }
 __device__ __forceinline__ int st_follow(unsigned st) { return int((st >> kStFollowShift) & 15u); }
 
+// The packed layout state of thread r once s_owner holds every record's annotator (-1 for
+// inactive threads). Warp suffix scan: at step b a lane adds lane (lane + 2^b)'s partial
+// when it is in the same annotator, so that after 5 steps each lane holds the sum from
+// itself to the end of its annotator or of its warp, whichever comes first.
+__device__ __forceinline__ unsigned layout_state(const int64_t* s_owner,
+                                                 const int64_t* __restrict__ aoff, int r,
+                                                 bool active, int64_t lo, int64_t hi) {
+  const int lane = r & 31, warp = r >> 5;
+  const int64_t h = s_owner[r];
+  unsigned st = 0, add_mask = 0;
+  if (active) {
+#pragma unroll
+    for (int b = 0; b < 5; ++b)
+      if (lane + (1 << b) < 32 && s_owner[r + (1 << b)] == h) add_mask |= 1u << b;
+  }
+  st |= add_mask << kStAddShift;
+  if (active && (r == 0 || s_owner[r - 1] != h)) {  // a segment head
+    int n_follow = 0;  // following warps whose first record still belongs to h
+    while (warp + n_follow + 1 < kWarps && s_owner[(warp + n_follow + 1) * 32] == h) ++n_follow;
+    const int64_t a_h = aoff[h], b_h = aoff[h + 1];
+    const unsigned kind = (a_h >= lo && b_h <= hi) ? kInTile : (a_h < lo ? kFirst : kLast);
+    st |= kStHead | (kind << kStKindShift) | (unsigned(n_follow) << kStFollowShift);
+    if (r == 0 && a_h >= lo) st |= kStZeroFirst;
+    if (a_h >= lo) st |= kStStarts;
+  }
+  return st;
+}
+
 // Per type of a group (FULL: all kGroupTypes, known at compile time): x = c_i * ll, the
 // warp's segmented suffix scan (skipped when no two records of the warp share an
 // annotator), the warp's first lane's partial to s_head_warp[c * kWarps], and a segment
@@ -552,55 +604,13 @@ __global__ void __launch_bounds__(kTile, sizeof(T) == sizeof(float) ? 2 : 1)
   const int64_t i = lo + r;
   const int Kc = int(min(K, int64_t(kGroupTypes)));  // types finished in registers
 
-  // Annotators of the tile's first and last records bound every search in the tile.
-  if (r == 0) s_edge[0] = owner(aoff, 0, H - 1, lo);
-  if (r == 32) s_edge[1] = owner(aoff, 0, H - 1, hi - 1);
-  if (ws.fused && r < K) s_lw[r] = log_weights[r];
-  __syncthreads();
-  {
-    const int64_t h = active ? owner(aoff, s_edge[0], s_edge[1], i) : -1;
-    s_owner[r] = h;
-  }
-  if (r == 0) ws.tile_owner[t] = s_edge[1];
-  __syncthreads();
-
-  // Layout facts, the same for every type, packed into one register (the type loop is
-  // register-bound; the annotator itself is re-read from s_owner where needed).
-  // Warp suffix scan: at step b, add lane (lane + 2^b)'s partial when it is in the same
-  // annotator. After the 5 steps each lane holds the sum from itself to the end of its
-  // annotator or of its warp, whichever comes first.
-  unsigned st = 0;
-  {
-    const int64_t h = s_owner[r];
-    unsigned add_mask = 0;
-    if (active) {
-#pragma unroll
-      for (int b = 0; b < 5; ++b)
-        if (lane + (1 << b) < 32 && s_owner[r + (1 << b)] == h) add_mask |= 1u << b;
-    }
-    st |= add_mask << kStAddShift;
-    if (active && (r == 0 || s_owner[r - 1] != h)) {  // a segment head
-      int n_follow = 0;  // following warps whose first record still belongs to h
-      while (warp + n_follow + 1 < kWarps && s_owner[(warp + n_follow + 1) * 32] == h) ++n_follow;
-      const int64_t a_h = aoff[h], b_h = aoff[h + 1];
-      const unsigned kind = (a_h >= lo && b_h <= hi) ? kInTile : (a_h < lo ? kFirst : kLast);
-      st |= kStHead | (kind << kStKindShift) | (unsigned(n_follow) << kStFollowShift);
-      if (r == 0 && a_h >= lo) st |= kStZeroFirst;
-      if (a_h >= lo) st |= kStStarts;
-    }
-  }
-  // Warp-uniform: with one record per annotator in the whole warp there is nothing to scan.
-  const bool scan = __any_sync(kFull, (st >> kStAddShift) != 0);
-
   Record rec{0, 0, 0};
-  double c_i = 0.0;
-  if (active) {
-    rec = load_record(offsets, n_ranked, i);
-    c_i = record_weights ? double(record_weights[i]) : 1.0;
-  }
+  if (active) rec = load_record(offsets, n_ranked, i);
   const A c2 = A(beta * base2::kLog2e);
-  const double cw = record_weights ? c_i : 1.0;
+  const double cw = (record_weights && active) ? double(record_weights[i]) : 1.0;
   bool finite = true;
+  unsigned st = 0;    // packed layout state, set up in the first pass
+  bool scan = false;  // warp-uniform: some records of the warp share an annotator
   int buf = 0;
   for (int64_t k0 = 0; k0 < K; k0 += kGroupTypes) {
     const int kc = int(min(int64_t(kGroupTypes), K - k0));
@@ -609,6 +619,26 @@ __global__ void __launch_bounds__(kTile, sizeof(T) == sizeof(float) ? 2 : 1)
                              s_ll + r * kStageStride, 1);
     else
       for (int c = 0; c < kGroupTypes; ++c) s_ll[r * kStageStride + c] = A(0);
+    if (k0 == 0) {
+      // The layout is set up once the first group's loads are issued, so that the latency
+      // of the annotator searches overlaps theirs (a block-uniform branch).
+      // Annotators of the tile's first and last records bound every search in the tile;
+      // the searches start where the annotators would be if records were spread evenly.
+      const double per_record = double(H) / double(N);
+      if (r == 0) s_edge[0] = owner_from(aoff, 0, H - 1, lo, int64_t(double(lo) * per_record));
+      if (r == 32)
+        s_edge[1] = owner_from(aoff, 0, H - 1, hi - 1, int64_t(double(hi - 1) * per_record));
+      if (ws.fused && r < K) s_lw[r] = log_weights[r];
+      __syncthreads();
+      const int64_t e0 = s_edge[0], e1 = s_edge[1];
+      // Within the tile the guess spreads the tile's records evenly over [e0, e1].
+      const int64_t g = e0 + (e1 - e0) * r / (n_in > 1 ? n_in - 1 : 1);
+      s_owner[r] = active ? owner_from(aoff, e0, e1, i, g) : -1;
+      if (r == 0) ws.tile_owner[t] = e1;
+      __syncthreads();
+      st = layout_state(s_owner, aoff, r, active, lo, hi);
+      scan = __any_sync(kFull, (st >> kStAddShift) != 0);
+    }
     scan_group<false>(s_ll + r * kStageStride, cw, kc, scan, st, st_head(st), lane,
                       s_head[buf][0] + warp, s_S + r);
     __syncthreads();
