@@ -31,7 +31,7 @@ def git_commit() -> str:
 
 
 def cpu_name() -> str:
-    from emdpo_core.bench import _cpu_name
+    from emdpo_core.bench.cases import _cpu_name
 
     return _cpu_name()
 

@@ -37,8 +37,9 @@ import emdpo_core as ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, git_commit  # noqa: E402
-from emdpo_core import _bookkeeping as bk
-from emdpo_core import _numpy_baseline as nb
+from emdpo_core.em import _mixture
+from emdpo_core.em import _plackett_luce_mm as bk
+from emdpo_core.bench import numpy_baseline as nb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_em.csv")
@@ -76,7 +77,7 @@ def percentiles(fn, repeats: int, warmup: int = 1):
 
 # ----------------------------------------------------------------------------------------
 # The NumPy baseline: one EM iteration, vectorized over records of one common length m. It
-# lives in the package (emdpo_core/_numpy_baseline.py), shared with `emdpo bench`.
+# lives in the package (emdpo_core/bench/numpy_baseline.py), shared with `emdpo bench`.
 
 numpy_e_step = nb.em_e_step
 numpy_mm_step = nb.em_mm_step
@@ -165,8 +166,8 @@ def main(argv=None) -> int:
     resp_np, loglik_np = numpy_e_step(theta, items2d, g.n_ranked, g.annotator_offsets, log_w)
     np.testing.assert_allclose(loglik, loglik_np, rtol=1e-9)
     np.testing.assert_allclose(resp, resp_np, atol=1e-9)
-    eta, W = bk.mixture_weights(resp, g.annotator_weight, 1.0), \
-        bk.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
+    eta, W = _mixture.mixture_weights(resp, g.annotator_weight, 1.0), \
+        _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
     eta_np, W_np = numpy_bookkeeping(resp, g.annotator_offsets)
     np.testing.assert_allclose(eta, eta_np, rtol=1e-12)
     np.testing.assert_allclose(W, W_np, rtol=1e-12)
@@ -194,8 +195,8 @@ def main(argv=None) -> int:
         fam.m_step(g, W)
 
     def book_ours():
-        bk.mixture_weights(resp, g.annotator_weight, 1.0)
-        bk.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
+        _mixture.mixture_weights(resp, g.annotator_weight, 1.0)
+        _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight, g.annotator_weight)
 
     cases = [
         ("e_step", e_ours, lambda: numpy_e_step(theta, items2d, g.n_ranked,

@@ -24,7 +24,7 @@ import _common  # noqa: E402
 import torch_reference as tref  # noqa: E402
 
 import emdpo_core as ec  # noqa: E402
-from emdpo_core import _reference  # noqa: E402
+from emdpo_core.ops import _reference  # noqa: E402
 
 
 def make_data(N, m, K, n_annotators, seed=0):

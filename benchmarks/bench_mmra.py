@@ -34,7 +34,7 @@ import emdpo_core as ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, git_commit  # noqa: E402
-from emdpo_core import _reference
+from emdpo_core.ops import _reference
 
 mmra_mod = sys.modules["emdpo_core.mmra"]  # `ec.mmra` is the function of the same name
 

@@ -42,7 +42,7 @@ import torch
 
 import emdpo_core
 import emdpo_core.torch as et
-from emdpo_core import _reference, _torch_dispatch
+from emdpo_core.ops import _reference, _torch as _torch_dispatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "bench_torch_loss.csv")

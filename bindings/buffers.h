@@ -7,11 +7,29 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace emdpo_bindings {
 
 namespace py = pybind11;
+
+// Sizes arrive from Python as arbitrary int64 values. Products and successors of them are
+// formed only through these two, which raise ValueError instead of overflowing: a wrapped
+// product could equal the length of a real buffer and let a kernel run far past its end.
+inline int64_t size_product(int64_t a, int64_t b, const char* what) {
+  if (a < 0 || b < 0 || (a != 0 && b > std::numeric_limits<int64_t>::max() / a))
+    throw py::value_error(std::string("sizes: ") + what + " = " + std::to_string(a) + " * " +
+                          std::to_string(b) + " is negative or does not fit in int64");
+  return a * b;
+}
+
+inline int64_t size_plus_one(int64_t n, const char* name) {
+  if (n < 0 || n == std::numeric_limits<int64_t>::max())
+    throw py::value_error(std::string("sizes: ") + name + " = " + std::to_string(n) +
+                          " is out of range");
+  return n + 1;
+}
 
 template <typename T>
 const T* in_ptr(const py::array& a, const char* name, int64_t size) {

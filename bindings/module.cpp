@@ -24,11 +24,11 @@ template <typename T>
 int64_t listwise_loglik_impl(py::array policy, py::array ref, py::array offsets,
                              py::object n_ranked, int64_t N, int64_t M, int64_t K, double beta,
                              py::array out) {
-  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
   const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
-  T* y = out_ptr<T>(out, "out", N * K);
+  T* y = out_ptr<T>(out, "out", size_product(N, K, "N * K"));
   py::gil_scoped_release release;
   return emdpo::cpu::listwise_loglik<T>(p, r, o, nr, N, M, K, beta, y);
 }
@@ -39,16 +39,17 @@ py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::ob
                       py::array log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
                       double beta, py::array resp, py::array annot_ll, py::object record_ll,
                       py::object annotator_weights, py::object type_totals) {
-  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
   const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
   const T* w = opt_in_ptr<T>(record_weights, "record_weights", N);
-  const int64_t* ao = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", H + 1);
+  const int64_t* ao =
+      in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
   const double* lw = in_ptr<double>(log_weights, "log_weights", K);
-  T* g = out_ptr<T>(resp, "responsibilities", H * K);
-  T* s = out_ptr<T>(annot_ll, "annotator_loglik", H * K);
-  T* rl = opt_out_ptr<T>(record_ll, "record_loglik", N * K);
+  T* g = out_ptr<T>(resp, "responsibilities", size_product(H, K, "H * K"));
+  T* s = out_ptr<T>(annot_ll, "annotator_loglik", size_product(H, K, "H * K"));
+  T* rl = opt_out_ptr<T>(record_ll, "record_loglik", size_product(N, K, "N * K"));
   const double* v = opt_in_ptr<double>(annotator_weights, "annotator_weights", H);
   if (v) {
     for (int64_t h = 0; h < H; ++h)
@@ -71,14 +72,14 @@ template <typename T>
 py::tuple loss_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
                     py::object weights, py::array scale, int64_t N, int64_t M, int64_t K,
                     double beta, py::array grad, py::object record_loss) {
-  const T* p = in_ptr<T>(policy, "policy_logps", K * M);
+  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
   const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
-  const T* w = opt_in_ptr<T>(weights, "weights", K * N);
+  const T* w = opt_in_ptr<T>(weights, "weights", size_product(K, N, "K * N"));
   const double* sc = in_ptr<double>(scale, "scale", K);
-  T* g = out_ptr<T>(grad, "grad", K * M);
-  T* rl = opt_out_ptr<T>(record_loss, "record_loss", K * N);
+  T* g = out_ptr<T>(grad, "grad", size_product(K, M, "K * M"));
+  T* rl = opt_out_ptr<T>(record_loss, "record_loss", size_product(K, N, "K * N"));
   double loss = 0.0;
   int64_t bad;
   {
@@ -94,12 +95,16 @@ void check_sizes(int64_t N, int64_t M, int64_t K) {
     throw py::value_error("sizes: expected N >= 1, M >= 2, K >= 1, got N=" +
                           std::to_string(N) + ", M=" + std::to_string(M) +
                           ", K=" + std::to_string(K));
+  // Every buffer the kernels index is checked against these products before it is used.
+  size_product(K, M, "K * M");
+  size_product(N, K, "N * K");
+  size_plus_one(N, "N");
 }
 
 void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) {
   // Memory safety of the kernels rests on these; kernels.py checks them first with better
   // messages, this is the last line of defence for direct callers.
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", N + 1);
+  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   if (emdpo::cpu::first_bad_offset(o, N + 1, M, 2) >= 0)
     throw py::value_error("offsets: not a valid layout");
   if (!n_ranked.is_none()) {
@@ -129,6 +134,9 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "first_bad_offset",
       [](py::array offsets, int64_t total, int64_t min_gap) {
+        if (total < 0 || min_gap < 0)
+          throw py::value_error("first_bad_offset: expected total >= 0 and min_gap >= 0, got " +
+                                std::to_string(total) + " and " + std::to_string(min_gap));
         const int64_t n = int64_t(offsets.size());
         const int64_t* o = in_ptr<int64_t>(offsets, "offsets", n);
         return emdpo::cpu::first_bad_offset(o, n, total, min_gap);
@@ -165,8 +173,12 @@ PYBIND11_MODULE(_core, m) {
          py::object type_totals) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
-        const int64_t* ao = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", H + 1);
-        if (H < 1 || emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)
+        if (H < 1)
+          throw py::value_error("sizes: expected H >= 1, got H=" + std::to_string(H));
+        size_product(H, K, "H * K");
+        const int64_t* ao =
+            in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
+        if (emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)
           throw py::value_error("annotator_offsets: not a valid layout");
         return is_float32(policy)
                    ? e_step_impl<float>(policy, ref, offsets, n_ranked, record_weights,

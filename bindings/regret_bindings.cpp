@@ -30,19 +30,21 @@ template <typename T>
 int64_t regret_matrix_impl(py::array logps, py::object ref, py::array offsets,
                            py::object weights, int64_t K, int64_t S, int kind, double beta,
                            py::array out) {
-  const T* lp = emdpo_bindings::in_ptr<T>(logps, "sample_logps", K * S);
+  const T* lp = emdpo_bindings::in_ptr<T>(logps, "sample_logps",
+                                          emdpo_bindings::size_product(K, S, "K * S"));
   const T* r = nullptr;
   if (!ref.is_none()) r = emdpo_bindings::in_ptr<T>(ref.cast<py::array>(), "sample_ref_logps", S);
   if (kind == 0 && r == nullptr)
     throw py::value_error("sample_ref_logps: required for kind='reward'");
-  const int64_t* o = emdpo_bindings::in_ptr<int64_t>(offsets, "source_offsets", K + 1);
+  const int64_t* o = emdpo_bindings::in_ptr<int64_t>(
+      offsets, "source_offsets", emdpo_bindings::size_plus_one(K, "K"));
   // Every source needs at least one sample: the kernel divides by each source's weight.
   if (emdpo::cpu::first_bad_offset(o, K + 1, S, 1) >= 0)
     throw py::value_error("source_offsets: not a valid layout");
   const T* w = nullptr;
   if (!weights.is_none()) w = emdpo_bindings::in_ptr<T>(weights.cast<py::array>(), "sample_weights", S);
   if (!py::isinstance<py::array_t<double>>(out) || !(out.flags() & py::array::c_style) ||
-      int64_t(out.size()) != K * K || !out.writeable())
+      int64_t(out.size()) != emdpo_bindings::size_product(K, K, "K * K") || !out.writeable())
     throw py::type_error("out: expected a writeable C-contiguous float64 array of K*K elements");
   double* R = static_cast<double*>(out.mutable_data());
   py::gil_scoped_release release;

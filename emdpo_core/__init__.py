@@ -1,22 +1,21 @@
 """emdpo-core: a fast compiled core for EM-DPO.
 
 Listwise (Plackett-Luce) log-likelihoods, fused E-steps and weighted DPO losses over cached
-policy log-probabilities, on CPU (C++/OpenMP) and CUDA. See DESIGN.md for the math.
+policy log-probabilities, on CPU (C++/OpenMP) and CUDA. The math: docs/math.md.
 """
 
 from __future__ import annotations
 
 from . import _core
-from ._bookkeeping import group_by_annotator
-from .kernels import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from .data._grouping import group_by_annotator
+from .ops import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
 from . import diagnostics
 from .data import RankingData
 from .diagnostics import IdentifiabilityWarning
 from .data import PreferenceData
-from .em import (CollapsedComponentWarning, ConvergenceWarning, EMEstimator,
-                 PlackettLuceMixture, PolicyFamily, PolicyLogps, PolicySamples, TabularPolicies,
-                 select_n_components)
-from .emdpo import EMDPO, AggregationResult, TorchPolicies
+from .em import (EMDPO, AggregationResult, CollapsedComponentWarning, ConvergenceWarning,
+                 EMEstimator, PlackettLuceMixture, PolicyFamily, PolicyLogps, PolicySamples,
+                 TabularPolicies, TorchPolicies, select_n_components)
 from . import datasets
 # The function mmra shadows the submodule attribute of the same name on the package;
 # `from emdpo_core.mmra import ...` still reaches the module.

@@ -222,7 +222,7 @@ def _run_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# emdpo bench: emdpo_core/bench.py (add_parser, run).
+# emdpo bench: emdpo_core/bench/ (add_parser, run).
 from . import bench as _bench  # noqa: E402  (imports only numpy at import time)
 
 # (name, declare arguments, run); add new subcommands here.

@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _checks
 from .data import PreferenceData, RankingData
 
 __all__ = [
@@ -41,14 +42,6 @@ __all__ = [
     "match_types",
     "policy_error",
 ]
-
-
-def _check_int(name, x, minimum):
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
-    return int(x)
 
 
 def _check_positive(name, x):
@@ -149,7 +142,7 @@ class Population:
         if types is None:
             if n_annotators is None:
                 raise ValueError("n_annotators: give n_annotators or types")
-            H = _check_int("n_annotators", n_annotators, 1)
+            H = _checks.check_int("n_annotators", n_annotators, 1)
             types = rng.choice(K, size=H, p=self.type_weights)
         else:
             if n_annotators is not None:
@@ -163,11 +156,11 @@ class Population:
                 raise ValueError(f"types: expected types in [0, {K}), got {types[bad[0]]} at "
                                  f"index {bad[0]}")
             H = types.shape[0]
-        R = _check_int("records_per_annotator", records_per_annotator, 1)
-        m = _check_int("list_size", list_size, 2)
+        R = _checks.check_int("records_per_annotator", records_per_annotator, 1)
+        m = _checks.check_int("list_size", list_size, 2)
         if m > A:
             raise ValueError(f"list_size: expected at most n_responses = {A}, got {m}")
-        L = m - 1 if n_ranked is None else _check_int("n_ranked", n_ranked, 1)
+        L = m - 1 if n_ranked is None else _checks.check_int("n_ranked", n_ranked, 1)
         if L > m - 1:
             raise ValueError(f"n_ranked: expected at most list_size - 1 = {m - 1}, got {L}")
         N = H * R
@@ -354,10 +347,10 @@ def make_population(n_types: int = 3, *, n_annotators: Optional[int] = 500,
         >>> pop.regret(pop.optimal_logps()[0]).round(3).tolist()   # type 0's best policy
         [0.0, 4.937]
     """
-    K = _check_int("n_types", n_types, 1)
+    K = _checks.check_int("n_types", n_types, 1)
     rng = np.random.default_rng(random_state)
-    P = _check_int("n_prompts", n_prompts, 1)
-    A = _check_int("n_responses", n_responses, 2)
+    P = _checks.check_int("n_prompts", n_prompts, 1)
+    A = _checks.check_int("n_responses", n_responses, 2)
     beta = _check_positive("beta", beta)
     if type_rewards is not None:
         u = np.array(type_rewards, dtype=np.float64, ndmin=2)
@@ -368,7 +361,7 @@ def make_population(n_types: int = 3, *, n_annotators: Optional[int] = 500,
             raise ValueError("polarized: give type_rewards or polarized=True, not both")
         D = u.shape[1]
     else:
-        D = _check_int("n_features", n_features, 1)
+        D = _checks.check_int("n_features", n_features, 1)
         scale = _check_positive("reward_scale", reward_scale)
         if polarized:
             if K != 2:

@@ -103,7 +103,7 @@ def _identifiability(size, seeds, say, report):
     from . import diagnostics
     from .datasets import make_population, policy_error
     from .em import ConvergenceWarning, TabularPolicies
-    from .emdpo import EMDPO
+    from .em import EMDPO
 
     H = size("id_annotators")
     pop = make_population(2, polarized=True, n_prompts=1, n_responses=6, reward_scale=1.5,
@@ -156,7 +156,7 @@ def _identifiability(size, seeds, say, report):
 
 def _em_dpo(size, seeds, say, report):
     from .datasets import adjusted_rand_index, make_population, match_types
-    from .emdpo import EMDPO, TorchPolicies
+    from .em import EMDPO, TorchPolicies
 
     H, R, P = size("em_annotators"), size("em_records"), size("em_prompts")
     pop = make_population(3, n_annotators=H, records_per_annotator=R, list_size=3,

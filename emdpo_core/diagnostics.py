@@ -30,7 +30,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from . import _bookkeeping as bk
+from .data import _grouping
 
 __all__ = ["IdentifiabilityWarning", "IdentifiabilityReport", "identifiability"]
 
@@ -101,7 +101,7 @@ def degrees_of_freedom(data) -> int:
     if "dof" not in cache:
         used, compact = np.unique(data.items, return_inverse=True)   # ids 0..n_used-1
         words = (used.shape[0] + 63) // 64
-        masks = bk.candidate_set_masks(compact.reshape(-1).astype(np.int64), data.offsets,
+        masks = _grouping.candidate_set_masks(compact.reshape(-1).astype(np.int64), data.offsets,
                                        words)
         uniq, inverse = np.unique(masks, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)

@@ -6,7 +6,8 @@ w_j, then generate the whole answer with it) minimizing the worst type's regret
 (DESIGN.md section 1, MMRA):
 
     regret_matrix   R[k, j] = regret of type k when served by policy j, estimated from cached
-                    samples of each policy (compiled kernel, CPU or CUDA).
+                    samples of each policy (a compiled op, :mod:`emdpo_core.ops.regret`;
+                    re-exported here).
     mmra            the linear program  min_w max_k c_k (R w)_k  over the simplex, solved
                     exactly with cvxpy (built once per K with Parameters, re-solved fast), or
                     with optimistic multiplicative weights (``solver="hedge"``, the method of
@@ -33,9 +34,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from . import _core
-from .kernels import (_check_beta, _describe, _float_array, _index_array, _is_torch,
-                      _real_vector)
+from . import _checks
+from .ops.regret import REGRET_KINDS, regret_matrix
 
 __all__ = [
     "MMRAResult",
@@ -48,7 +48,6 @@ __all__ = [
     "HEDGE_ITERATIONS",
 ]
 
-REGRET_KINDS = ("reward", "kl")
 HEDGE_ITERATIONS = 100_000  # the authors' code runs this many multiplicative-weights steps
 
 
@@ -72,235 +71,11 @@ class MMRAResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------
-# Regret matrices
-
-
-def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind="reward",
-                  sample_weights=None):
-    """Regret of each type under each policy, from cached samples of every policy.
-
-    Samples s of policy j occupy ``source_offsets[j]:source_offsets[j+1]``;
-    ``sample_logps[k, s] = log pi_k(y_s | x_s)`` and ``sample_ref_logps[s] = log pi_ref(y_s |
-    x_s)``. With the (weighted) mean over policy j's samples written E_j:
-
-        reward:  A[k, j] = E_j[log pi_k - log pi_ref],   R[k, j] = beta (A[k, k] - A[k, j])
-                 (the authors' definition: the gap in type k's implicit reward; can be < 0)
-        kl:      R[k, j] = beta E_j[log pi_j - log pi_k]   (a Monte-Carlo estimate of
-                 beta KL(pi_j || pi_k), the exact loss in type k's KL-regularized value)
-
-    The reduction runs in a compiled kernel accumulating in float64, bitwise identical for any
-    number of threads. Non-finite log-probabilities raise a ValueError naming the entry.
-
-    Args:
-        sample_logps: (K, S) float32/float64, one row per type, one column per sample.
-        sample_ref_logps: (S,) same dtype; required for kind="reward", unused (may be None)
-            for kind="kl".
-        source_offsets: (K+1,) integers, 0 first, S last; every policy needs >= 1 sample.
-        beta: DPO temperature, > 0.
-        kind: "reward" or "kl".
-        sample_weights: (S,) non-negative weights (e.g. prompt weights or exact probabilities
-            for tabular policies), positive sum within each source; default plain means.
-
-    Returns:
-        (K, K) float64 array (a float64 tensor on the input's device for torch input).
-
-    Example:
-        >>> import numpy as np, emdpo_core as ec
-        >>> # 2 types; samples 0-1 come from policy 0, samples 2-3 from policy 1
-        >>> lp = np.log([[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.8, 0.8]])
-        >>> R = ec.regret_matrix(lp, None, [0, 2, 4], beta=1.0, kind="kl")
-        >>> R.round(3).tolist()
-        [[0.0, 1.386], [1.609, 0.0]]
-    """
-    if _is_torch(sample_logps):
-        return _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, beta=beta,
-                                    kind=kind, sample_weights=sample_weights)
-    beta = _check_beta(beta)
-    kind_code = _check_kind(kind)
-    lp = _float_array(sample_logps, "sample_logps", ndims=(2,))
-    K, S = lp.shape
-    if K < 1 or S < 1:
-        raise ValueError(f"sample_logps: expected shape (K, S) with K >= 1 and S >= 1, got "
-                         f"{lp.shape}")
-    ref = _check_ref(sample_ref_logps, lp, kind)
-    so = _check_source_offsets(_index_array(source_offsets, "source_offsets"), K, S)
-    sw = _check_sample_weights(sample_weights, so, S, lp.dtype)
-    R = np.empty((K, K), dtype=np.float64)
-    bad = _core.regret_matrix(lp, ref if kind_code == 0 else None, so, sw, K, S, kind_code,
-                              beta, R)
-    if bad >= 0:
-        _raise_regret_non_finite(lp, ref if kind_code == 0 else None, so, beta)
-    return R
-
-
-def _check_kind(kind) -> int:
-    if kind not in REGRET_KINDS:
-        raise ValueError(f"kind: expected one of {REGRET_KINDS}, got {kind!r}")
-    return REGRET_KINDS.index(kind)
-
-
-def _check_ref(sample_ref_logps, lp: np.ndarray, kind: str):
-    if sample_ref_logps is None:
-        if kind == "reward":
-            raise ValueError("sample_ref_logps: required for kind='reward' (the implicit reward "
-                             "is beta * (log pi_k - log pi_ref)); got None")
-        return None
-    ref = _float_array(sample_ref_logps, "sample_ref_logps")
-    if ref.shape[0] != lp.shape[1]:
-        raise ValueError(f"sample_ref_logps: expected shape ({lp.shape[1]},) to match "
-                         f"sample_logps' S={lp.shape[1]}, got {ref.shape}")
-    if ref.dtype != lp.dtype:
-        raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' dtype "
-                        f"{lp.dtype}; pass both as float32 or both as float64")
-    return ref
-
-
-def _check_source_offsets(so: np.ndarray, K: int, S: int) -> np.ndarray:
-    if so.shape[0] != K + 1:
-        raise ValueError(f"source_offsets: expected K+1 = {K + 1} entries (one source policy per "
-                         f"row of sample_logps), got {so.shape[0]}")
-    bad = _core.first_bad_offset(so, S, 1)
-    if bad >= 0:
-        if bad == 0:
-            raise ValueError(f"source_offsets: expected source_offsets[0] == 0, got {so[0]}")
-        if so[bad] > S:
-            raise ValueError(f"source_offsets: entry {bad} is {so[bad]}, beyond the number of "
-                             f"samples S={S}")
-        if so[bad] <= so[bad - 1]:
-            raise ValueError(
-                f"source_offsets: every policy needs at least one sample, so the offsets must "
-                f"increase; policy {bad - 1} spans source_offsets[{bad - 1}]={so[bad - 1]} to "
-                f"source_offsets[{bad}]={so[bad]}")
-        raise ValueError(f"source_offsets: expected source_offsets[-1] == S == {S} (the number "
-                         f"of samples), got {so[-1]}")
-    return so
-
-
-def _check_sample_weights(sample_weights, so: np.ndarray, S: int, dtype):
-    if sample_weights is None:
-        return None
-    if _is_torch(sample_weights):
-        raise TypeError(f"sample_weights: got a {_describe(sample_weights)}; mix of torch and "
-                        f"NumPy inputs")
-    a = np.asarray(sample_weights)
-    if a.dtype.kind not in "fiub":
-        raise TypeError(f"sample_weights: expected real numbers, got dtype {a.dtype}")
-    if a.shape != (S,):
-        raise ValueError(f"sample_weights: expected shape ({S},) (one per sample), got {a.shape}")
-    a64 = a.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(a64) | (a64 < 0))
-    if bad.size:
-        raise ValueError(f"sample_weights: expected finite values >= 0, got {a64[bad[0]]} at "
-                         f"index {bad[0]}")
-    # A sum of non-negative numbers is positive iff one of them is, whatever the order.
-    positive = np.add.reduceat((a64 > 0).astype(np.int64), so[:-1])
-    empty = np.flatnonzero(positive == 0)
-    if empty.size:
-        j = int(empty[0])
-        raise ValueError(f"sample_weights: the samples of policy {j} (source_offsets[{j}]="
-                         f"{so[j]} to {so[j + 1]}) all have weight 0; each policy needs a "
-                         f"positive total weight")
-    w = np.ascontiguousarray(a64.astype(dtype))
-    if dtype == np.float32 and np.any(np.add.reduceat((w > 0).astype(np.int64), so[:-1]) == 0):
-        raise ValueError("sample_weights: weights underflow to 0 in float32; pass float64 "
-                         "log-probabilities or rescale the weights")
-    return w
-
-
-def _raise_regret_non_finite(lp, ref, so, beta):
-    """Error path: find the first non-finite input, else report an overflow."""
-    K, S = lp.shape
-    rows, cols = np.nonzero(~np.isfinite(lp))
-    if rows.size:
-        first = int(np.argmin(cols * K + rows))  # first sample, then first type
-        k, s = int(rows[first]), int(cols[first])
-        j = int(np.searchsorted(so, s, side="right") - 1)
-        raise ValueError(
-            f"sample_logps: non-finite value {lp[k, s]} at [type {k}, sample {s}] (a sample of "
-            f"policy {j}); log-probabilities must be finite (a -inf means type {k}'s policy gives "
-            f"zero probability to a sample of policy {j}, so its regret is infinite)")
-    if ref is not None:
-        bad = np.flatnonzero(~np.isfinite(ref))
-        if bad.size:
-            s = int(bad[0])
-            raise ValueError(f"sample_ref_logps: non-finite value {ref[s]} at sample {s}; "
-                             f"log-probabilities must be finite")
-    raise ValueError(f"sample_logps: the regret sums overflow float64 (beta={beta}, largest "
-                     f"|log-probability| {float(np.max(np.abs(lp))):.3g}); rescale the "
-                     f"log-probabilities or beta")
-
-
-def _regret_matrix_torch(sample_logps, sample_ref_logps, source_offsets, *, beta, kind,
-                         sample_weights):
-    """torch input: CPU tensors run the CPU kernel zero-copy, CUDA tensors the CUDA kernel on
-    the current stream. Returns a float64 tensor on the input's device."""
-    import torch
-
-    from . import _torch_dispatch as td
-
-    device = sample_logps.device
-    if device.type == "cpu":
-        to_np = (lambda x: x.detach().numpy() if isinstance(x, torch.Tensor) else x)
-        return torch.from_numpy(regret_matrix(
-            to_np(sample_logps), to_np(sample_ref_logps), to_np(source_offsets), beta=beta,
-            kind=kind, sample_weights=to_np(sample_weights)))
-    td._require_cuda_build(device)
-    beta = _check_beta(beta)
-    kind_code = _check_kind(kind)
-    lp = td._float_tensor(sample_logps, "sample_logps", device, dims=(2,))
-    K, S = lp.shape
-    if K < 1 or S < 1:
-        raise ValueError(f"sample_logps: expected shape (K, S) with K >= 1 and S >= 1, got "
-                         f"{tuple(lp.shape)}")
-    ref = None
-    if sample_ref_logps is None:
-        _check_ref(None, None, kind)  # raises for kind="reward"
-    else:
-        ref = td._float_tensor(sample_ref_logps, "sample_ref_logps", device)
-        if ref.shape[0] != S:
-            raise ValueError(f"sample_ref_logps: expected shape ({S},) to match sample_logps' "
-                             f"S={S}, got {tuple(ref.shape)}")
-        if ref.dtype != lp.dtype:
-            raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' "
-                            f"dtype {lp.dtype}; pass both as float32 or both as float64")
-    so = td._index_tensor(source_offsets, "source_offsets", device)
-    so_host = _check_source_offsets(so.cpu().numpy(), K, S)  # K+1 numbers: a small copy
-    sw = None
-    if sample_weights is not None:
-        sw = td._require_tensor(sample_weights, "sample_weights", device)
-        if sw.dtype.is_complex or sw.dtype == torch.bool:
-            raise TypeError(f"sample_weights: expected real numbers, got {sw.dtype}")
-        sw = sw.detach().to(lp.dtype)
-        if tuple(sw.shape) != (S,):
-            raise ValueError(f"sample_weights: expected shape ({S},), got {tuple(sw.shape)}")
-        counts = torch.from_numpy(np.diff(so_host)).to(device)
-        source = torch.repeat_interleave(torch.arange(K, device=device), counts)
-        n_positive = torch.zeros(K, dtype=torch.int64, device=device).index_add_(
-            0, source, (sw > 0).to(torch.int64))
-        if not bool(torch.all(torch.isfinite(sw) & (sw >= 0))) or not bool(
-                torch.all(n_positive > 0)):
-            _check_sample_weights(sw.cpu().numpy(), so_host, S, np.float64)  # raises
-        sw = sw.contiguous()
-    R = torch.empty((K, K), dtype=torch.float64, device=device)
-    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
-    ws_bytes = _core.cuda_regret_matrix_workspace_bytes(K, S)
-    ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
-    _core.cuda_regret_matrix(td._dtype_name(lp), lp.data_ptr(),
-                             td._ptr(ref if kind_code == 0 else None), so.data_ptr(),
-                             td._ptr(sw), K, S, kind_code, beta, R.data_ptr(),
-                             first_bad.data_ptr(), ws.data_ptr(), ws_bytes, td._stream(device))
-    if int(first_bad.item()) >= 0:
-        _raise_regret_non_finite(lp.cpu().numpy(),
-                                 None if kind_code == 1 else ref.cpu().numpy(), so_host, beta)
-    return R
-
-
-# ----------------------------------------------------------------------------------------
 # Input checks shared by the solvers
 
 
 def _check_regret(regret) -> np.ndarray:
-    if _is_torch(regret):
+    if _checks.is_torch(regret):
         regret = regret.detach().cpu().numpy()
     R = np.asarray(regret)
     if R.dtype.kind not in "fiu":
@@ -320,7 +95,7 @@ def _check_regret(regret) -> np.ndarray:
 def _check_group_weights(group_weights, K: int) -> np.ndarray:
     if group_weights is None:
         return np.ones(K)
-    c = _real_vector(group_weights, "group_weights", K, "type")
+    c = _checks.real_vector(group_weights, "group_weights", K, "type")
     bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
     if bad.size:
         raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
@@ -606,7 +381,7 @@ def _hedge(M: np.ndarray, iterations: int):
 
 
 def _check_policy_probs(policy_probs) -> np.ndarray:
-    if _is_torch(policy_probs):
+    if _checks.is_torch(policy_probs):
         policy_probs = policy_probs.detach().cpu().numpy()
     P = np.asarray(policy_probs)
     if P.dtype.kind not in "fiu":
@@ -634,7 +409,7 @@ def _check_policy_probs(policy_probs) -> np.ndarray:
 def _check_context_weights(context_weights, C: int) -> np.ndarray:
     if context_weights is None:
         return np.full(C, 1.0 / C)
-    if _is_torch(context_weights):
+    if _checks.is_torch(context_weights):
         context_weights = context_weights.detach().cpu().numpy()
     rho = np.asarray(context_weights)
     if rho.dtype.kind not in "fiu":
@@ -663,7 +438,7 @@ def exact_mixture_regret(weights, policy_probs, *, beta, context_weights=None) -
     """(K,) exact regret of each type under the mixture q = sum_j w_j pi_j:
     beta * sum_c rho_c KL(q(.|c) || pi_k(.|c)) (inf where q puts mass outside pi_k's support).
     """
-    beta = _check_beta(beta)
+    beta = _checks.check_beta(beta)
     P = _check_policy_probs(policy_probs)
     rho = _check_context_weights(context_weights, P.shape[1])
     w = np.asarray(weights, dtype=np.float64)
@@ -712,7 +487,7 @@ def mmra_exact(policy_probs, *, beta, context_weights=None, group_weights=None, 
         >>> r.weights.round(3).tolist()
         [0.5, 0.5]
     """
-    beta = _check_beta(beta)
+    beta = _checks.check_beta(beta)
     P = _check_policy_probs(policy_probs)
     K, C, A = P.shape
     rho = _check_context_weights(context_weights, C)
@@ -801,7 +576,7 @@ class MixturePolicy:
         for j, f in enumerate(policies):
             if not callable(f):
                 raise TypeError(f"policies: entry {j} is a {type(f).__name__}, not callable")
-        w = _real_vector(weights, "weights", len(policies), "policy")
+        w = _checks.real_vector(weights, "weights", len(policies), "policy")
         bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
         if bad.size:
             raise ValueError(f"weights: expected finite values >= 0, got {w[bad[0]]} at index "

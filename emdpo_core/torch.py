@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _torch_dispatch
-from . import kernels as _kernels
+from . import _checks
+from .ops import _torch as _torch_dispatch
 
 __all__ = [
     "listwise_dpo_loss",
@@ -279,8 +279,8 @@ class ListwiseDPOLoss(torch.nn.Module):
 
     def __init__(self, beta: float, reduction: str = "mean"):
         super().__init__()
-        self.beta = _kernels._check_beta(beta)
-        self.reduction = _kernels._check_reduction(reduction)
+        self.beta = _checks.check_beta(beta)
+        self.reduction = _checks.check_reduction(reduction)
 
     def forward(self, policy_logps, ref_logps, offsets, weights=None, n_ranked=None):
         return listwise_dpo_loss(policy_logps, ref_logps, offsets, weights, beta=self.beta,

@@ -17,8 +17,8 @@ import pytest
 from conftest import SUBPROCESS_CWD, TOL, random_layout, random_logps
 
 import emdpo_core as ec
-from emdpo_core import _numpy_baseline as nb
-from emdpo_core import _reference as ref
+from emdpo_core.bench import numpy_baseline as nb
+from emdpo_core.ops import _reference as ref
 from emdpo_core import bench
 from emdpo_core.cli import main
 
@@ -97,7 +97,7 @@ class TestTorchBaseline:
 
     @pytest.fixture(autouse=True)
     def _tb(self):
-        from emdpo_core import _torch_baseline
+        from emdpo_core.bench import torch_baseline as _torch_baseline
         self.tb = _torch_baseline
 
     def test_e_step_matches_reference_on_ragged_partial_lists(self, rng):
@@ -206,7 +206,7 @@ def test_bench_appends_and_covers_em_fit_and_scaling(tmp_path):
 
 
 def test_bench_without_torch_skips_the_torch_baselines_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_import_torch", lambda: None)
+    monkeypatch.setattr(bench.cases, "_import_torch", lambda: None)
     _, rows = _run_bench(tmp_path, "e_step,loss_grad")
     assert {r["impl"] for r in rows} == {"emdpo", "emdpo_kernel"}
     assert all("torch not installed" in r["note"] for r in rows)

@@ -12,7 +12,7 @@ import pytest
 from conftest import SUBPROCESS_CWD, TOL, random_layout, random_logps
 
 from emdpo_core import _core
-from emdpo_core import _reference as ref
+from emdpo_core.ops import _reference as ref
 
 DTYPES = [np.float64, np.float32]
 

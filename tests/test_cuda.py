@@ -20,7 +20,7 @@ import pytest
 
 import emdpo_core as ec
 from emdpo_core import _core
-from emdpo_core import _reference as reference
+from emdpo_core.ops import _reference as reference
 
 try:
     import torch
@@ -355,7 +355,7 @@ def test_loss_and_grad_match_reference(poisoned_outputs, dtype, reduction, K):
 def test_loss_without_weights_long_lists_and_return_tensors(dtype):
     rng = np.random.default_rng(6)
     p, r, off, nr = make_records(rng, 60, 2, "full", dtype)
-    from emdpo_core import _torch_dispatch  # return_tensors is the torch layer's option
+    from emdpo_core.ops import _torch as _torch_dispatch  # return_tensors is the torch layer's option
 
     loss, grad = _torch_dispatch.listwise_dpo_loss_and_grad(
         cuda(p), cuda(r), cuda(off), beta=2.0, reduction="mean", return_tensors=True)
@@ -541,7 +541,7 @@ def test_build_imports_and_reports_without_a_device():
 def test_cpu_only_build_refuses_cuda_tensors_with_rebuild_instructions(monkeypatch):
     """Simulates a build without CUDA receiving CUDA tensors: _core.cuda is False and the
     inputs report a CUDA device (no GPU needed)."""
-    from emdpo_core import _torch_dispatch
+    from emdpo_core.ops import _torch as _torch_dispatch
 
     real_prepare = _torch_dispatch._prepare
 
@@ -572,7 +572,7 @@ def test_other_devices_are_refused():
 
 @needs_torch
 def test_validation_cache_only_hits_for_the_checked_tensors():
-    from emdpo_core._torch_dispatch import _check_cached
+    from emdpo_core.ops._torch import _check_cached
 
     calls = []
     key = ("test_validation_cache", 1)

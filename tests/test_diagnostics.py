@@ -89,8 +89,9 @@ def test_module_is_exported():
     assert identifiability(d, 3).ok     # 7 items > 2*3 - 1, full rankings: 7! - 1 >> 20
 
 
-@pytest.mark.parametrize("module", ["emdpo_core.data", "emdpo_core.diagnostics",
-                                    "emdpo_core.em"])
+@pytest.mark.parametrize("module", ["emdpo_core.data.rankings", "emdpo_core.data.preferences",
+                                    "emdpo_core.data._grouping", "emdpo_core.diagnostics",
+                                    "emdpo_core.em.tabular", "emdpo_core.em.selection"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import emdpo_core as ec
-from emdpo_core import _bookkeeping as bk
-from emdpo_core import _reference as ref
+from emdpo_core.em import _plackett_luce_mm as bk
+from emdpo_core.ops import _reference as ref
 from emdpo_core import PlackettLuceMixture, RankingData
 
 # Short fits (small max_iter) are the point of several tests here; the tests about the

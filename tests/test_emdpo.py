@@ -470,13 +470,13 @@ def test_torch_family_on_cuda_matches_cpu():
                                rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("module", ["emdpo_core.emdpo", "emdpo_core.datasets",
-                                    "emdpo_core._torch_models"])
+@pytest.mark.parametrize("module", ["emdpo_core.em.emdpo", "emdpo_core.em.torch_policies",
+                                    "emdpo_core.datasets", "emdpo_core._torch_models"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
 
-    if module == "emdpo_core.emdpo":
+    if module == "emdpo_core.em.emdpo":
         pytest.importorskip("cvxpy", reason="the EMDPO example aggregates with the MMRA LP")
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels against the float64 reference (emdpo_core._reference)."""
+"""The compiled CPU kernels against the float64 reference (emdpo_core.ops._reference)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from conftest import TOL, random_layout, random_logps
 
 import emdpo_core as ec
-from emdpo_core import _reference as ref
+from emdpo_core.ops import _reference as ref
 
 DTYPES = [np.float64, np.float32]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import emdpo_core as ec
-from emdpo_core import _reference as ref_impl
+from emdpo_core.ops import _reference as ref_impl
 
 mmra_mod = sys.modules["emdpo_core.mmra"]  # `ec.mmra` is the function of the same name
 

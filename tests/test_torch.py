@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import emdpo_core  # noqa: E402
 import emdpo_core.torch as et  # noqa: E402
-from emdpo_core import _reference as ref_impl  # noqa: E402
-from emdpo_core import _torch_dispatch  # noqa: E402
+from emdpo_core.ops import _reference as ref_impl  # noqa: E402
+from emdpo_core.ops import _torch as _torch_dispatch  # noqa: E402
 
 
 def _cuda_skip_reason():

@@ -19,7 +19,7 @@ from conftest import SUBPROCESS_CWD, TOL
 
 import emdpo_core as ec
 from emdpo_core import _core
-from emdpo_core import _reference as ref
+from emdpo_core.ops import _reference as ref
 
 pytestmark = pytest.mark.smoke
 

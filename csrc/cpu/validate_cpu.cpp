@@ -10,8 +10,12 @@ int64_t first_bad_offset(const int64_t* offsets, int64_t n, int64_t total, int64
   if (n == 0) return 0;
   if (offsets[0] != 0) return 0;
   for (int64_t i = 1; i < n; ++i) {
-    // Compare without subtracting: offsets[i] may be any int64, offsets[i-1] is in [0, total].
-    if (offsets[i] > total || offsets[i] < offsets[i - 1] + min_gap) return i;
+    // offsets[i-1] is in [0, total] here and offsets[i] may be any int64: the difference is
+    // taken only once offsets[i] is known to lie in [offsets[i-1], total], where it cannot
+    // overflow (nor can offsets[i-1] + min_gap, which is never formed).
+    if (offsets[i] > total || offsets[i] < offsets[i - 1] ||
+        offsets[i] - offsets[i - 1] < min_gap)
+      return i;
   }
   if (offsets[n - 1] != total) return n - 1;
   return -1;

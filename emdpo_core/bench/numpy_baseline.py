@@ -14,7 +14,7 @@ test oracle (those are in _reference.py).
 
 Example:
     >>> import numpy as np
-    >>> from emdpo_core import _numpy_baseline as nb
+    >>> from emdpo_core.bench import numpy_baseline as nb
     >>> p = np.log([[0.5, 0.3, 0.2]])
     >>> resp, ll = nb.e_step_python_loop(p, np.zeros(3), [0, 3], [0, 1], [0.0], beta=1.0)
     >>> round(ll, 4)   # log(0.5 / 1) + log(0.3 / 0.5)

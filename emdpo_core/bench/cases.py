@@ -200,7 +200,7 @@ def git_commit() -> str:
     """The git commit the installed package was built from ("-dirty" when tracked files
     differed from it), or "unknown" (built from an sdist, or without git)."""
     try:
-        from ._build_commit import GIT_COMMIT
+        from .._build_commit import GIT_COMMIT
     except ImportError:
         return "unknown"
     return GIT_COMMIT or "unknown"
@@ -457,7 +457,7 @@ def make_layout(N: int, m: int, K: int, H: int, seed: int) -> Layout:
 def _check_kernels(d: Layout, n: int = 200) -> None:
     """The fused kernels against the float64 reference on the first n records."""
     import emdpo_core as ec
-    from emdpo_core import _reference
+    from emdpo_core.ops import _reference
 
     n = min(n, d.N)
     sl = slice(0, n * d.m)
@@ -520,7 +520,7 @@ def case_e_step(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
     note = ""
     torch = env.torch
     if torch is not None:
-        from emdpo_core import _torch_baseline as tb
+        from emdpo_core.bench import torch_baseline as tb
 
         tdev = env.device
         layout = tb.PaddedLayout(torch.from_numpy(d.offsets), device=tdev)
@@ -565,7 +565,7 @@ def case_loss_grad(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
         except ImportError as e:     # a build without the torch layer
             note = f"emdpo_core.torch unavailable ({e}): autograd path skipped"
     if et is not None:
-        from emdpo_core import _torch_baseline as tb
+        from emdpo_core.bench import torch_baseline as tb
 
         tdev = env.device
         tp = torch.from_numpy(d.policy).to(tdev)
@@ -606,7 +606,7 @@ def case_loss_grad(rec: Recorder, env: _Env, d: Layout, repeats: int) -> None:
 
 def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
     import emdpo_core as ec
-    from emdpo_core import _numpy_baseline as nb
+    from emdpo_core.bench import numpy_baseline as nb
 
     d = make_layout(sizes.loop_N, sizes.m, sizes.K, max(1, sizes.loop_N // 20), seed + 1)
     ours = ec.e_step(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA)
@@ -628,8 +628,8 @@ def case_e_step_loop(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
 
 def case_regret(rec: Recorder, env: _Env, sizes: Sizes, repeats: int, seed: int) -> None:
     import emdpo_core as ec
-    from emdpo_core import _numpy_baseline as nb
-    from emdpo_core import _reference
+    from emdpo_core.bench import numpy_baseline as nb
+    from emdpo_core.ops import _reference
 
     for K, S in sizes.regret:
         rng = np.random.default_rng(seed + K)
@@ -638,7 +638,7 @@ def case_regret(rec: Recorder, env: _Env, sizes: Sizes, repeats: int, seed: int)
         lp = rng.normal(-40.0, 3.0, size=(K, S))
         ref = rng.normal(-40.0, 3.0, size=S)
         if env.device == "cuda":
-            from emdpo_core import _torch_baseline as tb
+            from emdpo_core.bench import torch_baseline as tb
 
             torch = env.torch
             x = (torch.from_numpy(lp).cuda(), torch.from_numpy(ref).cuda(),
@@ -718,7 +718,7 @@ def case_mmra(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
 
 def case_em_fit(rec: Recorder, env: _Env, sizes: Sizes, seed: int) -> None:
     import emdpo_core as ec
-    from emdpo_core import _numpy_baseline as nb
+    from emdpo_core.bench import numpy_baseline as nb
 
     K, n_items, m, H = sizes.em_K, 20, 6, sizes.em_H
     rng = np.random.default_rng(seed)

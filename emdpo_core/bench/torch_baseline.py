@@ -9,7 +9,7 @@ device of the tensors given (CPU or CUDA).
 
 Example:
     >>> import torch
-    >>> from emdpo_core import _torch_baseline as tb
+    >>> from emdpo_core.bench import torch_baseline as tb
     >>> layout = tb.PaddedLayout(torch.tensor([0, 3, 5]))
     >>> p = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.6, 0.4]]))
     >>> ll = tb.listwise_loglik(p, torch.zeros(5), layout, 1.0)   # (K, N) = (1, 2)

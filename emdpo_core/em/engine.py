@@ -1,0 +1,577 @@
+"""The EM engine over latent annotator types, and its exact tabular form.
+
+EM-DPO (DESIGN.md section 1): annotators h = 0..H-1 belong to K latent types with weights eta;
+type k ranks a record's candidates by Plackett-Luce on the rewards
+r_kj = beta (log pi_k(y_j) - log pi_ref(y_j)). EM alternates
+    E-step  g_hk = posterior of annotator h over types, from all of h's records
+            (the fused compiled kernel :func:`emdpo_core.e_step`);
+    M-step  eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1)), and each
+            policy pi_k maximizes sum_i w_ik ll_ik with w_ik = c_i v_{a_i} g_{a_i k}
+            (a weighted listwise DPO problem, solved by the policy family).
+The objective
+    F = sum_h v_h log sum_k eta_k p(records of h | type k)       (observed-data log-lik)
+        + (alpha - 1) sum_k log eta_k + family.log_prior()       (log priors, up to a constant)
+never decreases when the family's M-step does not decrease its weighted objective (a
+generalized EM); the engine records F / (number of records) after every E-step in
+``lower_bounds_``.
+
+The engine (:class:`EMEstimator`) owns the E-step, the mixture weights, convergence,
+restarts, warm starts, collapsed components, checkpoints and progress output. A policy family
+(:class:`PolicyFamily`) owns the K policies: their log-probabilities and their M-step.
+:class:`TabularPolicies` is the exact tabular family (a Plackett-Luce worth vector per type,
+Hunter's MM M-step); :class:`PlackettLuceMixture` is the engine with that family.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import time
+import warnings
+from typing import List, Optional
+
+import numpy as np
+
+from . import _initialization, _mixture
+from .. import _checks
+from ..diagnostics import IdentifiabilityWarning
+from ..ops.listwise import e_step
+from .family import CollapsedComponentWarning, ConvergenceWarning, PolicyFamily
+from .persistence import Persistence, _Run
+
+__all__ = ["EMEstimator"]
+
+INIT_PARAMS = ("kmeans", "random", "dirichlet")
+# Hard initial assignments (k-means, random) are smoothed: g = (1 - s) onehot + s / K, so no
+# type starts with zero weight and every record informs every type's first M-step a little.
+INIT_SMOOTHING = 0.05
+
+
+def _to_numpy(x):
+    """NumPy view of a kernel result (torch tensors from a torch family come back here)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class EMEstimator(Persistence, abc.ABC):
+    """EM over latent annotator types for any :class:`PolicyFamily` (scikit-learn style).
+
+    Subclasses provide ``_make_family()`` and ``_as_data(data)`` (it validates the user's
+    data object, whose ``grouped()`` returns a :class:`~emdpo_core.data.GroupedRecords`), and
+    optionally ``_data_warnings(data)`` and ``_on_fitted(data)``. See the module docstring
+    for the algorithm and the objective.
+
+    Args:
+        n_components: K, the number of latent types.
+        max_iter: EM iterations (M-step + E-step) per restart.
+        tol: convergence when the change of the objective per record, F / sum_i c_i v_{a_i},
+            between two E-steps is below tol.
+        n_init: restarts from different initialisations; the run with the highest objective
+            is kept.
+        init_params: "kmeans" (weighted k-means on the family's annotator features, k-means++
+            seeding), "random" (each annotator to a random type), "dirichlet" (responsibilities
+            drawn from a flat Dirichlet), or an (H, K) array of initial responsibilities.
+            Hard assignments are smoothed by INIT_SMOOTHING.
+        random_state: int, None or a numpy Generator. Restart r draws from
+            SeedSequence([seed, r]), so results do not depend on how restarts are resumed.
+        warm_start: if fitted, ``fit`` continues from the fitted policies and weights (one
+            run, n_init ignored).
+        verbose: 0 silent, 1 progress bar (tqdm, on stderr), 2 also one line per iteration.
+        alpha: symmetric Dirichlet prior on the mixture weights, >= 1 (1 = maximum
+            likelihood; alpha > 1 keeps every weight away from 0).
+        min_weight: a type whose weight falls below this is dropped (its policy removed, its
+            annotators' posteriors renormalized over the other types), with a
+            CollapsedComponentWarning; recorded in ``dropped_components_``. "auto" (default)
+            = half an annotator, 0.5 / sum_h v_h; 0 drops only weights that are exactly 0.
+            Dropping rather than re-seeding keeps runs deterministic and never invents a type
+            the data do not support; the objective is monotone between drops (a drop can move
+            it either way; no convergence test is made in the iteration of a drop).
+        checkpoint: path of a checkpoint file (.npz) written every ``checkpoint_every``
+            iterations, at the end of each restart and when the fit is interrupted (any
+            exception, e.g. KeyboardInterrupt: the state of the last completed iteration).
+            ``type(model).load(path).fit(data)`` resumes and gives exactly the result of an
+            uninterrupted run.
+        checkpoint_every: iterations between checkpoint writes.
+
+    Fitted attributes: ``weights_`` (K,), ``responsibilities_`` (H, K) (row h: annotator h of
+    the data, see ``RankingData.annotator_labels``), ``loglik_`` (observed-data
+    log-likelihood of the best run, weighted), ``log_prior_``, ``objective_`` (loglik_ +
+    log_prior_), ``lower_bound_`` (objective per record), ``lower_bounds_`` (its trace, one
+    value per E-step, initial E-step included), ``converged_``, ``n_iter_``,
+    ``n_components_`` (K after drops), ``dropped_components_`` ([iteration, original
+    index] pairs), ``restarts_`` (one summary dict per restart), ``timings_`` (seconds in
+    "init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), ``family_``.
+    """
+
+    def __init__(self, n_components: int, *, max_iter: int = 500, tol: float = 1e-6,
+                 n_init: int = 1, init_params="kmeans", random_state=None,
+                 warm_start: bool = False, verbose: int = 0, alpha: float = 1.0,
+                 min_weight="auto", checkpoint=None, checkpoint_every: int = 10):
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_init = n_init
+        self.init_params = init_params
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.alpha = alpha
+        self.min_weight = min_weight
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self._pending: Optional[dict] = None   # an unfinished fit loaded from a checkpoint
+
+    # ------------------------------------------------------------------------------------
+    # To provide
+
+    @abc.abstractmethod
+    def _make_family(self) -> PolicyFamily:
+        """The policy family for a new fit, configured from the estimator's parameters. It
+        may return a user-given family object itself: ``initialize`` resets it at the start
+        of every restart."""
+
+    @abc.abstractmethod
+    def _as_data(self, data):
+        """Validate the user's data object; returns it (it must have ``grouped()``)."""
+
+    def _data_warnings(self, data) -> List[str]:
+        """Messages emitted as IdentifiabilityWarning at the start of fit."""
+        return []
+
+    def _on_fitted(self, data) -> None:
+        """Subclass hook: set extra fitted attributes from the data."""
+
+    # ------------------------------------------------------------------------------------
+    # Parameters (scikit-learn conventions)
+
+    @classmethod
+    def _param_names(cls):
+        """Named parameters of __init__ along the class hierarchy (a subclass may pass the
+        engine's parameters on with **kwargs)."""
+        names = []
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or not issubclass(klass, EMEstimator):
+                continue
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) \
+                        and p.name not in names:
+                    names.append(p.name)
+        return names
+
+    def get_params(self, deep: bool = False) -> dict:
+        return {p: getattr(self, p) for p in self._param_names()}
+
+    def set_params(self, **params):
+        names = self._param_names()
+        for k, v in params.items():
+            if k not in names:
+                raise ValueError(f"set_params: unknown parameter {k!r}; valid: {names}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {}
+        for klass in reversed(type(self).__mro__):
+            if "__init__" in vars(klass) and issubclass(klass, EMEstimator):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    defaults[p.name] = p.default
+        shown = []
+        for p in self._param_names():
+            v = getattr(self, p)
+            if isinstance(v, np.ndarray):
+                shown.append(f"{p}=array{v.shape}")
+            elif not (v is defaults.get(p) or (isinstance(v, (int, float, str, type(None)))
+                                                and v == defaults.get(p))):
+                shown.append(f"{p}={v!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def _check_params(self):
+        _checks.check_int("n_components", self.n_components, 1)
+        _checks.check_int("max_iter", self.max_iter, 1)
+        _checks.check_float("tol", self.tol, 0.0)
+        _checks.check_int("n_init", self.n_init, 1)
+        _checks.check_int("verbose", self.verbose, 0)
+        _checks.check_float("alpha", self.alpha, 1.0)
+        _checks.check_int("checkpoint_every", self.checkpoint_every, 1)
+        if not (isinstance(self.min_weight, str) and self.min_weight == "auto"):
+            w = _checks.check_float("min_weight", self.min_weight, 0.0)
+            if w >= 1.0:
+                raise ValueError(f"min_weight: expected 'auto' or a number in [0, 1), got {w}")
+        if isinstance(self.init_params, str):
+            if self.init_params not in INIT_PARAMS:
+                raise ValueError(f"init_params: expected one of {INIT_PARAMS} or an (H, K) "
+                                 f"array of responsibilities, got {self.init_params!r}")
+        rs = self.random_state
+        if not (rs is None or isinstance(rs, np.random.Generator) or
+                (isinstance(rs, (int, np.integer)) and not isinstance(rs, bool) and rs >= 0)):
+            raise TypeError(f"random_state: expected None, an int >= 0 or a numpy Generator, got "
+                            f"{rs!r}")
+
+    def _min_weight(self, g) -> float:
+        if isinstance(self.min_weight, str):
+            return 0.5 / g.annotator_total
+        return float(self.min_weight)
+
+    def _check_fitted(self):
+        if getattr(self, "family_", None) is None or not hasattr(self, "weights_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
+    # ------------------------------------------------------------------------------------
+    # EM steps
+
+    def _e_step(self, g, log_weights):
+        """(responsibilities (H, K), weighted loglik, per-annotator log-lik (H,))."""
+        t0 = time.perf_counter()
+        lp = self.family_.logps(g)
+        t1 = time.perf_counter()
+        res = e_step(lp.policy, lp.ref, g.offsets, g.annotator_offsets, log_weights,
+                     beta=lp.beta, n_ranked=g.n_ranked,
+                     record_weights=None if g.unit_record_weight else g.record_weight)
+        resp = _to_numpy(res.responsibilities)
+        loglik, per = _mixture.weighted_loglik(_to_numpy(res.annotator_loglik), log_weights,
+                                         g.annotator_weight)
+        t2 = time.perf_counter()
+        self.timings_["logps"] += t1 - t0
+        self.timings_["e_step"] += t2 - t1
+        return np.ascontiguousarray(resp, dtype=np.float64), float(loglik), per
+
+    def _objective(self, loglik, log_weights):
+        prior = 0.0
+        if self.alpha != 1.0:
+            prior += (self.alpha - 1.0) * float(np.sum(log_weights))
+        prior += self.family_.log_prior()
+        return loglik + prior
+
+    def _weights_and_drops(self, g, resp, components):
+        """Mixture weights from resp; drop types below min_weight. Returns (eta, resp, keep)
+        with keep None when nothing is dropped."""
+        eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+        before = eta
+        threshold = self._min_weight(g)
+        low = (eta < threshold) | (eta <= 0.0)
+        if not low.any() or low.all():
+            return eta, resp, None
+        keep = np.flatnonzero(~low)
+        resp = np.ascontiguousarray(resp[:, keep])
+        rows = resp.sum(axis=1, keepdims=True)
+        empty = rows[:, 0] <= 1e-300
+        resp /= np.where(empty[:, None], 1.0, rows)
+        if empty.any():
+            resp[empty] = eta[keep] / eta[keep].sum()
+        eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+        for k in np.flatnonzero(low):
+            warnings.warn(
+                f"{type(self).__name__}: type {int(components[k])} collapsed (weight "
+                f"{before[k]:.3g} < min_weight={threshold:.3g}) and was dropped; "
+                f"{keep.size} types remain. Use fewer n_components, alpha > 1, or "
+                f"min_weight=0 to keep it", CollapsedComponentWarning, stacklevel=4)
+        return eta, resp, keep
+
+    def _initial_resp(self, g, K, rng):
+        H = g.n_annotators
+        init = self.init_params
+        if not isinstance(init, str):
+            r = np.asarray(init, dtype=np.float64)
+            if r.shape != (H, K):
+                raise ValueError(f"init_params: expected an (H, K) = ({H}, {K}) array of "
+                                 f"responsibilities, got shape {r.shape}")
+            bad = np.flatnonzero(~np.isfinite(r).all(axis=1) | (r < 0).any(axis=1) |
+                                 ~(r.sum(axis=1) > 0))
+            if bad.size:
+                raise ValueError(f"init_params: row {bad[0]} must be finite, >= 0 and not all 0, "
+                                 f"got {r[bad[0]].tolist()}")
+            return r / r.sum(axis=1, keepdims=True)
+        if init == "dirichlet":
+            return rng.dirichlet(np.ones(K), size=H)
+        if init == "random":
+            labels = rng.integers(0, K, size=H)
+        else:
+            X = np.ascontiguousarray(self.family_.annotator_features(g), dtype=np.float64)
+            if X.ndim != 2 or X.shape[0] != H:
+                raise ValueError(f"{type(self.family_).__name__}.annotator_features: expected "
+                                 f"shape ({H}, D), got {X.shape}")
+            centers = _initialization.kmeans_plus_plus(X, g.annotator_weight, K, rng)
+            labels, _, _ = _initialization.kmeans_lloyd(X, g.annotator_weight, centers, 100)
+        resp = np.full((H, K), INIT_SMOOTHING / K)
+        resp[np.arange(H), labels] += 1.0 - INIT_SMOOTHING
+        return resp
+
+    # ------------------------------------------------------------------------------------
+    # Fit
+
+    def fit(self, data, *, callback=None):
+        """Fit the mixture by EM; returns self.
+
+        Args:
+            data: the data (for :class:`PlackettLuceMixture`: a RankingData).
+            callback: optional ``callback(info)`` called after every E-step with a dict
+                (restart, iteration, objective, lower_bound, change, weights). An exception it
+                raises stops the fit (after writing the checkpoint when one is set).
+        """
+        self._check_params()
+        data = self._as_data(data)
+        g = data.grouped()
+        if self.n_components > g.n_annotators and self._pending is None and not \
+                (self.warm_start and getattr(self, "family_", None) is not None):
+            raise ValueError(f"n_components={self.n_components} exceeds the number of annotators "
+                             f"H={g.n_annotators}")
+        for msg in self._data_warnings(data):
+            warnings.warn(msg, IdentifiabilityWarning, stacklevel=2)
+        self.timings_ = dict.fromkeys(
+            ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
+        total_weight = g.total_weight
+        pending, self._pending = self._pending, None
+        warm = (pending is None and self.warm_start and
+                getattr(self, "family_", None) is not None and hasattr(self, "weights_"))
+        if pending is not None:
+            if pending["fingerprint"] != g.fingerprint():
+                raise ValueError("fit: the checkpoint was written for different data (the "
+                                 "fingerprints of the grouped records differ)")
+            seed, best, run = pending["seed"], pending["best"], pending["run"]
+            n_runs, first = pending["n_runs"], pending["next_restart"]
+            summaries = list(pending["summaries"])
+            if pending["run_family"] is not None:
+                self.family_.load_state_dict(pending["run_family"])
+        else:
+            if not warm:
+                self.family_ = self._make_family()
+            seed = self._seed()
+            best, run, first, summaries = None, None, 0, []
+            n_runs = 1 if warm else int(self.n_init)
+        self.family_.check_data(g, fitting=True)
+        self._fit_seed = seed
+        bar = None
+        if self.verbose >= 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=(n_runs - first) * self.max_iter, desc=type(self).__name__,
+                       unit="it", leave=False)
+        self._snapshot = None
+        try:
+            for r in range(first, n_runs):
+                if run is None:
+                    t0 = time.perf_counter()
+                    run = self._warm_run(g, total_weight) if warm else \
+                        self._init_run(g, r, seed, total_weight)
+                    self.timings_["init"] += time.perf_counter() - t0
+                run = self._iterate(g, run, total_weight, best, summaries, n_runs, callback, bar)
+                if best is None or run.objective > best["run"].objective:
+                    best = {"run": run, "family": self.family_.state_dict()}
+                summaries.append({"restart": r, "objective": run.objective,
+                                  "loglik": run.loglik, "n_iter": run.n_iter,
+                                  "converged": run.converged,
+                                  "n_components": int(run.log_weights.shape[0])})
+                run, self._snapshot = None, None
+                self._save_checkpoint(g, best, summaries, None, r + 1, n_runs)
+        except BaseException:
+            if self.checkpoint is not None and self._snapshot is not None:
+                snap_run, snap_family = self._snapshot
+                self._save_checkpoint(g, best, summaries, snap_run, snap_run.restart, n_runs,
+                                      run_family=snap_family)
+            raise
+        finally:
+            self._snapshot = None
+            if bar is not None:
+                bar.close()
+        self._set_fitted(best, summaries, g)
+        self._on_fitted(data)
+        if not self.converged_:
+            warnings.warn(
+                f"{type(self).__name__}: the best of {n_runs} run(s) did not converge in "
+                f"max_iter={self.max_iter} iterations (last change of the objective per record "
+                f"{self._last_change(best['run']):.3g} >= tol={self.tol:g}). Remedies: increase "
+                f"max_iter, loosen tol, {self._m_step_remedy} or continue from this fit with "
+                f"warm_start=True", ConvergenceWarning, stacklevel=2)
+        if self.checkpoint is not None:
+            t0 = time.perf_counter()
+            self.save(self.checkpoint)
+            self.timings_["checkpoint"] += time.perf_counter() - t0
+        return self
+
+    _m_step_remedy = "do more work per M-step,"
+
+    @staticmethod
+    def _last_change(run):
+        return abs(run.trace[-1] - run.trace[-2]) if len(run.trace) > 1 else float("nan")
+
+    def _seed(self) -> int:
+        rs = self.random_state
+        if rs is None:
+            return int(np.random.SeedSequence().entropy % (2 ** 63))
+        if isinstance(rs, np.random.Generator):
+            return int(rs.integers(0, 2 ** 63))
+        return int(rs)
+
+    def _init_run(self, g, r, seed, total_weight) -> _Run:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, r]))
+        K = int(self.n_components)
+        resp = self._initial_resp(g, K, rng)
+        components = np.arange(K)
+        eta, resp, keep = self._weights_and_drops(g, resp, components)
+        dropped = []
+        if keep is not None:
+            dropped = [[0, int(c)] for c in np.setdiff1d(components, components[keep])]
+            components = components[keep]
+        W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
+                                     g.annotator_weight)
+        self.family_.initialize(g, W, rng)
+        log_weights = np.log(eta)
+        resp, loglik, _ = self._e_step(g, log_weights)
+        obj = self._objective(loglik, log_weights)
+        return _Run(restart=r, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
+                    objective=obj, trace=[obj / total_weight], components=components,
+                    dropped=dropped)
+
+    def _warm_run(self, g, total_weight) -> _Run:
+        log_weights = np.log(self.weights_)
+        resp, loglik, _ = self._e_step(g, log_weights)
+        obj = self._objective(loglik, log_weights)
+        return _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
+                    objective=obj, trace=[obj / total_weight],
+                    components=np.arange(log_weights.shape[0]))
+
+    def _iterate(self, g, run, total_weight, best, summaries, n_runs, callback, bar) -> _Run:
+        fam = self.family_
+        if bar is not None and run.n_iter:
+            bar.update(run.n_iter)
+        # The state of the last completed iteration, written if the fit is interrupted.
+        self._snapshot = (run, fam.state_dict()) if self.checkpoint is not None else None
+        while run.n_iter < self.max_iter and not run.converged:
+            t0 = time.perf_counter()
+            eta, resp, keep = self._weights_and_drops(g, run.resp, run.components)
+            W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
+                                         g.annotator_weight)
+            t1 = time.perf_counter()
+            if keep is not None:
+                fam.keep_components(keep)
+            fam.m_step(g, W)
+            t2 = time.perf_counter()
+            log_weights = np.log(eta)
+            new_resp, loglik, _ = self._e_step(g, log_weights)
+            t3 = time.perf_counter()
+            obj = self._objective(loglik, log_weights)
+            n_iter = run.n_iter + 1
+            change = obj / total_weight - run.trace[-1]
+            dropped = run.dropped
+            components = run.components
+            if keep is not None:
+                dropped = dropped + [[n_iter, int(c)] for c in
+                                     np.setdiff1d(components, components[keep])]
+                components = components[keep]
+            run = _Run(restart=run.restart, n_iter=n_iter, log_weights=log_weights,
+                       resp=new_resp, loglik=loglik, objective=obj,
+                       trace=run.trace + [obj / total_weight],
+                       converged=keep is None and abs(change) < self.tol,
+                       components=components, dropped=dropped)
+            self.timings_["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
+            self.timings_["m_step"] += t2 - t1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(restart=run.restart, lower_bound=f"{run.trace[-1]:.6g}")
+            if self.verbose >= 2:
+                msg = (f"restart {run.restart} iteration {n_iter}: lower bound "
+                       f"{run.trace[-1]:.10g} (change {change:+.3g})")
+                (bar.write if bar is not None else print)(msg)
+            if self.checkpoint is not None:
+                self._snapshot = (run, fam.state_dict())
+                if n_iter % self.checkpoint_every == 0:
+                    self._save_checkpoint(g, best, summaries, run, run.restart, n_runs,
+                                          run_family=self._snapshot[1])
+            if callback is not None:
+                callback({"restart": run.restart, "iteration": n_iter, "objective": obj,
+                          "lower_bound": run.trace[-1], "change": change,
+                          "weights": np.exp(log_weights)})
+        if bar is not None:
+            bar.update(self.max_iter - run.n_iter)
+        return run
+
+    def _set_fitted(self, best, summaries, g):
+        run = best["run"]
+        self.family_.load_state_dict(best["family"])
+        self.weights_ = np.exp(run.log_weights)
+        self.responsibilities_ = run.resp
+        self.loglik_ = float(run.loglik)
+        self.objective_ = float(run.objective)
+        self.log_prior_ = float(run.objective - run.loglik)
+        self.lower_bound_ = float(run.trace[-1])
+        self.lower_bounds_ = np.asarray(run.trace)
+        self.converged_ = bool(run.converged)
+        self.n_iter_ = int(run.n_iter)
+        self.n_components_ = int(run.log_weights.shape[0])
+        self.dropped_components_ = [list(x) for x in run.dropped]
+        self.restarts_ = list(summaries)
+        self._n_annotators_fit = float(g.annotator_total)
+
+    # ------------------------------------------------------------------------------------
+    # Using the fit
+
+    def _posterior(self, data):
+        """(resp (H, K), loglik, per-annotator loglik (H,), grouped data) on ``data``."""
+        self._check_fitted()
+        data = self._as_data(data)
+        g = data.grouped()
+        self.family_.check_data(g, fitting=False)
+        if not hasattr(self, "timings_"):
+            self.timings_ = dict.fromkeys(
+                ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
+        resp, loglik, per = self._e_step(g, np.log(self.weights_))
+        return resp, loglik, per, g
+
+    def predict_proba(self, data=None) -> np.ndarray:
+        """(H, K) posterior of each annotator over the types: the fitted responsibilities for
+        data=None, else an E-step on ``data`` (row h: annotator h of that data)."""
+        if data is None:
+            self._check_fitted()
+            if getattr(self, "responsibilities_", None) is None:
+                raise RuntimeError("predict_proba: no training responsibilities; pass data")
+            return self.responsibilities_
+        return self._posterior(data)[0]
+
+    def predict(self, data=None) -> np.ndarray:
+        """(H,) most probable type of each annotator."""
+        return np.argmax(self.predict_proba(data), axis=1)
+
+    def fit_predict(self, data, **kwargs) -> np.ndarray:
+        return self.fit(data, **kwargs).predict()
+
+    def score_samples(self, data) -> np.ndarray:
+        """(H,) log-likelihood of each annotator's records, log sum_k eta_k p(records | k)
+        (one annotator, not multiplied by its weight)."""
+        return self._posterior(data)[2]
+
+    def score(self, data) -> float:
+        """Mean log-likelihood per record: weighted log-likelihood / number of records
+        (after row expansion)."""
+        _, loglik, _, g = self._posterior(data)
+        return loglik / g.total_weight
+
+    def n_parameters(self) -> int:
+        """Free parameters: the family's plus K - 1 mixture weights."""
+        self._check_fitted()
+        return int(self.family_.n_parameters() + self.n_components_ - 1)
+
+    def bic(self, data=None) -> float:
+        """-2 loglik + n_parameters log(n), n = number of annotators (after expansion): the
+        independent units of the mixture. data=None uses the fit's log-likelihood."""
+        loglik, n = self._loglik_and_n(data)
+        return -2.0 * loglik + self.n_parameters() * math.log(n)
+
+    def aic(self, data=None) -> float:
+        """-2 loglik + 2 n_parameters."""
+        loglik, _ = self._loglik_and_n(data)
+        return -2.0 * loglik + 2.0 * self.n_parameters()
+
+    def _loglik_and_n(self, data):
+        if data is None:
+            self._check_fitted()
+            if not hasattr(self, "_n_annotators_fit"):
+                raise RuntimeError("no training data recorded; pass data")
+            return self.loglik_, self._n_annotators_fit
+        _, loglik, _, g = self._posterior(data)
+        return loglik, g.annotator_total
+
+

@@ -1,0 +1,117 @@
+"""Compatibility with the package as it was before its modules moved into subpackages:
+models saved by that code load and predict identically, and every public module path and
+name it had still imports.
+
+tests/data/old_*.npz were written by tests/data/make_old_checkpoint.py at commit 5ec4ccc."""
+
+import importlib
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import emdpo_core as ec
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _maker():
+    """tests/data/make_old_checkpoint.py: how the old files were made and their inputs."""
+    spec = importlib.util.spec_from_file_location(
+        "make_old_checkpoint", os.path.join(DATA, "make_old_checkpoint.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+# Public names of each module at commit 5ec4ccc (its __all__ plus public module-level names).
+OLD_NAMES = {
+    "kernels": ["EStepResult", "REDUCTIONS", "e_step", "listwise_dpo_loss_and_grad",
+                "listwise_loglik"],
+    "emdpo": ["AggregationResult", "EMDPO", "OPTIMIZERS", "TorchPolicies"],
+    "em": ["CollapsedComponentWarning", "ConvergenceWarning", "EMEstimator", "INIT_PARAMS",
+           "INIT_SMOOTHING", "LOG_WORTH_RANGE", "ModelSelection", "NEWTON_HALVINGS",
+           "NEWTON_MAX_ITEMS", "NEWTON_MIN_GAIN", "NEWTON_RCOND", "PlackettLuceMixture",
+           "PolicyFamily", "PolicyLogps", "PolicySamples", "TabularPolicies",
+           "select_n_components"],
+    "data": ["GroupedPreferences", "GroupedRankings", "GroupedRecords", "PreferenceData",
+             "RankingData", "group_records"],
+    "mmra": ["HEDGE_ITERATIONS", "MMRAResult", "MixturePolicy", "REGRET_KINDS",
+             "exact_mixture_regret", "mmra", "mmra_exact", "regret_matrix"],
+    "torch": ["ListwiseDPOLoss", "listwise_dpo_loss", "mixture_dpo_loss",
+              "padded_listwise_dpo_loss", "pairwise_dpo_loss"],
+    "datasets": ["Population", "adjusted_rand_index", "make_population", "match_types",
+                 "policy_error", "LinearSoftmaxPolicy"],
+    "bench": ["add_parser", "run", "CASES", "FIELDS"],
+    "diagnostics": ["DOF_CAP", "IdentifiabilityReport", "IdentifiabilityWarning",
+                    "degrees_of_freedom", "identifiability"],
+    "cli": ["main"],
+    "demo": ["DEMO_TYPE_REWARDS", "DEMO_TYPE_WEIGHTS", "run_demo"],
+}
+NEEDS_TORCH = {"torch", "emdpo"}
+OLD_ALL = ["__version__", "build_info", "EStepResult", "listwise_loglik", "e_step",
+           "listwise_dpo_loss_and_grad", "group_by_annotator", "regret_matrix", "mmra",
+           "mmra_exact", "MMRAResult", "MixturePolicy", "RankingData", "PlackettLuceMixture",
+           "select_n_components", "diagnostics", "ConvergenceWarning",
+           "IdentifiabilityWarning", "CollapsedComponentWarning", "EMEstimator",
+           "PolicyFamily", "PolicyLogps", "TabularPolicies", "PolicySamples",
+           "PreferenceData", "EMDPO", "TorchPolicies", "AggregationResult", "datasets"]
+
+
+def test_every_old_top_level_name_is_still_exported():
+    missing = [n for n in OLD_ALL if n not in ec.__all__ or not hasattr(ec, n)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("module", sorted(OLD_NAMES))
+def test_every_old_module_path_still_imports_its_names(module):
+    if module in NEEDS_TORCH:
+        pytest.importorskip("torch")
+    mod = importlib.import_module(f"emdpo_core.{module}")
+    missing = [n for n in OLD_NAMES[module] if not hasattr(mod, n)]
+    assert missing == []
+
+
+def test_old_module_objects_are_the_new_ones():
+    """A shim re-exports the object itself, so isinstance checks and monkeypatching across old
+    and new paths see one class."""
+    kernels, em, data, mmra = (importlib.import_module(f"emdpo_core.{m}")
+                               for m in ("kernels", "em", "data", "mmra"))
+    assert kernels.e_step is ec.e_step
+    assert em.PlackettLuceMixture is ec.PlackettLuceMixture
+    assert data.RankingData is ec.RankingData
+    assert mmra.regret_matrix is ec.regret_matrix
+
+
+def test_old_plackett_luce_checkpoint_predicts_identically():
+    make = _maker()
+
+    old = np.load(os.path.join(DATA, "old_predictions.npz"))
+    model = ec.PlackettLuceMixture.load(os.path.join(DATA, "old_plmixture.npz"))
+    data = make.plmixture_data()
+    np.testing.assert_array_equal(model.log_worths_, old["pl_log_worths"])
+    np.testing.assert_array_equal(model.predict(data), old["pl_labels"])
+    # The same kernels on the same inputs: only the CPU's instruction set (which the kernels
+    # pick at load time) can change the order of the float64 sums, by a few ulps.
+    np.testing.assert_allclose(model.predict_proba(data), old["pl_proba"], rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(model.score(data), old["pl_score"], rtol=1e-12)
+
+
+def test_old_emdpo_checkpoint_predicts_identically():
+    torch = pytest.importorskip("torch")
+    make = _maker()
+
+    old = np.load(os.path.join(DATA, "old_predictions.npz"))
+    pop = make.population()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = ec.EMDPO.load(os.path.join(DATA, "old_emdpo.npz"), policies=make.emdpo_family(pop))
+        np.testing.assert_array_equal(model.weights_, old["em_weights"])
+        np.testing.assert_array_equal(model.predict(pop.data), old["em_labels"])
+        # As above: summation order may change with the instruction set, by a few ulps.
+        np.testing.assert_allclose(model.predict_proba(pop.data), old["em_proba"], rtol=1e-12,
+                                   atol=1e-15)
+    finally:
+        torch.set_num_threads(n)

@@ -1,0 +1,134 @@
+"""Direct calls of the private compiled functions with absurd sizes and mismatched buffers.
+
+The bindings take sizes as arbitrary int64 values next to the buffers; a size product that
+overflows int64 could wrap around to the length of a real buffer and send a kernel far out of
+bounds. Every call here must raise ValueError or TypeError; none may end the process. The
+calls run in a child interpreter so that a crash fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import SUBPROCESS_CWD
+
+SCRIPT = r"""
+import sys
+import numpy as np
+from emdpo_core import _core
+
+BIG = 2**63 - 1
+f8, i8 = np.float64, np.int64
+off = lambda *v: np.array(v, dtype=i8)
+cases = {}
+
+def case(name):
+    def register(fn):
+        cases[name] = fn
+        return fn
+    return register
+
+# 4 pairs (N = 4, M = 8) with K = 2^62 + 1 types: K * M = 8 (mod 2^64) and N * K = 4, the
+# lengths of the buffers passed, so only an overflow check stands between this and the kernel.
+K_WRAP = 2**62 + 1
+p8, r8, o4 = np.zeros(8), np.zeros(8), off(0, 2, 4, 6, 8)
+
+@case("listwise_loglik K*M wraps")
+def _():
+    _core.listwise_loglik(p8, r8, o4, None, 4, 8, K_WRAP, 1.0, np.empty(4))
+
+@case("listwise_loglik K = 2^53")
+def _():
+    _core.listwise_loglik(p8, r8, o4, None, 4, 8, 2**53, 1.0, np.empty(4))
+
+@case("listwise_loglik N = int64 max")
+def _():
+    _core.listwise_loglik(p8, r8, o4, None, BIG, 8, 1, 1.0, np.empty(4))
+
+@case("listwise_loglik negative K")
+def _():
+    _core.listwise_loglik(p8, r8, o4, None, 4, 8, -1, 1.0, np.empty(4))
+
+@case("e_step K*M wraps")
+def _():
+    _core.e_step(p8, r8, o4, None, None, off(0, 4), np.zeros(1), 4, 8, K_WRAP, 1, 1.0,
+                 np.empty(1), np.empty(1), np.empty(4))
+
+@case("e_step H = int64 max")
+def _():
+    _core.e_step(p8, r8, o4, None, None, off(0, 4), np.zeros(1), 4, 8, 1, BIG, 1.0,
+                 np.empty(1), np.empty(1), None)
+
+@case("e_step H*K wraps")
+def _():
+    # H = 2^62 + 1 annotators of K = 4 types: H * K = 4 (mod 2^64); annotator_offsets has 2.
+    _core.e_step(np.zeros((4, 8)), r8, o4, None, None, off(0, 4), np.zeros(4), 4, 8, 4,
+                 2**62 + 1, 1.0, np.empty(4), np.empty(4), None)
+
+@case("e_step annotator_weights wrong size")
+def _():
+    _core.e_step(p8, r8, o4, None, None, off(0, 4), np.zeros(1), 4, 8, 1, 1, 1.0,
+                 np.empty(1), np.empty(1), None, annotator_weights=np.ones(5))
+
+@case("loss K*M and K*N wrap")
+def _():
+    _core.listwise_dpo_loss_and_grad(p8, r8, o4, None, np.ones(4), np.ones(1), 4, 8, K_WRAP,
+                                     1.0, np.empty(8), np.empty(4))
+
+@case("loss scale K = 2^53")
+def _():
+    _core.listwise_dpo_loss_and_grad(p8, r8, o4, None, None, np.ones(1), 4, 8, 2**53, 1.0,
+                                     np.empty(8), None)
+
+@case("regret_matrix K*S wraps (kind kl)")
+def _():
+    # S = 2^62 samples of K = 4 sources: K * S = 0 (mod 2^64), the length of sample_logps.
+    _core.regret_matrix(np.zeros(0), None, off(0, 1, 2, 3, 2**62), None, 4, 2**62, 1, 1.0,
+                        np.empty(16))
+
+@case("regret_matrix K*K wraps")
+def _():
+    _core.regret_matrix(np.zeros(0), None, off(0, 1), None, 2**32, 1, 1, 1.0, np.empty(0))
+
+@case("regret_matrix S = int64 max")
+def _():
+    _core.regret_matrix(np.zeros(2), np.zeros(2), off(0, 2), None, 1, BIG, 0, 1.0, np.empty(1))
+
+@case("first_bad_offset huge min_gap")
+def _():
+    r = _core.first_bad_offset(off(0, 5, 9), 9, BIG)
+    if r != 1:
+        raise AssertionError(r)
+    raise ValueError("checked")   # a valid answer for an absurd gap is fine too
+
+@case("first_bad_offset negative min_gap")
+def _():
+    _core.first_bad_offset(off(0, 5, 9), 9, -BIG)
+
+@case("first_bad_offset offsets near int64 min")
+def _():
+    r = _core.first_bad_offset(off(0, -BIG - 1, 9), 9, 2)
+    if r != 1:
+        raise AssertionError(r)
+    raise ValueError("checked")
+
+for name, fn in cases.items():
+    print(name, "...", end=" ", flush=True)
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        print("raised", type(e).__name__, str(e)[:100], flush=True)
+    else:
+        print("RETURNED", flush=True)
+print("done")
+"""
+
+
+def test_absurd_sizes_raise_instead_of_crashing():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=SUBPROCESS_CWD, capture_output=True,
+                         text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
+    assert out.stdout.strip().endswith("done"), log
+    assert "RETURNED" not in out.stdout, log
