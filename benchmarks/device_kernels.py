@@ -12,7 +12,7 @@ Sections, each under its own guard so that one failure does not hide the others:
      kernels on the same float32 inputs (relative errors against the tolerance table);
   3. timings with CUDA events (median of repeats after warm-up) of the kernels through
      _core (no Python validation), the public functions on CUDA tensors, the vectorized
-     PyTorch baseline (emdpo_core._torch_baseline), K = 64 and long-list rows; bytes moved
+     PyTorch baseline (emdpo_core.bench.torch_baseline), K = 64 and long-list rows; bytes moved
      by the model of benchmarks/README.md ("Bandwidth model") and the fraction of copy
      bandwidth;
   4. a per-kernel breakdown of one E-step and one loss call (torch.profiler).
@@ -36,7 +36,7 @@ import torch
 
 import emdpo_core as ec
 from emdpo_core import _core
-from emdpo_core import _torch_baseline as tb
+from emdpo_core.bench import torch_baseline as tb
 
 F4, I8 = 4, 8
 

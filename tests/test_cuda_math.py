@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emdpo_core import _reference as reference
+from emdpo_core.ops import _reference as reference
 
 from conftest import TOL
 
