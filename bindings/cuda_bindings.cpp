@@ -92,22 +92,31 @@ void register_cuda(py::module_& m) {
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, uintptr_t weights, uintptr_t scale, int64_t N, int64_t M,
            int64_t K, double beta, uintptr_t loss, uintptr_t grad, uintptr_t record_loss,
-           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+           uintptr_t bad_weight) {
           py::gil_scoped_release release;
           auto fb = ptr<unsigned long long>(first_bad);
+          auto bw = ptr<unsigned long long>(bad_weight);
           if (is_float32(dtype))
             cuda::listwise_dpo_loss_and_grad<float>(
                 ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
                 ptr<int64_t>(n_ranked), ptr<float>(weights), ptr<double>(scale), N, M, K, beta,
                 ptr<double>(loss), ptr<float>(grad), ptr<float>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
           else
             cuda::listwise_dpo_loss_and_grad<double>(
                 ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
                 ptr<int64_t>(n_ranked), ptr<double>(weights), ptr<double>(scale), N, M, K, beta,
                 ptr<double>(loss), ptr<double>(grad), ptr<double>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
-        });
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
+        },
+        // bad_weight_ptr (optional, 0 = none): a device int64 initialised to -1, lowered to
+        // the first flat index of a non-finite weight.
+        py::arg("dtype"), py::arg("policy"), py::arg("ref"), py::arg("offsets"),
+        py::arg("n_ranked"), py::arg("weights"), py::arg("scale"), py::arg("N"), py::arg("M"),
+        py::arg("K"), py::arg("beta"), py::arg("loss"), py::arg("grad"), py::arg("record_loss"),
+        py::arg("first_bad"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"), py::arg("bad_weight_ptr") = 0);
 }
 #else
 void register_cuda(py::module_& m) { m.attr("cuda") = false; }

@@ -605,3 +605,88 @@ def test_workspace_sizes_are_computable_upper_bounds():
     with pytest.raises(ValueError, match="workspace"):
         _core.cuda_e_step("float64", 1, 1, 1, 0, 0, 1, 1, 5, 10, 2, 3, 1.0, 1, 1, 1, 0, 1, 1,
                           0, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# The torch layer: annotator weights and type totals, and errors read without a host sync
+
+
+@needs_torch
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_e_step_annotator_weights_and_type_totals(device):
+    """ops._torch.e_step passes annotator weights and the type-totals output to the kernels
+    (CPU tensors: the CPU kernel; CUDA tensors: the CUDA kernel) and matches the reference;
+    log weights given as a tensor on the device are used there."""
+    if device == "cuda" and _GPU_SKIP is not None:
+        pytest.skip(str(_GPU_SKIP))
+    from emdpo_core.ops import _torch as tops
+    rng = np.random.default_rng(161)
+    N, K = 900, 5
+    p, r, off, nr = make_records(rng, N, K, "top_l", "float64", logp_scale=1.0)
+    ao = make_annotators(rng, N, "with_empty")
+    H = len(ao) - 1
+    log_w = np.log(rng.dirichlet(np.ones(K)))
+    v = rng.uniform(0.0, 3.0, H)
+    t = (lambda x: torch.as_tensor(np.ascontiguousarray(x), device=device))
+    tt = torch.full((K,), float("nan"), dtype=torch.float64, device=device)
+    res = tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, n_ranked=t(nr),
+                      annotator_weights=t(v), type_totals=tt)
+    resp, loglik, S = reference.e_step(p, r, off, ao, log_w, beta=0.8, n_ranked=nr,
+                                       annotator_weights=v)
+    assert_close(res.responsibilities, resp, "float64", "responsibilities")
+    assert_close(res.annotator_loglik, S, "float64", "annotator_loglik")
+    assert res.loglik == pytest.approx(loglik, rel=1e-10)
+    assert_close(tt, reference.e_step_type_totals(resp, v), "float64", "type_totals")
+    with pytest.raises(ValueError, match="annotator_weights"):
+        bad = v.copy()
+        bad[3] = -1.0
+        tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, annotator_weights=t(bad))
+    with pytest.raises(ValueError, match="log_weights"):
+        tops.e_step(t(p), t(r), t(off), t(ao), t(np.full(K, np.nan)), beta=0.8)
+    with pytest.raises(TypeError, match="type_totals"):
+        tops.e_step(t(p), t(r), t(off), t(ao), log_w, beta=0.8,
+                    type_totals=torch.zeros(K + 1, dtype=torch.float64, device=device))
+
+
+@gpu
+def test_loss_errors_are_read_without_a_host_sync():
+    """With return_tensors=True the loss call does not read its flags: a non-finite input
+    makes the returned loss NaN and the error is raised by check_errors() (or a later call
+    whose flags have arrived), naming the record, the weight index or the type."""
+    import emdpo_core.torch as et
+    from emdpo_core.ops import _torch as tops
+    rng = np.random.default_rng(162)
+    p, r, off, _ = make_records(rng, 500, 2, "full", "float32")
+    w = rng.uniform(0.1, 1.0, (2, 500)).astype(np.float32)
+    et.check_errors()  # nothing pending from other tests
+    p_bad = p.copy()
+    p_bad[1, int(off[123]) + 1] = np.nan
+    loss, grad = tops.listwise_dpo_loss_and_grad(cuda(p_bad), cuda(r), cuda(off), cuda(w),
+                                                 beta=0.5, return_tensors=True)
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match="record 123"):
+        et.check_errors()
+    w_bad = w.copy()
+    w_bad[1, 7] = np.inf
+    loss, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_bad),
+                                              beta=0.5, return_tensors=True)
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match=r"weights: .*\(1, 7\)"):
+        et.check_errors()
+    w_zero = w.copy()
+    w_zero[0] = 0.0
+    tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_zero), beta=0.5,
+                                    reduction="weighted_mean", return_tensors=True)
+    with pytest.raises(ValueError, match="type 0"):
+        et.check_errors()
+    # The float-returning form raises at once, with the CPU path's messages.
+    with pytest.raises(ValueError, match=r"policy_logps: non-finite value nan at \[type 1"):
+        tops.listwise_dpo_loss_and_grad(cuda(p_bad), cuda(r), cuda(off), cuda(w), beta=0.5)
+    with pytest.raises(ValueError, match=r"weights: expected finite values, got inf"):
+        tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_bad), beta=0.5)
+    # Valid inputs leave nothing pending and agree with the float form.
+    loss_t, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w), beta=0.5,
+                                                return_tensors=True)
+    loss_f, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w), beta=0.5)
+    et.check_errors()
+    assert float(loss_t) == loss_f

@@ -919,16 +919,22 @@ __global__ void __launch_bounds__(kSumThreads)
 // sum_k scale_k sum_i w_ki (-ll_ki) goes to tile_part[tile]. Each thread adds its record's
 // terms over the types in order; one block reduction per tile.
 
-// One record over all K types; returns false when a reward was not finite and stores the
+// One record over all K types. Returns a status: bit 0 set when a reward was not finite,
+// bits 1.. the first type whose weight is not finite, plus one (0: none); stores the
 // record's sum_k scale_k w_ki (-ll_ki) in *acc_out. Lists of 4 are inlined, the other
 // shapes are calls (loss_record_call), for the reason given at group_loglik_call.
+__device__ __forceinline__ int loss_status(bool finite, int64_t bad_k) {
+  return (finite ? 0 : 1) | (bad_k < 0 ? 0 : int(bad_k + 1) << 1);
+}
+
 template <int MM, bool EXACT, typename A, typename T>
-__device__ __forceinline__ bool loss_record_short(const T* __restrict__ p, const T* __restrict__ ref,
-                                               int64_t M, int m, int L, const T* __restrict__ w,
-                                               int64_t N, const double* __restrict__ scale,
-                                               int64_t K, A c, A beta, T* __restrict__ g_out,
-                                               T* __restrict__ rec_loss, double* acc_out) {
+__device__ __forceinline__ int loss_record_short(const T* __restrict__ p, const T* __restrict__ ref,
+                                                 int64_t M, int m, int L, const T* __restrict__ w,
+                                                 int64_t N, const double* __restrict__ scale,
+                                                 int64_t K, A c, A beta, T* __restrict__ g_out,
+                                                 T* __restrict__ rec_loss, double* acc_out) {
   bool finite = true;
+  int64_t bad_k = -1;
   double acc = 0.0;
   A rf[MM];
 #pragma unroll
@@ -939,6 +945,7 @@ __device__ __forceinline__ bool loss_record_short(const T* __restrict__ p, const
     A r[MM], g[MM];
     base2::load_rewards<MM, EXACT>(p, rf, m, c, r, finite);
     const A w_k = w ? A(w[0]) : A(1);
+    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
     const double sc = scale[k];
     const A ll = base2::short_loglik_grad<MM, EXACT>(r, m, L, A(-sc) * w_k * beta, g);
 #pragma unroll
@@ -953,29 +960,31 @@ __device__ __forceinline__ bool loss_record_short(const T* __restrict__ p, const
     if (rec_loss) rec_loss += N;
   }
   *acc_out = acc;
-  return finite;
+  return loss_status(finite, bad_k);
 }
 
 template <int MM, bool EXACT, typename A, typename T>
-__device__ __noinline__ bool loss_record_call(const T* __restrict__ p, const T* __restrict__ ref,
-                                              int64_t M, int m, int L, const T* __restrict__ w,
-                                              int64_t N, const double* __restrict__ scale,
-                                              int64_t K, A c, A beta, T* __restrict__ g_out,
-                                              T* __restrict__ rec_loss, double* acc_out) {
+__device__ __noinline__ int loss_record_call(const T* __restrict__ p, const T* __restrict__ ref,
+                                             int64_t M, int m, int L, const T* __restrict__ w,
+                                             int64_t N, const double* __restrict__ scale,
+                                             int64_t K, A c, A beta, T* __restrict__ g_out,
+                                             T* __restrict__ rec_loss, double* acc_out) {
   return loss_record_short<MM, EXACT>(p, ref, M, m, L, w, N, scale, K, c, beta, g_out, rec_loss,
                                       acc_out);
 }
 
 template <typename A, typename T>
-__device__ __noinline__ bool loss_record_long(const T* __restrict__ p, const T* __restrict__ ref,
-                                              int64_t M, int m, int L, const T* __restrict__ w,
-                                              int64_t N, const double* __restrict__ scale,
-                                              int64_t K, A c, A beta, T* __restrict__ g,
-                                              T* __restrict__ rec_loss, double* acc_out) {
+__device__ __noinline__ int loss_record_long(const T* __restrict__ p, const T* __restrict__ ref,
+                                             int64_t M, int m, int L, const T* __restrict__ w,
+                                             int64_t N, const double* __restrict__ scale,
+                                             int64_t K, A c, A beta, T* __restrict__ g,
+                                             T* __restrict__ rec_loss, double* acc_out) {
   bool finite = true;
+  int64_t bad_k = -1;
   double acc = 0.0;
   for (int64_t k = 0; k < K; ++k) {
     const A w_k = w ? A(w[k * N]) : A(1);
+    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
     const double sc = scale[k];
     const A ll = base2::long_loglik_grad<A>(p + k * M, ref, m, L, c, A(-sc) * w_k * beta,
                                             g + k * M, finite);
@@ -984,9 +993,12 @@ __device__ __noinline__ bool loss_record_long(const T* __restrict__ p, const T* 
     acc += sc * l;
   }
   *acc_out = acc;
-  return finite;
+  return loss_status(finite, bad_k);
 }
 
+// A record whose rewards or weights are not finite makes the tile's sum (hence the loss)
+// NaN, so that a caller that reads the flags late (the torch layer, to avoid a host sync)
+// still never gets a plausible value; first_bad and bad_weight name the first offender.
 template <typename T>
 __global__ void __launch_bounds__(kTile)
     loss_tiles_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
@@ -994,7 +1006,7 @@ __global__ void __launch_bounds__(kTile)
                       const T* __restrict__ weights, const double* __restrict__ scale,
                       int64_t N, int64_t M, int64_t K, double beta, T* __restrict__ grad,
                       T* __restrict__ record_loss, unsigned long long* first_bad,
-                      double* __restrict__ tile_part) {
+                      unsigned long long* bad_weight, double* __restrict__ tile_part) {
   using A = typename compute_type<T>::type;
   __shared__ double scratch[kSumThreads / 32];
   __shared__ double s_acc[kTile];
@@ -1002,7 +1014,7 @@ __global__ void __launch_bounds__(kTile)
   const int n_in = int(min(int64_t(kTile), N - lo));
   const int r = threadIdx.x;
   const int64_t i = lo + r;
-  bool finite = true;
+  int status = 0;
   s_acc[r] = 0.0;
   if (r < n_in) {
     const Record rec = load_record(offsets, n_ranked, i);
@@ -1015,25 +1027,28 @@ __global__ void __launch_bounds__(kTile)
     const int m = rec.m, L = rec.L;
     double* acc = s_acc + r;
 #if defined(EMDPO_CUDA_PROBE_M)
-    finite = loss_record_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT>(
+    status = loss_record_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT>(
         p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
 #else
     if (m == 4)
-      finite = loss_record_short<4, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_short<4, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
     else if (m == 2)
-      finite = loss_record_call<2, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_call<2, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
     else if (m == 3)
-      finite = loss_record_call<3, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_call<3, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
     else if (m <= kShortMax)
-      finite = loss_record_call<kShortMax, false>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g,
+      status = loss_record_call<kShortMax, false>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g,
                                                   rl, acc);
     else
-      finite = loss_record_long<A>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_long<A>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
 #endif
+    if (status != 0) s_acc[r] = nan("");  // this thread's own slot
   }
-  const double s = block_sum(s_acc[r], scratch);  // this thread's own slot
+  const double s = block_sum(s_acc[r], scratch);
   if (r == 0) tile_part[blockIdx.x] = s;
-  if (r < n_in && !finite) flag_non_finite(first_bad, i);
+  if (status & 1) flag_non_finite(first_bad, i);
+  if ((status >> 1) && bad_weight)
+    atomicMin(bad_weight, static_cast<unsigned long long>(int64_t((status >> 1) - 1) * N + i));
 }
 
 // One block: *out = sum of parts[0..n) (thread j adds j, j + kSumThreads, ... in order).
@@ -1159,7 +1174,8 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
                                 const int64_t* n_ranked, const T* weights, const double* scale,
                                 int64_t N, int64_t M, int64_t K, double beta, double* loss,
                                 T* grad, T* record_loss, unsigned long long* first_bad,
-                                void* workspace, size_t workspace_bytes, void* stream) {
+                                void* workspace, size_t workspace_bytes, void* stream,
+                                unsigned long long* bad_weight) {
   check_size(N, "N");
   check_slots(M);
   check_size(K, "K");
@@ -1181,7 +1197,7 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
   const int64_t n_tiles = ceil_div(N, kTile);
   loss_tiles_kernel<T><<<grid_size(n_tiles, "listwise_dpo_loss_and_grad"), kTile, 0, s>>>(
       policy, ref, offsets, n_ranked, weights, scale, N, M, K, beta, grad, record_loss,
-      first_bad, tile_part);
+      first_bad, bad_weight, tile_part);
   check_launch("listwise_dpo_loss_and_grad");
   sum_parts_kernel<<<1, kSumThreads, 0, s>>>(tile_part, n_tiles, loss);
   check_launch("listwise_dpo_loss_sum");
@@ -1198,7 +1214,8 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
   template void listwise_dpo_loss_and_grad<T>(const T*, const T*, const int64_t*,             \
                                               const int64_t*, const T*, const double*,        \
                                               int64_t, int64_t, int64_t, double, double*, T*, \
-                                              T*, unsigned long long*, void*, size_t, void*);
+                                              T*, unsigned long long*, void*, size_t, void*,  \
+                                              unsigned long long*);
 EMDPO_CUDA_INSTANTIATE(float)
 EMDPO_CUDA_INSTANTIATE(double)
 

@@ -42,13 +42,17 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
 size_t loss_workspace_bytes(int64_t N, int64_t K);
 
 // scale (K,) float64 on the device; loss: one float64 on the device; weights (K, N) or null;
-// record_loss (K, N) or null. grad (K, M).
+// record_loss (K, N) or null. grad (K, M). A record with non-finite rewards or weights makes
+// the loss NaN. bad_weight, when not null (initialised to UINT64_MAX like first_bad), is
+// lowered to the first flat index k * N + i of a non-finite weight, so that callers need no
+// separate pass over the weights.
 template <typename T>
 void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* offsets,
                                 const int64_t* n_ranked, const T* weights, const double* scale,
                                 int64_t N, int64_t M, int64_t K, double beta, double* loss,
                                 T* grad, T* record_loss, unsigned long long* first_bad,
-                                void* workspace, size_t workspace_bytes, void* stream);
+                                void* workspace, size_t workspace_bytes, void* stream,
+                                unsigned long long* bad_weight = nullptr);
 
 }  // namespace cuda
 }  // namespace emdpo
