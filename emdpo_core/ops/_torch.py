@@ -272,7 +272,8 @@ def _log_weights_on(log_weights, K, device):
     """log eta (K,) float64 on the device. A CUDA tensor stays on the device (its checks run
     there and are read with the E-step's result); anything else is checked on the host and
     copied through pinned memory without blocking the host."""
-    if isinstance(log_weights, torch.Tensor) and log_weights.device == device:
+    if (device.type == "cuda" and isinstance(log_weights, torch.Tensor)
+            and log_weights.device == device):
         lw = log_weights.detach()
         if lw.dim() != 1 or lw.shape[0] != K:
             raise ValueError(f"log_weights: expected shape ({K},) (one per type), got "
