@@ -8,7 +8,7 @@
 #     OUT=/tmp/dc bash benchmarks/device_check.sh --dry-run       # anywhere: checks the script
 #
 # Every step runs under its own time limit even when an earlier one failed; the limits add
-# up to 510 s (under the 600 s a command may run on the GPU machine, with room for the
+# up to 505 s (under the 600 s a command may run on the GPU machine, with room for the
 # machine's own start). The exit status is non-zero when any step failed. Logs and CSVs go
 # to $OUT (default ./device_check_out). --dry-run uses the emdpo_core installed in the
 # current Python (no build), runs the kernel script on the CPU kernels at tiny sizes and
@@ -23,8 +23,8 @@ OUT="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ARCH="${EMDPO_CUDA_ARCHITECTURES:-90}"
-# Step limits in seconds (sum 510).
-T_INFO=15 T_BUILD=200 T_TESTS=70 T_KERNELS=140 T_SANITIZER=30 T_HF=25
+# Step limits in seconds (sum 505).
+T_INFO=15 T_BUILD=180 T_TESTS=70 T_KERNELS=120 T_SANITIZER=30 T_HF=60
 STATUS=0
 declare -a SUMMARY=()
 note() { SUMMARY+=("$(printf '%-10s %s' "$1" "$2")"); }
@@ -116,15 +116,19 @@ else
   done
 fi
 
-# ---- hook: the LM trainer's bf16 benchmark (added by the trainer work). Runs when the file
-# exists; its own limit keeps the total under the budget.
+# ---- hook: the LM trainer's bf16 benchmark (EMDPOTrainer). Runs when the file exists and
+# the hf extra is installed; its own limit keeps the total under the budget.
 step "hook: benchmarks/bench_hf_trainer.py --device cuda --dtype bf16"
-if [ -f "$REPO/benchmarks/bench_hf_trainer.py" ] && [ "$DRY" -eq 0 ]; then
+if [ "$DRY" -eq 1 ] || [ ! -f "$REPO/benchmarks/bench_hf_trainer.py" ]; then
+  note hf_trainer "skipped ($([ "$DRY" -eq 1 ] && echo dry run || echo not in this checkout))"
+elif ! (cd /tmp && "$PY" -c "import transformers, peft, tokenizers, accelerate" > /dev/null 2>&1); then
+  note hf_trainer "skipped: transformers/peft/tokenizers/accelerate not installed (pip install '.[hf]')"
+else
   (cd /tmp && run_step hf_trainer "$T_HF" "$PY" "$REPO/benchmarks/bench_hf_trainer.py" \
     --device cuda --dtype bf16 --output "$OUT/bench_hf_trainer.csv")
-  outcome hf_trainer $? "ok -> bench_hf_trainer.csv"
-else
-  note hf_trainer "skipped ($([ "$DRY" -eq 1 ] && echo dry run || echo not in this checkout))"
+  RC=$?
+  outcome hf_trainer "$RC" "ok -> bench_hf_trainer.csv; $(grep -E "library overhead" \
+    "$OUT/hf_trainer.log" 2>/dev/null | sed -E 's/ +/ /g' | tr '\n' ';')"
 fi
 
 echo

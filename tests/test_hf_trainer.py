@@ -9,7 +9,7 @@ an observable feature). Each annotator ranks 6 triples with distinct c.
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import zlib
 
 import numpy as np
@@ -286,6 +286,19 @@ def test_full_parameter_types(tmp_path):
     moved = [not torch.equal(a, b) for a, b in zip(tr.model.types[0].parameters(),
                                                     tr.model.reference_model.parameters())]
     assert any(moved)
+    if importlib.util.find_spec("cvxpy") is None:
+        return
+    from emdpo_core.hf import MixtureLM, sequence_logps
+
+    mix = tr.aggregate([rows[0]["prompt"], rows[1]["prompt"]], n_samples=2, max_new_tokens=3)
+    mix.save(str(tmp_path / "full-policy"))
+    loaded = MixtureLM.load(str(tmp_path / "full-policy"), tiny_model(seed=0), tiny_tokenizer())
+    np.testing.assert_array_equal(loaded.weights, mix.weights)
+    batch = tr.data_collator([dict(rows[0], row_index=0)])
+    with torch.no_grad():
+        for j in range(2):
+            torch.testing.assert_close(sequence_logps(loaded._types.model.types[j], batch),
+                                       sequence_logps(tr.model.types[j], batch))
 
 
 def test_bad_arguments(tmp_path):
@@ -318,3 +331,58 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="row 0"):
         EMDPOTrainer(model=tiny_model(), args=args, train_dataset=bad,
                      processing_class=tiny_tokenizer(), peft_config=lora_config())
+
+
+def test_aggregate_by_generation_and_serving(planted, tmp_path):
+    pytest.importorskip("cvxpy")
+    from emdpo_core.hf import MixtureLM
+
+    rows, types, held, em, single = planted
+    prompts = [r["prompt"] for r in rows[:4]]
+    mix = em.aggregate(prompts, n_samples=3, max_new_tokens=4, random_state=0)
+    assert mix.weights.shape == (2,) and abs(mix.weights.sum() - 1) < 1e-9
+    assert np.all(mix.weights >= 0)
+    R = mix.regret_matrix
+    assert R.shape == (2, 2) and np.allclose(np.diag(R), 0.0)      # reward regret: A_kk - A_kk
+    assert mix.max_regret == pytest.approx(float(np.max(R @ mix.weights)), abs=1e-6)
+    again = em.aggregate(prompts, n_samples=3, max_new_tokens=4, random_state=0)
+    np.testing.assert_allclose(again.regret_matrix, R, rtol=0, atol=1e-12)   # seeded sampling
+    answer = mix.generate(prompts[0], max_new_tokens=3)
+    assert isinstance(answer, str) and mix.last_type in (0, 1)
+
+    # Save, load onto a fresh base, and answer with the same adapters.
+    mix.save(str(tmp_path / "policy"))
+    loaded = MixtureLM.load(str(tmp_path / "policy"), tiny_model(seed=0), tiny_tokenizer(),
+                            random_state=0)
+    np.testing.assert_array_equal(loaded.weights, mix.weights)
+    from emdpo_core.hf import sequence_logps
+
+    batch = em.data_collator([dict(rows[0], row_index=0)])
+    for j in range(2):
+        a = sequence_logps(em._types.module_for(j, em.model), batch)
+        b = sequence_logps(loaded._types.module_for(j, loaded._types.model), batch)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    em._types.make_trainable()
+    assert isinstance(loaded.generate(prompts[1], max_new_tokens=3), str)
+    # A damaged file is refused, naming it.
+    target = next(p for p in (tmp_path / "policy").rglob("*.safetensors"))
+    target.write_bytes(target.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        MixtureLM.load(str(tmp_path / "policy"), tiny_model(seed=0), tiny_tokenizer())
+    (tmp_path / "policy" / "mixture.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged manifest"):
+        MixtureLM.load(str(tmp_path / "policy"), tiny_model(seed=0), tiny_tokenizer())
+
+
+def test_fast_adapter_switch_matches_peft_set_adapter(planted):
+    from emdpo_core.hf import sequence_logps
+
+    rows, types, held, em, single = planted
+    batch = em.data_collator([dict(r, row_index=i) for i, r in enumerate(rows[:6])])
+    with torch.no_grad():
+        for k in (1, 0, 1):
+            fast = sequence_logps(em._types.module_for(k, em.model), batch)
+            em.model.set_adapter(f"type_{k}")
+            torch.testing.assert_close(fast, sequence_logps(em.model, batch), rtol=0, atol=0)
+            assert em.model.active_adapter == f"type_{k}"
+    em._types.make_trainable()

@@ -23,13 +23,12 @@ See docs/hf.md.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,6 +40,8 @@ from ..torch import mixture_dpo_loss
 from . import RankedListCollator, sequence_logps, validate_ranked_rows
 from . import _io
 from .logps import _unpack_shared
+from ._types import FullParameterTypes, _FullTypes, _LoraTypes
+from .aggregate import aggregate_types
 from .config import EMDPOConfig
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
@@ -61,19 +62,39 @@ INIT_SMOOTHING = 0.05
 
 class _IndexedRows(torch.utils.data.Dataset):
     """The user's ranked rows, each given a ``row_index`` (its position) on the way out, so a
-    batch can be mapped back to its cached reference log-probabilities and annotators."""
+    batch can be mapped back to its cached reference log-probabilities and annotators.
 
-    def __init__(self, rows):
+    With a ``tokenizer`` (a RankedListCollator), each row is tokenized the first time it is
+    read and kept as int32 token arrays (4 bytes a token), so later epochs and E-steps only
+    pad: tokenizing every batch again would cost more than the rest of the library's work.
+    """
+
+    def __init__(self, rows, tokenizer=None):
         self.rows = rows
+        self.tokenizer = tokenizer
+        self._tokens = {}
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        # The columns the collator reads; record weights are looked up by row_index.
-        row = {k: v for k, v in self.rows[int(i)].items() if k in ROW_COLUMNS}
-        row[ROW_INDEX] = int(i)
-        return row
+        i = int(i)
+        row = self.rows[i]
+        if self.tokenizer is None:
+            # The columns the collator reads; record weights are looked up by row_index.
+            out = {k: v for k, v in row.items() if k in ROW_COLUMNS}
+        else:
+            tokens = self._tokens.get(i)
+            if tokens is None:
+                t = self.tokenizer.tokenize_row(row, i)
+                tokens = (np.asarray(t["prompt_ids"], dtype=np.int32),
+                          [np.asarray(r, dtype=np.int32) for r in t["response_ids"]])
+                self._tokens[i] = tokens
+            out = {"prompt_ids": tokens[0], "response_ids": tokens[1]}
+            if row.get("n_ranked") is not None:
+                out["n_ranked"] = row["n_ranked"]
+        out[ROW_INDEX] = i
+        return out
 
 
 @dataclass
@@ -186,113 +207,6 @@ def _ranked_pairs(layout: _Layout):
                 hi.append(a + t)
                 lo.append(a + s)
     return np.array(hi, dtype=np.int64), np.array(lo, dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------
-# The K types: LoRA adapters on one base, or full copies
-
-
-class _LoraTypes:
-    """K LoRA adapters ``type_0 .. type_{K-1}`` on one peft model; the reference is the base
-    with adapters disabled (no second copy of the base)."""
-
-    def __init__(self, model, names: List[str]):
-        self.model = model
-        self.names = names
-        self.params = [[p for n, p in model.named_parameters() if f".{name}." in n]
-                       for name in names]
-        for k, ps in enumerate(self.params):
-            if not ps:
-                raise ValueError(f"peft_config: adapter {names[k]} has no parameters")
-        self.make_trainable()
-
-    def module_for(self, k: int, model):
-        # peft's set_adapter leaves only the active adapter trainable; make_trainable() undoes
-        # that before the backward pass (a leaf with requires_grad=False gets no gradient).
-        self.model.set_adapter(self.names[k])
-        return model
-
-    def make_trainable(self):
-        for ps in self.params:
-            for p in ps:
-                p.requires_grad_(True)
-
-    @contextmanager
-    def reference(self, model):
-        try:
-            with self.model.disable_adapter():
-                yield model
-        finally:
-            # Re-enabling the adapters calls peft's set_adapter, which freezes all but one.
-            self.make_trainable()
-
-    def state_dict(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()
-                if any(f".{name}." in n for name in self.names)}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = dict(self.model.named_parameters())
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
-
-    def type_params(self, k: int):
-        return self.params[k]
-
-
-class FullParameterTypes(torch.nn.Module):
-    """K full copies of a model (``types``) and the original, frozen, as the reference. For
-    small models: memory is K + 1 models plus K optimizer states."""
-
-    def __init__(self, model, n_types: int):
-        super().__init__()
-        self.reference_model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.types = torch.nn.ModuleList()
-        for _ in range(n_types):
-            m = copy.deepcopy(model)
-            for p in m.parameters():
-                p.requires_grad_(True)
-            self.types.append(m)
-        self.config = model.config
-        self.active = 0
-
-    def forward(self, *args, **kwargs):
-        return self.types[self.active](*args, **kwargs)
-
-
-class _FullTypes:
-    def __init__(self, container: FullParameterTypes):
-        self.model = container
-        self.names = [f"type_{k}" for k in range(len(container.types))]
-
-    def module_for(self, k: int, model):
-        self.model.active = k
-        return self.model.types[k]
-
-    def make_trainable(self):
-        pass
-
-    @contextmanager
-    def reference(self, model):
-        yield self.model.reference_model
-
-    def state_dict(self) -> dict:
-        return {f"types.{n}": p.detach().clone() for n, p in self.model.types.named_parameters()}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = {f"types.{n}": p for n, p in self.model.types.named_parameters()}
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
-
-    def type_params(self, k: int):
-        return list(self.model.types[k].parameters())
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,8 +338,9 @@ class EMDPOTrainer(Trainer):
                                                max_prompt_length=args.max_prompt_length,
                                                prefix_sharing=args.prefix_sharing)
         self._eval_rows = eval_dataset
+        pretokenize = data_collator if isinstance(data_collator, RankedListCollator) else None
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
-                         train_dataset=_IndexedRows(train_dataset),
+                         train_dataset=_IndexedRows(train_dataset, pretokenize),
                          eval_dataset=None if eval_dataset is None else _IndexedRows(eval_dataset),
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, **kwargs)
@@ -487,7 +402,7 @@ class EMDPOTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         # The ranked rows are tokenized by the collator: keep their columns.
         if self._signature_columns is None:
-            self._signature_columns = list(ROW_COLUMNS)
+            self._signature_columns = list(ROW_COLUMNS) + ["prompt_ids", "response_ids"]
 
     # ------------------------------------------------------------------------------------
     # Batches and no-grad passes
@@ -501,7 +416,8 @@ class EMDPOTrainer(Trainer):
         if key not in self._batches_cache:
             order = np.argsort(-layout.lengths, kind="stable")
             bs = self._logps_batch_size()
-            indexed = _IndexedRows(rows)
+            indexed = rows if isinstance(rows, _IndexedRows) else _IndexedRows(
+                rows, self.train_dataset.tokenizer)
             batches = []
             for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
@@ -564,7 +480,7 @@ class EMDPOTrainer(Trainer):
         D = None
         emb = None
         with self._no_grad_pass():
-            for batch, slots in self._fixed_batches(self.train_dataset.rows, lay, "train"):
+            for batch, slots in self._fixed_batches(self.train_dataset, lay, "train"):
                 b = self._prepare_inputs(batch)
                 with self._types.reference(self.model) as ref_model:
                     h = _response_embeddings(ref_model, b)
@@ -599,7 +515,7 @@ class EMDPOTrainer(Trainer):
         return resp
 
     def _initialize_em(self):
-        self._ref_logps = self._pass_logps(self.train_dataset.rows, self._layout, "train",
+        self._ref_logps = self._pass_logps(self.train_dataset, self._layout, "train",
                                            reference=True)
         resp = self._initial_responsibilities()
         self._em = _EMState(responsibilities=resp, log_weights=self._mixture_log_weights(resp))
@@ -646,7 +562,7 @@ class EMDPOTrainer(Trainer):
     def _e_step(self, log: bool = True) -> dict:
         lay = self._layout
         logps = self._gather_slot_logps(
-            self._pass_logps(self.train_dataset.rows, lay, "train", reference=False))
+            self._pass_logps(self.train_dataset, lay, "train", reference=False))
         policy = logps.double().cpu().numpy()[:, lay.grouped_slots]
         ref = self._ref_logps.double().cpu().numpy()[lay.grouped_slots]
         res = _e_step_kernel(policy, ref, lay.grouped_offsets, lay.annotator_offsets,
@@ -898,8 +814,6 @@ class EMDPOTrainer(Trainer):
         ``.max_regret``; ``.generate(prompt)`` answers with one type drawn by the weights;
         ``.save(path)``.
         """
-        from .aggregate import aggregate_types
-
         return aggregate_types(self._types, self.tokenizer_, self.data_collator, prompts,
                                n_samples=n_samples, kind=kind, beta=self.args.beta,
                                max_new_tokens=max_new_tokens, temperature=temperature,
