@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ARCH="${EMDPO_CUDA_ARCHITECTURES:-90}"
 # Step limits in seconds (sum 505).
-T_INFO=15 T_BUILD=180 T_TESTS=70 T_KERNELS=120 T_SANITIZER=30 T_HF=60
+T_INFO=15 T_BUILD=170 T_TESTS=90 T_KERNELS=110 T_SANITIZER=30 T_HF=60
 STATUS=0
 declare -a SUMMARY=()
 note() { SUMMARY+=("$(printf '%-10s %s' "$1" "$2")"); }
