@@ -40,8 +40,10 @@ fi
   "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-runtime==13.0.*" \
   "nvidia-cuda-culibos==13.0.*"
 TK="$("$TK_VENV/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))")"
-# nvcc.profile links from $TOP/lib64; the registry packages install lib/.
+# nvcc.profile links from $TOP/lib64 and CMake's FindCUDAToolkit looks for an unversioned
+# libcudart.so; the registry packages install lib/ and libcudart.so.13 only.
 [ -e "$TK/lib64" ] || ln -s lib "$TK/lib64"
+[ -e "$TK/lib/libcudart.so" ] || ln -s libcudart.so.13 "$TK/lib/libcudart.so"
 export CUDACXX="$TK/bin/nvcc" CUDAToolkit_ROOT="$TK"
 export PATH="$TK/bin:$PATH"
 "$CUDACXX" --version | tail -n 2

@@ -1,6 +1,6 @@
 """Benchmark the fused kernels (E-step, loss+gradient) against vectorized PyTorch.
 
-Default size: N = 1,000,000 lists of 4 responses, K = 8 types, float32 (issue 2). Prints
+Default size: N = 1,000,000 lists of 4 responses, K = 8 types, float32 (the target size). Prints
 p20/p50/p80, the speed-up over PyTorch measured in the same run, ns per (record x type), and
 the fraction of the measured copy bandwidth reached; appends rows to
 benchmarks/results/bench_kernels.csv.

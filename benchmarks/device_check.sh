@@ -8,7 +8,7 @@
 #     OUT=/tmp/dc bash benchmarks/device_check.sh --dry-run       # anywhere: checks the script
 #
 # Every step runs under its own time limit even when an earlier one failed; the limits add
-# up to 505 s (under the 600 s a command may run on the GPU machine, with room for the
+# up to 510 s (under the 600 s a command may run on the GPU machine, with room for the
 # machine's own start). The exit status is non-zero when any step failed. Logs and CSVs go
 # to $OUT (default ./device_check_out). --dry-run uses the emdpo_core installed in the
 # current Python (no build), runs the kernel script on the CPU kernels at tiny sizes and
@@ -23,8 +23,8 @@ OUT="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ARCH="${EMDPO_CUDA_ARCHITECTURES:-90}"
-# Step limits in seconds (sum 505).
-T_INFO=15 T_BUILD=170 T_TESTS=90 T_KERNELS=110 T_SANITIZER=30 T_HF=60
+# Step limits in seconds (sum 510).
+T_INFO=15 T_BUILD=150 T_TESTS=90 T_KERNELS=100 T_SANITIZER=30 T_HF=50 T_PREFIX=45
 STATUS=0
 declare -a SUMMARY=()
 note() { SUMMARY+=("$(printf '%-10s %s' "$1" "$2")"); }
@@ -131,6 +131,20 @@ else
     "$OUT/hf_trainer.log" 2>/dev/null | sed -E 's/ +/ /g' | tr '\n' ';')"
 fi
 
+# ---- step of the Hugging Face layer (emdpo_core.hf): prefix sharing on CUDA. Padded vs
+# prefix-shared sequence log-probabilities of ranked lists (bf16, a 1024-hidden, 8-layer
+# random Llama), m = 2, 4 and prompt:response 1:1, 4:1; needs transformers.
+step "benchmarks/bench_prefix_sharing.py --device cuda --quick"
+if [ "$DRY" -eq 1 ] || [ ! -f "$REPO/benchmarks/bench_prefix_sharing.py" ]; then
+  note prefix "skipped ($([ "$DRY" -eq 1 ] && echo dry run || echo not in this checkout))"
+elif ! (cd /tmp && "$PY" -c "import transformers" > /dev/null 2>&1); then
+  note prefix "skipped: transformers is not installed (pip install .[hf])"
+else
+  (cd /tmp && run_step prefix_sharing "$T_PREFIX" "$PY" "$REPO/benchmarks/bench_prefix_sharing.py" \
+    --device cuda --quick --output "$OUT/bench_prefix_sharing_cuda.csv")
+  outcome prefix $? "ok -> bench_prefix_sharing_cuda.csv"
+fi
+
 echo
 echo "======================== device_check summary ========================"
 {
@@ -138,6 +152,9 @@ echo "======================== device_check summary ========================"
   echo
   if [ -s "$OUT/kernels_table.txt" ]; then cat "$OUT/kernels_table.txt"
   else echo "(no kernel table: see kernels.log)"; fi
+  if [ -s "$OUT/prefix_sharing.log" ]; then
+    echo; grep -E "^(mode|fwd)" "$OUT/prefix_sharing.log"
+  fi
   echo
   echo "status: $([ "$STATUS" -eq 0 ] && echo ok || echo FAILED)  (logs in $OUT)"
 } | tee "$OUT/summary.txt"

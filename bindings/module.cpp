@@ -65,6 +65,18 @@ py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::ob
     bad = emdpo::cpu::e_step<T>(p, r, o, nr, w, ao, lw, v, N, M, K, H, beta, g, s, &loglik, rl,
                                 tt);
   }
+  if (bad < 0) {
+    // A row of NaN: no posterior exists in float64 (finish_annotator in common/listwise.h).
+    for (int64_t h = 0; h < H; ++h) {
+      if (std::isnan(double(g[h * K])))
+        throw py::value_error(
+            "annotator " + std::to_string(h) + ": log_weights[k] + the summed log-likelihood "
+            "of its records (records " + std::to_string(ao[h]) + ".." +
+            std::to_string(ao[h + 1] - 1) + ") is below the float64 range (about -1.8e308) "
+            "for every type k, so its posterior cannot be formed; the rewards beta * "
+            "(policy_logps - ref_logps) of its records are out of range");
+    }
+  }
   return py::make_tuple(bad, loglik);
 }
 

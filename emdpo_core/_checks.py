@@ -59,10 +59,14 @@ def float_array(x, name: str, ndims=(1,)) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def index_array(x, name: str) -> np.ndarray:
-    """A C-contiguous int64 1-D array; int32 and other integer types are converted."""
+def index_array(x, name: str, *, host_tensors: bool = False) -> np.ndarray:
+    """A C-contiguous int64 1-D array; int32 and other integer types are converted, and so are
+    integral floats (e.g. parsed from JSON). A torch tensor is refused (a kernel argument must
+    not mix torch and NumPy) unless ``host_tensors``, then it is copied to the host."""
     if is_torch(x):
-        raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
+        if not host_tensors:
+            raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
+        x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D integer array, got shape {a.shape}")
@@ -76,42 +80,45 @@ def index_array(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def check_offsets(offsets: np.ndarray, M: int) -> int:
-    """Record offsets: (N+1,), 0 first, M last, every list at least 2 long. Returns N."""
+def check_offsets(offsets: np.ndarray, M: int, total: str = "M") -> int:
+    """Record offsets (int64): (N+1,), 0 first, M last (``total`` names M in messages), every
+    list at least 2 long. The scan runs in C++ (one pass, no temporaries). Returns N."""
     if offsets.shape[0] < 2:
         raise ValueError(
-            f"offsets: expected at least 2 entries (N+1 for N >= 1 records), got "
+            f"offsets: expected at least 2 entries (N+1, for at least one record), got "
             f"{offsets.shape[0]}; there are no records")
     bad = _core.first_bad_offset(offsets, M, 2)
-    if bad >= 0:
-        if bad == 0 and offsets[0] != 0:
-            raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
-        if offsets[bad] > M:
-            raise ValueError(
-                f"offsets: entry {bad} is {offsets[bad]}, beyond the number of slots M={M}")
-        if bad == offsets.shape[0] - 1 and offsets[bad] != M and offsets[bad] >= offsets[bad - 1] + 2:
-            raise ValueError(
-                f"offsets: expected offsets[-1] == M == {M} (the number of slots), "
-                f"got {offsets[-1]}")
-        raise ValueError(
-            f"offsets: every list needs at least 2 responses, so offsets must increase by >= 2; "
-            f"record {bad - 1} spans offsets[{bad - 1}]={offsets[bad - 1]} to "
-            f"offsets[{bad}]={offsets[bad]}")
-    return offsets.shape[0] - 1
+    if bad < 0:
+        return offsets.shape[0] - 1
+    if bad == 0:
+        raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
+    a, b = offsets[bad - 1], offsets[bad]
+    if b < a:
+        raise ValueError(f"offsets: must be non-decreasing; offsets[{bad}] = {b} < "
+                         f"offsets[{bad - 1}] = {a}")
+    if b > M:
+        raise ValueError(f"offsets: entry {bad} is {b}, beyond the number of slots {total}={M}")
+    if bad == offsets.shape[0] - 1 and b != M and b >= a + 2:
+        raise ValueError(f"offsets: expected offsets[-1] == {total} == {M} (the number of "
+                         f"slots), got {b}")
+    raise ValueError(
+        f"offsets: every list needs at least 2 responses, so offsets must increase by >= 2; "
+        f"record {bad - 1} spans offsets[{bad - 1}]={a} to offsets[{bad}]={b}")
 
 
 def check_n_ranked(n_ranked, offsets: np.ndarray, N: int) -> Optional[np.ndarray]:
+    """(N,) int64 ranking depths L_i with 1 <= L_i <= m_i - 1, or None (full rankings)."""
     if n_ranked is None:
         return None
-    nr = index_array(n_ranked, "n_ranked")
+    nr = index_array(n_ranked, "n_ranked", host_tensors=True)
     if nr.shape[0] != N:
         raise ValueError(f"n_ranked: expected {N} entries (one per record), got {nr.shape[0]}")
     bad = _core.first_bad_n_ranked(nr, offsets)
     if bad >= 0:
         m = offsets[bad + 1] - offsets[bad]
         raise ValueError(
-            f"n_ranked: expected 1 <= n_ranked[i] <= m_i - 1; record {bad} has m={m} "
-            f"responses and n_ranked={nr[bad]}")
+            f"n_ranked: record {bad} has m={m} candidates and n_ranked={nr[bad]}; expected "
+            f"1 <= n_ranked <= m - 1 = {m - 1} (m - 1 is a full ranking)")
     return nr
 
 
@@ -172,15 +179,25 @@ def real_vector(x, name: str, size: int, per: str, dtype=np.float64) -> np.ndarr
     return a
 
 
-def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
+def weight_vector(w, name: str, size: int, per: str, dtype=np.float64) -> Optional[np.ndarray]:
+    """(size,) finite weights >= 0 of ``dtype`` (one per ``per``), or None when w is None."""
     if w is None:
         return None
-    a = real_vector(w, name, N, "record", dtype)
+    a = real_vector(w, name, size, per, dtype)
     bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
     if bad.size:
         raise ValueError(
             f"{name}: expected finite values >= 0, got {a[bad[0]]} at index {bad[0]}")
     return a
+
+
+def check_record_weights(w, N: int, dtype, name="record_weights") -> Optional[np.ndarray]:
+    return weight_vector(w, name, N, "record", dtype)
+
+
+def check_annotator_weights(v, H: int) -> Optional[np.ndarray]:
+    """(H,) float64 annotator weights v_h, or None (all 1)."""
+    return weight_vector(v, "annotator_weights", H, "annotator")
 
 
 def check_reduction(reduction: str) -> str:
@@ -207,46 +224,10 @@ def check_float(name, x, minimum, *, strict=False):
     return x
 
 
-def int_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D integer array, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iu":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            pass  # integral floats, e.g. parsed from JSON
-        else:
-            raise TypeError(f"{name}: expected integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.int64)
-
-
-def check_depths(n_ranked, lengths) -> np.ndarray:
-    """(N,) int64 depths, default m_i - 1 (full rankings); 1 <= L_i <= m_i - 1."""
-    if n_ranked is None:
-        return lengths - 1
-    N = lengths.shape[0]
-    nr = int_array(n_ranked, "n_ranked")
-    if nr.shape[0] != N:
-        raise ValueError(f"n_ranked: expected {N} entries (one per record), got "
-                         f"{nr.shape[0]}")
-    bad = np.flatnonzero((nr < 1) | (nr > lengths - 1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"n_ranked: record {i} has m={lengths[i]} candidates and "
-                         f"n_ranked={nr[i]}; expected 1 <= n_ranked <= m - 1 = "
-                         f"{lengths[i] - 1} (m - 1 is a full ranking)")
-    return nr
-
-
 def check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
     """(N,) float64 row counts (finite, >= 0, not all 0), or None."""
-    if sample_weight is None:
-        return None
-    sw = real_vector(sample_weight, "sample_weight", N, "record")
-    bad = np.flatnonzero(~np.isfinite(sw) | (sw < 0))
-    if bad.size:
-        raise ValueError(f"sample_weight: expected finite values >= 0, got "
-                         f"{sw[bad[0]]} at index {bad[0]}")
-    if not sw.sum() > 0:
+    sw = weight_vector(sample_weight, "sample_weight", N, "record")
+    if sw is not None and not sw.sum() > 0:
         raise ValueError("sample_weight: every weight is 0; nothing to fit")
     return sw
 
@@ -259,15 +240,20 @@ def policy_and_ref(policy_logps, ref_logps):
     if p.shape[0] < 1 or p.shape[1] < 2:
         raise ValueError(f"policy_logps: expected shape (K, M) with K >= 1 and M >= 2, got {p.shape}")
     ref = float_array(ref_logps, "ref_logps")
-    if ref.shape[0] != p.shape[1]:
-        raise ValueError(
-            f"ref_logps: expected shape ({p.shape[1]},) to match policy_logps' M={p.shape[1]}, "
-            f"got {ref.shape}")
-    if ref.dtype != p.dtype:
-        raise TypeError(
-            f"ref_logps: dtype {ref.dtype} does not match policy_logps' dtype {p.dtype}; "
-            f"pass both as float32 or both as float64")
+    check_matches("ref_logps", ref, "policy_logps", p, "M")
     return p, ref, one
+
+
+def check_matches(name: str, ref, of: str, logps, size: str) -> None:
+    """``name`` (1-D, NumPy or torch) has one entry per column of ``of`` (2-D, M or S
+    columns) and the same dtype."""
+    n = logps.shape[1]
+    if ref.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) to match {of}' {size}={n}, got "
+                         f"{tuple(ref.shape)}")
+    if ref.dtype != logps.dtype:
+        raise TypeError(f"{name}: dtype {ref.dtype} does not match {of}' dtype {logps.dtype}; "
+                        f"pass both as float32 or both as float64")
 
 
 def check_loss_weights(weights, K: int, N: int, dtype, one: bool) -> Optional[np.ndarray]:
@@ -305,12 +291,7 @@ def check_sample_ref(sample_ref_logps, lp: np.ndarray, kind: str):
                              "is beta * (log pi_k - log pi_ref)); got None")
         return None
     ref = float_array(sample_ref_logps, "sample_ref_logps")
-    if ref.shape[0] != lp.shape[1]:
-        raise ValueError(f"sample_ref_logps: expected shape ({lp.shape[1]},) to match "
-                         f"sample_logps' S={lp.shape[1]}, got {ref.shape}")
-    if ref.dtype != lp.dtype:
-        raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' dtype "
-                        f"{lp.dtype}; pass both as float32 or both as float64")
+    check_matches("sample_ref_logps", ref, "sample_logps", lp, "S")
     return ref
 
 
@@ -364,3 +345,72 @@ def check_sample_weights(sample_weights, so: np.ndarray, S: int, dtype):
         raise ValueError("sample_weights: weights underflow to 0 in float32; pass float64 "
                          "log-probabilities or rescale the weights")
     return w
+
+
+def real_array(x, name: str, what: str) -> np.ndarray:
+    """float64 C-contiguous values of any shape (a torch tensor is copied to the host);
+    TypeError naming the argument and ``what`` was expected for other dtypes."""
+    if is_torch(x):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected {what}, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def check_regret(regret) -> np.ndarray:
+    R = real_array(regret, "regret", "a real (K, K) array")
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
+        raise ValueError(f"regret: expected a square (K, K) array with K >= 1 (rows = types, "
+                         f"columns = policies), got shape {R.shape}")
+    bad = np.flatnonzero(~np.isfinite(R.reshape(-1)))
+    if bad.size:
+        k, j = divmod(int(bad[0]), R.shape[1])
+        raise ValueError(f"regret: non-finite value {R[k, j]} at [type {k}, policy {j}]; the "
+                         f"regret matrix must be finite")
+    return R
+
+
+def check_group_weights(group_weights, K: int) -> np.ndarray:
+    if group_weights is None:
+        return np.ones(K)
+    c = real_vector(group_weights, "group_weights", K, "type")
+    bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
+    if bad.size:
+        raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
+                         f"{bad[0]}")
+    return c
+
+
+def check_policy_probs(policy_probs) -> np.ndarray:
+    P = real_array(policy_probs, "policy_probs", "real probabilities")
+    if P.ndim == 2:
+        P = P[:, None, :]  # one context
+    if P.ndim != 3 or min(P.shape) < 1:
+        raise ValueError(f"policy_probs: expected shape (K, C, A) (policies x contexts x "
+                         f"responses) or (K, A), got {np.shape(policy_probs)}")
+    bad = np.flatnonzero(~(np.isfinite(P.reshape(-1)) & (P.reshape(-1) >= 0)))
+    if bad.size:
+        idx = np.unravel_index(int(bad[0]), P.shape)
+        raise ValueError(f"policy_probs: expected finite probabilities >= 0, got "
+                         f"{P[idx]} at [policy {idx[0]}, context {idx[1]}, response {idx[2]}]")
+    sums = P.sum(axis=2)
+    bad = np.flatnonzero(np.abs(sums.reshape(-1) - 1.0) > 1e-6)
+    if bad.size:
+        k, cc = divmod(int(bad[0]), P.shape[1])
+        raise ValueError(f"policy_probs: each policy's distribution over responses must sum to "
+                         f"1 (within 1e-6); [policy {k}, context {cc}] sums to {sums[k, cc]}")
+    return P / sums[:, :, None]
+
+
+def check_context_weights(context_weights, C: int) -> np.ndarray:
+    if context_weights is None:
+        return np.full(C, 1.0 / C)
+    rho = real_vector(context_weights, "context_weights", C, "context")
+    bad = np.flatnonzero(~(np.isfinite(rho) & (rho >= 0)))
+    if bad.size:
+        raise ValueError(f"context_weights: expected finite values >= 0, got {rho[bad[0]]} at "
+                         f"index {bad[0]}")
+    if not rho.sum() > 0:
+        raise ValueError("context_weights: all zero; at least one context needs weight")
+    return rho / rho.sum()

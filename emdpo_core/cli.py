@@ -138,6 +138,8 @@ def _run_fit(args) -> int:
     rep = diagnostics.identifiability(data, max(ks))
     for msg in rep.warnings:
         print(f"warning: {msg}", file=out)
+    for msg in rep.notes:
+        print(f"note: {msg}", file=out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=diagnostics.IdentifiabilityWarning)
@@ -190,13 +192,19 @@ def _json_default(x):
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="run EM-DPO end to end on built-in synthetic data (a few minutes)",
-        description="EM-DPO end to end on built-in synthetic data, no download: (1) pairs "
-                    "cannot identify latent annotator types, rankings of 3 can; (2) EM-DPO "
-                    "with torch policies recovers 3 types and beats single DPO and "
-                    "cluster-DPO on held-out records; (3) MinMax Regret Aggregation of the "
-                    "type policies has a lower worst-type regret than the uniform mixture and "
-                    "single DPO. Prints tables and writes DIR/report.json and "
+        "demo", help="run EM-DPO end to end on built-in synthetic data",
+        description="EM-DPO end to end on built-in synthetic data, no download. It measures: "
+                    "(1) the policy error of 2-type fits: with one record per annotator, "
+                    "pairs cannot identify the latent types and rankings of 3 can; pairs with "
+                    "several per annotator are identified through the correlation within "
+                    "each annotator's pairs; (2) EM-DPO with torch policies on 3 types: type "
+                    "recovery (adjusted Rand index), higher than the clustering of "
+                    "cluster-DPO, and per-type accuracy on held-out annotators and prompts, "
+                    "where EM-DPO and cluster-DPO agree within noise and single DPO fails the "
+                    "minority type; (3) MinMax Regret Aggregation of the type policies, "
+                    "estimated and scored on 128 prompts held out from training: its "
+                    "worst-type true regret against the uniform mixture and single DPO. "
+                    "Prints tables and checks, and writes DIR/report.json and "
                     "DIR/emdpo-demo.png. Needs torch (and cvxpy for the exact MMRA LP, "
                     "matplotlib for the figure).")
     p.add_argument("--output", "-o", metavar="DIR", default="emdpo-demo",

@@ -117,11 +117,11 @@ class Population:
 
     def sample(self, n_annotators: Optional[int] = None, *, types=None,
                records_per_annotator: int = 1, list_size: int = 3, n_ranked=None,
-               random_state=None):
+               prompts=None, random_state=None):
         """Draw annotators and their records.
 
         Each annotator has a type (drawn from ``type_weights``, or given by ``types``); each
-        of its records draws a prompt uniformly, a candidate set of ``list_size`` distinct
+        of its records draws a prompt uniformly (from ``prompts``, default all), a candidate set of ``list_size`` distinct
         responses of that prompt uniformly (a fresh set per record) and ranks it by
         Plackett-Luce on the type's reward (sort r_k + Gumbel noise), observed to depth
         ``n_ranked`` (default list_size - 1, a full ranking; 1 = best-of-m).
@@ -131,6 +131,8 @@ class Population:
             types: optional (H,) types of the annotators (e.g. ``annotator_types`` for new
                 records of the training annotators).
             records_per_annotator, list_size (2 <= m <= A), n_ranked (1 <= L <= m - 1),
+            prompts: optional prompt ids the records draw from (e.g. the training prompts,
+                keeping the others held out); default all P.
             random_state: int, None or a numpy Generator.
 
         Returns:
@@ -163,9 +165,11 @@ class Population:
         L = m - 1 if n_ranked is None else _checks.check_int("n_ranked", n_ranked, 1)
         if L > m - 1:
             raise ValueError(f"n_ranked: expected at most list_size - 1 = {m - 1}, got {L}")
+        prompts = self._check_prompts(prompts)
         N = H * R
         rec_type = np.repeat(types, R)
-        prompt = rng.integers(0, P, size=N)
+        prompt = rng.integers(0, P, size=N) if prompts is None else \
+            prompts[rng.integers(0, prompts.shape[0], size=N)]
         cand = np.argsort(rng.random((N, A)), axis=1)[:, :m]
         reward = self.rewards[rec_type[:, None], prompt[:, None], cand]
         order = np.argsort(-(reward + rng.gumbel(size=(N, m))), axis=1, kind="stable")
@@ -192,6 +196,22 @@ class Population:
     # ------------------------------------------------------------------------------------
     # Evaluation against the truth
 
+    def _check_prompts(self, prompts) -> Optional[np.ndarray]:
+        """None, or distinct prompt ids in [0, P) as int64."""
+        if prompts is None:
+            return None
+        p = np.asarray(prompts)
+        if p.ndim != 1 or p.shape[0] < 1 or p.dtype.kind not in "iu":
+            raise ValueError(f"prompts: expected a non-empty 1-D array of prompt ids, got shape "
+                             f"{p.shape} and dtype {p.dtype}")
+        bad = np.flatnonzero((p < 0) | (p >= self.n_prompts))
+        if bad.size:
+            raise ValueError(f"prompts: expected ids in [0, {self.n_prompts}), got {p[bad[0]]} at "
+                             f"index {bad[0]}")
+        if np.unique(p).shape[0] != p.shape[0]:
+            raise ValueError("prompts: expected distinct prompt ids, got repeats")
+        return p.astype(np.int64)
+
     def _check_policies(self, policy_logps) -> np.ndarray:
         lp = np.asarray(policy_logps, dtype=np.float64)
         if lp.ndim == 2:
@@ -205,12 +225,12 @@ class Population:
         return lp
 
     def regret(self, policy_logps, weights=None, *, kind: str = "reward",
-               mixture: str = "policy") -> np.ndarray:
+               mixture: str = "policy", prompts=None) -> np.ndarray:
         """(K,) true regret of each type when served one policy or a mixture of J policies.
 
         The served policy answers each request with policy j drawn with probability w_j (the
-        sequence-level mixture of MMRA). Means over x are over the P prompts, which records
-        draw uniformly. Two measures, both from the simulator's true rewards r_k:
+        sequence-level mixture of MMRA). Means over x are over ``prompts`` (default all P
+        prompts, which records draw uniformly). Two measures, both from the simulator's true rewards r_k:
 
             kind="reward" (the authors' regret): the expected true reward the type loses
                 against its own optimal policy pi_k*,
@@ -229,6 +249,8 @@ class Population:
             policy_logps: (J, P, A) log-probabilities of J policies (or (P, A) for one).
             weights: (J,) mixture weights (default: the one policy, or uniform).
             kind: "reward" or "kl"; mixture: "policy" or "output" (for kind="kl").
+            prompts: optional prompt ids to average over (e.g. prompts held out from
+                training); default all.
         """
         if kind not in ("reward", "kl"):
             raise ValueError(f"kind: expected 'reward' or 'kl', got {kind!r}")
@@ -242,23 +264,30 @@ class Population:
             raise ValueError(f"weights: expected {J} probabilities summing to 1, got "
                              f"{np.asarray(weights).tolist()}")
         if kind == "reward" or mixture == "policy":
-            return self.regret_matrix(lp, kind=kind) @ w
+            return self.regret_matrix(lp, kind=kind, prompts=prompts) @ w
+        prompts = self._check_prompts(prompts)
         opt = self.optimal_logps()                                     # (K, P, A)
+        if prompts is not None:
+            lp, opt = lp[:, prompts], opt[:, prompts]
         q = np.einsum("j,jpa->pa", w, np.exp(lp))
         logq = np.log(np.maximum(q, 1e-300))
         kl = np.sum(np.where(q > 0, q * (logq[None] - opt), 0.0), axis=2)    # (K, P)
         return self.beta * kl.mean(axis=1)
 
-    def regret_matrix(self, policy_logps, *, kind: str = "reward") -> np.ndarray:
+    def regret_matrix(self, policy_logps, *, kind: str = "reward", prompts=None) -> np.ndarray:
         """(K, J) true regret of type k under policy j alone (see :meth:`regret`):
-        "reward": E_x [E_{pi_k*} r_k - E_{pi_j} r_k]; "kl": beta E_x KL(pi_j || pi_k*)."""
+        "reward": E_x [E_{pi_k*} r_k - E_{pi_j} r_k]; "kl": beta E_x KL(pi_j || pi_k*);
+        means over ``prompts`` (default all)."""
         if kind not in ("reward", "kl"):
             raise ValueError(f"kind: expected 'reward' or 'kl', got {kind!r}")
         lp = self._check_policies(policy_logps)
-        p = np.exp(lp)                                                  # (J, P, A)
+        prompts = self._check_prompts(prompts)
         opt = self.optimal_logps()
+        r = self.rewards                                                # (K, P, A)
+        if prompts is not None:
+            lp, opt, r = lp[:, prompts], opt[:, prompts], r[:, prompts]
+        p = np.exp(lp)                                                  # (J, P', A)
         if kind == "reward":
-            r = self.rewards                                            # (K, P, A)
             best = np.einsum("kpa,kpa->kp", np.exp(opt), r)
             got = np.einsum("jpa,kpa->kjp", p, r)
             return (best[:, None] - got).mean(axis=2)

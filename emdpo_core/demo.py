@@ -2,22 +2,30 @@
 
 Three parts, each on a population from :func:`emdpo_core.datasets.make_population`:
 
-1. Identifiability. Two polarized types (opposed rewards over 6 responses); every annotator
-   gives exactly one record over a random 3 (or 2) of the 6 responses. A 2-type EM-DPO with
-   tabular policies is fitted to pairs, to best-of-3 choices and to full rankings of 3; each
+1. Identifiability. Two polarized types (opposed rewards over 6 responses). A 2-type EM-DPO
+   with tabular policies is fitted to pairs, best-of-3 choices and full rankings of 3 with one
+   record per annotator (a random 2 or 3 of the 6 responses per record), and to pairs with
+   several records per annotator (the same number of records, from fewer annotators); each
    fit's policy error is the mean total-variation distance between the learned and the true
-   type policies after the best matching of types. Pairs cannot identify the types (the two
-   types' pairwise choice probabilities average to 1/2 on every pair); rankings of 3 can.
+   type policies after the best matching of types. With one record per annotator pairs cannot
+   identify the types (the two types' pairwise choice probabilities average to 1/2 on every
+   pair); rankings of 3 can. With several pairs per annotator EM identifies the types from
+   the correlation between each annotator's pairs: the regime EM-DPO runs in on pairwise data.
 2. EM-DPO. Three types with linear rewards over response features (two related majority
-   types and a minority that disagrees with the first), several rankings of 3 per annotator,
-   linear softmax torch policies (:class:`emdpo_core.TorchPolicies`). Reports type recovery
-   (adjusted Rand index of the most probable type against the true type), the objective
-   trace, and each type's accuracy on held-out records, against single DPO and cluster-DPO.
-3. MMRA. The fitted policies are sampled, the regret matrix is built from the cached
+   types and a minority that disagrees with the first), several rankings of 3 per annotator
+   on the training prompts, linear softmax torch policies (:class:`emdpo_core.TorchPolicies`).
+   Reports type recovery (adjusted Rand index of the most probable type against the true
+   type) for EM-DPO and for the clustering cluster-DPO uses, the objective trace, and each
+   type's pairwise accuracy on held-out records (new annotators, prompts held out from
+   training) of EM-DPO, cluster-DPO and single DPO. What it shows: EM-DPO recovers the types
+   better than cluster-DPO's clustering; the two give about the same held-out accuracy
+   (the difference is printed); single DPO fails the minority type.
+3. MMRA on prompts held out from training (128, as in the authors' evaluation). The fitted
+   policies are sampled on those prompts, the regret matrix is built from the cached
    log-probabilities (kinds "reward", the authors' regret, and "kl") and MinMax Regret
    Aggregation picks mixture weights; every served policy (the MMRA mixture, the uniform
-   mixture of the type policies, single DPO) is then scored by its worst-type true regret:
-   the true reward a type loses against its own optimal policy
+   mixture of the type policies, single DPO) is then scored on the same held-out prompts by
+   its worst-type true regret: the true reward a type loses against its own optimal policy
    (:meth:`emdpo_core.datasets.Population.regret`), also in KL-regularized form.
 
 ``run_demo`` returns the report (also written to DIR/report.json) and draws DIR/emdpo-demo.png.
@@ -54,9 +62,11 @@ DEMO_TYPE_WEIGHTS = (0.45, 0.35, 0.2)
 _SIZES = {
     "id_annotators": (6000, 2000),      # identifiability: annotators (one record each)
     "id_restarts": (3, 2),
+    "id_pairs_per_annotator": (8, 8),   # the several-pairs row: H / 8 annotators x 8 pairs
     "em_annotators": (600, 300),
     "em_records": (8, 8),               # rankings of 3 per annotator
-    "em_prompts": (200, 100),
+    "em_prompts": (200, 100),           # training prompts
+    "test_prompts": (128, 128),         # held out: accuracy and MMRA (the authors used 128)
     "em_restarts": (3, 2),
     "heldout_annotators": (400, 200),   # per type
     "mmra_samples": (25, 20),           # samples per prompt and policy
@@ -109,18 +119,23 @@ def _identifiability(size, seeds, say, report):
     pop = make_population(2, polarized=True, n_prompts=1, n_responses=6, reward_scale=1.5,
                           n_annotators=None, random_state=seeds.pop())
     truth = pop.optimal_logps()
+    per = size("id_pairs_per_annotator")
     say(f"1. Identifiability: 2 polarized types (opposed rewards) over 6 responses, {H} "
-        f"annotators with one record each, candidate sets drawn per record")
-    kinds = [("pairwise", "pairs (2 of 6)", 2, 1),
-             ("best_of_3", "best-of-3 (top choice of 3 of 6)", 3, 1),
-             ("ternary", "rankings of 3 (3 of 6)", 3, 2)]
-    out = {"n_annotators": H, "n_responses": 6, "type_rewards": pop.rewards[:, 0].tolist()}
+        f"records, candidate sets drawn per record; one record per annotator, or {per} pairs "
+        f"per annotator ({H // per} annotators)")
+    kinds = [("pairwise", "pairs (2 of 6)", 2, 1, 1),
+             ("best_of_3", "best-of-3 (top choice of 3 of 6)", 3, 1, 1),
+             ("ternary", "rankings of 3 (3 of 6)", 3, 2, 1),
+             ("pairwise_several", f"pairs (2 of 6), {per} per annotator", 2, 1, per)]
+    out = {"n_records": H, "n_responses": 6, "type_rewards": pop.rewards[:, 0].tolist()}
     rows = []
-    for key, label, m, L in kinds:
+    for key, label, m, L, R in kinds:
         t0 = time.perf_counter()
-        data, _ = pop.sample(H, list_size=m, n_ranked=L, random_state=seeds.pop())
+        data, _ = pop.sample(H // R, records_per_annotator=R, list_size=m, n_ranked=L,
+                             random_state=seeds.pop())
         rd = pop.to_ranking_data(data)
-        notes = diagnostics.identifiability(rd, 2).warnings
+        diag = diagnostics.identifiability(rd, 2)
+        notes = diag.warnings + getattr(diag, "notes", [])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = EMDPO(2, TabularPolicies(pseudo_count=0.01), n_init=size("id_restarts"),
@@ -132,20 +147,25 @@ def _identifiability(size, seeds, say, report):
         err = policy_error(learned, truth)
         secs = time.perf_counter() - t0
         out[key] = {"policy_error": err, "list_size": m, "n_ranked": L,
+                    "records_per_annotator": R, "n_annotators": data.n_annotators,
                     "n_records": data.n_records, "loglik_per_record": model.lower_bound_,
                     "n_iter": model.n_iter_, "converged": not not_converged,
                     "weights": model.weights_.tolist(),
                     "identifiability_warnings": notes, "seconds": secs}
-        rows.append([label, f"{err:.3f}", str(model.n_iter_),
+        rows.append([label, str(data.n_annotators), f"{err:.3f}", str(model.n_iter_),
                      "yes" if not not_converged else "no", f"{secs:.1f}"])
         say.step(f"{label}: policy error {err:.3f}")
     say("")
-    _table(rows, ["records", "policy error", "EM iterations", "converged", "seconds"],
-           say.out)
+    _table(rows, ["records", "annotators", "policy error", "EM iterations", "converged",
+                  "seconds"], say.out)
     ratio = out["ternary"]["policy_error"] / out["pairwise"]["policy_error"]
     out["ternary_over_pairwise"] = ratio
-    say(f"    Rankings of 3 recover the types ({ratio:.2f}x the pairwise error); pairs "
-        f"cannot: every pair's choice probability is 1/2 for the mixture.")
+    several = out["pairwise_several"]["policy_error"] / out["pairwise"]["policy_error"]
+    out["several_pairs_over_pairwise"] = several
+    say(f"    One record per annotator: rankings of 3 recover the types ({ratio:.2f}x the "
+        f"pairwise error); pairs cannot, every pair's choice probability is 1/2 for the "
+        f"mixture. {per} pairs per annotator: {several:.2f}x the one-pair error, identified "
+        f"by the correlation between each annotator's pairs.")
     say("")
     report["identifiability"] = out
 
@@ -159,12 +179,17 @@ def _em_dpo(size, seeds, say, report):
     from .em import EMDPO, TorchPolicies
 
     H, R, P = size("em_annotators"), size("em_records"), size("em_prompts")
-    pop = make_population(3, n_annotators=H, records_per_annotator=R, list_size=3,
-                          n_prompts=P, n_responses=8, type_rewards=DEMO_TYPE_REWARDS,
-                          type_weights=DEMO_TYPE_WEIGHTS, beta=1.0, random_state=seeds.pop())
+    T = size("test_prompts")
+    # Prompts 0..P-1 train; P..P+T-1 are held out (held-out accuracy, MMRA).
+    pop = make_population(3, n_annotators=None, n_prompts=P + T, n_responses=8,
+                          type_rewards=DEMO_TYPE_REWARDS, type_weights=DEMO_TYPE_WEIGHTS,
+                          beta=1.0, random_state=seeds.pop())
+    train_prompts, test_prompts = np.arange(P), np.arange(P, P + T)
+    pop.data, pop.annotator_types = pop.sample(H, records_per_annotator=R, list_size=3,
+                                               prompts=train_prompts, random_state=seeds.pop())
     say(f"2. EM-DPO: 3 types (shares {', '.join(f'{w:.2f}' for w in pop.type_weights)}), {H} "
-        f"annotators x {R} rankings of 3 of 8 responses, {P} prompts, linear softmax torch "
-        f"policies over 6 features")
+        f"annotators x {R} rankings of 3 of 8 responses on {P} training prompts ({T} more "
+        f"held out), linear softmax torch policies over 6 features")
     # Full-batch L-BFGS: each M-step is (nearly) exact, so EM converges in a few iterations.
     family = TorchPolicies(pop.policy_module(), beta=pop.beta, optimizer="lbfgs", lr=1.0,
                            steps=1, init_steps=3)
@@ -199,7 +224,7 @@ def _em_dpo(size, seeds, say, report):
     n_held = size("heldout_annotators")
     for k in range(pop.n_types):
         held, _ = pop.sample(types=np.full(n_held, k), records_per_annotator=2, list_size=3,
-                             random_state=seeds.pop())
+                             prompts=test_prompts, random_state=seeds.pop())
         for name in lp:
             acc[name].append(pop.pairwise_accuracy(lp[name][match[name][k]], held))
     learned_share = em.weights_[match["em_dpo"]]
@@ -209,17 +234,27 @@ def _em_dpo(size, seeds, say, report):
                      f"{acc['oracle'][k]:.3f}", f"{acc['em_dpo'][k]:.3f}",
                      f"{acc['cluster_dpo'][k]:.3f}", f"{acc['single_dpo'][k]:.3f}"])
     say("")
-    say("    Held-out pairwise accuracy per true type (share of ordered pairs in new rankings "
-        "that the type's policy orders correctly):")
+    say(f"    Held-out pairwise accuracy per true type (share of ordered pairs in new rankings "
+        f"by {n_held} new annotators per type, on the held-out prompts, that the type's policy "
+        f"orders correctly):")
     _table(rows, ["type", "share true/EM", "true policy", "EM-DPO", "cluster-DPO",
                   "single DPO"], say.out)
-    say(f"    Type recovery (adjusted Rand index): EM-DPO {ari:.3f}, cluster-DPO "
-        f"{ari_cluster:.3f}. Log-likelihood per record: start {em.lower_bounds_[0]:.4f}, end "
+    # Each accuracy is a mean over n_held * 2 rankings * 3 ordered pairs: its binomial
+    # standard error, at the accuracies seen here, is what "within noise" is measured against.
+    n_pairs = n_held * 2 * 3
+    se = float(np.sqrt(np.mean([a * (1 - a) for a in acc["em_dpo"]]) / n_pairs))
+    gap = float(np.max(np.abs(np.subtract(acc["em_dpo"], acc["cluster_dpo"]))))
+    say(f"    EM-DPO and cluster-DPO: held-out accuracies within {gap:.3f} of each other per "
+        f"type (standard error of one accuracy about {se:.3f}). Where EM-DPO gains is type "
+        f"recovery (adjusted Rand index): EM-DPO {ari:.3f}, cluster-DPO {ari_cluster:.3f}. "
+        f"Log-likelihood per record: start {em.lower_bounds_[0]:.4f}, end "
         f"{em.lower_bound_:.4f} ({em.n_iter_} iterations).")
     say("")
     report["em"] = {
         "type_recovery_ari": ari, "cluster_dpo_ari": ari_cluster,
         "n_annotators": H, "records_per_annotator": R, "n_prompts": P, "n_responses": 8,
+        "n_test_prompts": T, "heldout_accuracy_gap_em_vs_cluster": gap,
+        "heldout_accuracy_standard_error": se,
         "true_weights": pop.type_weights.tolist(), "weights": learned_share.tolist(),
         "loglik_trace": em.lower_bounds_.tolist(), "n_iter": em.n_iter_,
         "converged": em.converged_, "seconds": t_em,
@@ -228,14 +263,14 @@ def _em_dpo(size, seeds, say, report):
         "cluster_dpo_loglik_per_record": cluster.lower_bound_,
         "em_dpo_loglik_per_record": em.lower_bound_,
     }
-    return pop, em, lp, match["em_dpo"]
+    return pop, em, lp, match["em_dpo"], test_prompts
 
 
 # ----------------------------------------------------------------------------------------
 # 3. MMRA
 
 
-def _mmra(pop, em, lp, match, size, seeds, say, report):
+def _mmra(pop, em, lp, match, test_prompts, size, seeds, say, report):
     from .mmra import mmra
 
     solver = None
@@ -246,9 +281,9 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
         say("    (cvxpy is not installed: the MMRA LP is solved approximately by optimistic "
             "multiplicative weights; pip install cvxpy for the exact LP)")
     S = size("mmra_samples")
-    contexts = {"prompt": np.arange(pop.n_prompts)}
-    say(f"3. MMRA: {S} samples per prompt from each fitted policy, regret matrices from the "
-        f"cached log-probabilities, then the LP")
+    contexts = {"prompt": test_prompts}
+    say(f"3. MMRA on the {test_prompts.size} held-out prompts: {S} samples per prompt from each "
+        f"fitted policy, regret matrices from the cached log-probabilities, then the LP")
     t0 = time.perf_counter()
     agg = {kind: em.aggregate(contexts, n_samples=S, kind=kind, solver=solver,
                               random_state=int(seeds.pop()))
@@ -260,7 +295,7 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
     order = match if np.unique(match).size == K else np.arange(K)
     policies = lp["em_dpo"][order]
     truth = pop.optimal_logps()
-    oracle = mmra(pop.regret_matrix(truth, kind="reward"), solver=solver)
+    oracle = mmra(pop.regret_matrix(truth, kind="reward", prompts=test_prompts), solver=solver)
     served = {
         "MMRA (kind reward)": (policies, agg["reward"].weights[order]),
         "MMRA (kind kl)": (policies, agg["kl"].weights[order]),
@@ -271,9 +306,9 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
     results = {}
     rows = []
     for name, (pols, w) in served.items():
-        per = pop.regret(pols, w, kind="reward")
-        kl = pop.regret(pols, w, kind="kl", mixture="policy")
-        kl_out = pop.regret(pols, w, kind="kl", mixture="output")
+        per = pop.regret(pols, w, kind="reward", prompts=test_prompts)
+        kl = pop.regret(pols, w, kind="kl", mixture="policy", prompts=test_prompts)
+        kl_out = pop.regret(pols, w, kind="kl", mixture="output", prompts=test_prompts)
         results[name] = {"weights": np.asarray(w).tolist(), "regrets": per.tolist(),
                          "max_regret": float(per.max()),
                          "kl_regrets": kl.tolist(), "kl_max_regret": float(kl.max()),
@@ -283,8 +318,9 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
                      ", ".join(f"{x:.3f}" for x in per), f"{kl.max():.3f}",
                      f"{kl_out.max():.3f}"])
     say("")
-    say("    True regret per type: the true reward a type loses against its own optimal policy, "
-        "E[r_k | pi_k*] - E[r_k | served]; 'worst' = max over types; weight k is on the policy "
+    say("    True regret per type on the held-out prompts: the true reward a type loses against "
+        "its own optimal policy, E[r_k | pi_k*] - E[r_k | served]; 'worst' = max over types; "
+        "weight k is on the policy "
         "matched to type k. KL-reg.: the loss in the KL-regularized value instead, for the "
         "drawn policy and for the mixture's output distribution:")
     _table(rows, ["served policy", "weights", "worst", "per type", "KL-reg. worst",
@@ -295,7 +331,10 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
     main = results["MMRA (kind reward)"]
     report["mmra"] = {
         "kind": "reward",
-        "regret_measure": "true reward lost against the type's optimal policy, max over types",
+        "regret_measure": "true reward lost against the type's optimal policy, max over types, "
+                          "on the held-out prompts",
+        "prompts": "held out from training",
+        "n_prompts": int(test_prompts.size),
         "weights": main["weights"],
         "max_regret": main["max_regret"],
         "regrets": main["regrets"],
@@ -308,8 +347,9 @@ def _mmra(pop, em, lp, match, size, seeds, say, report):
         "regret_matrix": {
             "reward": agg["reward"].regret_matrix[np.ix_(order, order)].tolist(),
             "kl": agg["kl"].regret_matrix[np.ix_(order, order)].tolist(),
-            "true_reward": pop.regret_matrix(policies, kind="reward").tolist(),
-            "true_kl": pop.regret_matrix(policies, kind="kl").tolist()},
+            "true_reward": pop.regret_matrix(policies, kind="reward",
+                                             prompts=test_prompts).tolist(),
+            "true_kl": pop.regret_matrix(policies, kind="kl", prompts=test_prompts).tolist()},
         "served": results,
         "solver": solver or "cvxpy",
     }
@@ -330,12 +370,14 @@ def _figure(report, agg, path) -> Optional[str]:
         return None
     fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
     ident = report["identifiability"]
-    keys = [("pairwise", "pairs"), ("best_of_3", "best-of-3"), ("ternary", "rankings of 3")]
+    per = ident["pairwise_several"]["records_per_annotator"]
+    keys = [("pairwise", "pairs"), ("best_of_3", "best-of-3"), ("ternary", "rankings of 3"),
+            ("pairwise_several", f"pairs,\n{per} per annotator")]
     a = ax[0, 0]
     a.bar([lbl for _, lbl in keys], [ident[k]["policy_error"] for k, _ in keys],
-          color=["#c44e52", "#dd8452", "#55a868"])
+          color=["#c44e52", "#dd8452", "#55a868", "#8172b3"])
     a.set_ylabel("policy error (mean TV distance)")
-    a.set_title("1. Identifiability: one record per annotator")
+    a.set_title("1. Identifiability (first three: one record per annotator)", fontsize=10)
     em = report["em"]
     a = ax[0, 1]
     trace = np.asarray(em["loglik_trace"])
@@ -364,7 +406,7 @@ def _figure(report, agg, path) -> Optional[str]:
     lo = min(min(v) for v in acc.values())
     a.set_ylim(max(0.0, lo - 0.05), 1.0)
     a.set_ylabel("held-out pairwise accuracy")
-    a.set_title("2. Per-type accuracy on held-out rankings")
+    a.set_title("2. Per-type accuracy, held-out annotators and prompts", fontsize=10)
     a.legend(fontsize=8)
     m = report["mmra"]
     a = ax[1, 0]
@@ -376,7 +418,7 @@ def _figure(report, agg, path) -> Optional[str]:
     a.set_yticks(np.arange(R.shape[0]))
     a.set_xlabel("policy j (matched to type j)")
     a.set_ylabel("type k")
-    a.set_title("3. Regret matrix R[k, j] (kind reward, from samples)")
+    a.set_title("3. Regret matrix R[k, j] (kind reward, held-out prompts)", fontsize=10)
     fig.colorbar(im, ax=a)
     a = ax[1, 1]
     w = m["weights"]
@@ -393,7 +435,7 @@ def _figure(report, agg, path) -> Optional[str]:
         a.axhline(regrets[i].max(), color=f"C{i}", ls=":", lw=1)
     a.set_xticks(np.arange(regrets.shape[1]), [f"type {k}" for k in range(regrets.shape[1])])
     a.set_ylabel("true reward regret (dotted: worst type)")
-    a.set_title("3. True regret per type of the served policy")
+    a.set_title("3. True regret per type, held-out prompts", fontsize=10)
     a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -471,10 +513,10 @@ def run_demo(output: str = "emdpo-demo", *, quick: bool = False, seed: int = 0,
         _identifiability(size, seeds, say, report)
         timings["identifiability"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pop, em, lp, match = _em_dpo(size, seeds, say, report)
+        pop, em, lp, match, test_prompts = _em_dpo(size, seeds, say, report)
         timings["em"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        agg = _mmra(pop, em, lp, match, size, seeds, say, report)
+        agg = _mmra(pop, em, lp, match, test_prompts, size, seeds, say, report)
         timings["mmra"] = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -489,9 +531,11 @@ def run_demo(output: str = "emdpo-demo", *, quick: bool = False, seed: int = 0,
     checks = {
         "ternary_error_below_half_of_pairwise":
             ident["ternary"]["policy_error"] < 0.5 * ident["pairwise"]["policy_error"],
+        "several_pairs_per_annotator_error_below_half_of_one_pair":
+            ident["pairwise_several"]["policy_error"] < 0.5 * ident["pairwise"]["policy_error"],
         "type_recovery_ari_at_least_0.8": em_r["type_recovery_ari"] >= 0.8,
-        "mmra_not_above_uniform": m["max_regret"] <= m["uniform_max_regret"],
-        "mmra_not_above_single_dpo": m["max_regret"] <= m["single_dpo_max_regret"],
+        "heldout_mmra_not_above_uniform": m["max_regret"] <= m["uniform_max_regret"],
+        "heldout_mmra_not_above_single_dpo": m["max_regret"] <= m["single_dpo_max_regret"],
     }
     report["checks"] = checks
     path = os.path.join(output, "report.json")
@@ -500,10 +544,15 @@ def run_demo(output: str = "emdpo-demo", *, quick: bool = False, seed: int = 0,
     say("Summary")
     say(f"    policy error, one record per annotator: pairs {ident['pairwise']['policy_error']:.3f}"
         f", best-of-3 {ident['best_of_3']['policy_error']:.3f}, rankings of 3 "
-        f"{ident['ternary']['policy_error']:.3f}")
+        f"{ident['ternary']['policy_error']:.3f}; pairs, "
+        f"{ident['pairwise_several']['records_per_annotator']} per annotator "
+        f"{ident['pairwise_several']['policy_error']:.3f}")
     say(f"    EM-DPO type recovery ARI {em_r['type_recovery_ari']:.3f} (cluster-DPO "
-        f"{em_r['cluster_dpo_ari']:.3f})")
-    say(f"    worst-type true regret: MMRA {m['max_regret']:.3f}, uniform mixture "
+        f"{em_r['cluster_dpo_ari']:.3f}); held-out accuracy EM-DPO vs cluster-DPO within "
+        f"{em_r['heldout_accuracy_gap_em_vs_cluster']:.3f} per type (standard error "
+        f"{em_r['heldout_accuracy_standard_error']:.3f})")
+    say(f"    worst-type true regret on {m['n_prompts']} held-out prompts: MMRA "
+        f"{m['max_regret']:.3f}, uniform mixture "
         f"{m['uniform_max_regret']:.3f}, single DPO {m['single_dpo_max_regret']:.3f} (best "
         f"possible mixture of the true type policies {m['true_policies_max_regret']:.3f})")
     for name, ok in checks.items():

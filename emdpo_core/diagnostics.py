@@ -2,11 +2,16 @@
 
 Three checks, each a necessary condition (passing them does not prove identifiability):
 
-1. Pairwise-only data. With binary comparisons only, a mixture of Bradley-Terry types is not
-   identifiable from one comparison per annotator: every pair's choice probability is a mix
-   of the types' and can be matched by a single type (Chidambaram, Seetharaman, Syrgkanis,
-   "Direct Preference Optimization with Unobserved Preference Heterogeneity: The Necessity of
-   Ternary Preferences", arXiv 2510.15716). Rankings of 3 or more responses can identify them.
+1. Pairwise-only data with one comparison per annotator. A mixture of Bradley-Terry types is
+   not identifiable from one binary comparison per annotator: every pair's choice probability
+   is a mix of the types' and can be matched by a single type (Chidambaram, Seetharaman,
+   Syrgkanis, "Direct Preference Optimization with Unobserved Preference Heterogeneity: The
+   Necessity of Ternary Preferences", arXiv 2510.15716). Rankings of 3 or more responses can
+   identify them from single records. With several comparisons per annotator the result does
+   not apply: an annotator's comparisons share its type, and their correlation carries the
+   type information (the authors fit pairs with dozens per annotator). That case gets a note
+   (not a warning) with the number of records per annotator: identification then rests on
+   that within-annotator correlation, and weakens as annotators give fewer comparisons.
 2. Few items. A mixture of k Plackett-Luce models over m <= 2k - 1 items is not identifiable
    (Zhao, Piech, Xia, "Learning Mixtures of Plackett-Luce Models", ICML 2016).
 3. Degrees of freedom (tabular data). A record with candidate set C (m = |C| items) ranked to
@@ -21,16 +26,20 @@ Three checks, each a necessary condition (passing them does not prove identifiab
    items (2 * 2 + 1 = 5 parameters); full rankings of that triple give 3! - 1 = 5.
    The count is for one record; annotators with several records carry more information
    (their records' joint distribution), so for such data the check is conservative.
+
+Checks 2 and 3 need item identities, so they run on :class:`~emdpo_core.RankingData` only;
+for :class:`~emdpo_core.PreferenceData` (responses are model inputs) the report leaves
+``n_items``, ``degrees_of_freedom`` and ``n_parameters`` as None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import _grouping
+from .data import PreferenceData, RankingData, _grouping
 
 __all__ = ["IdentifiabilityWarning", "IdentifiabilityReport", "identifiability"]
 
@@ -51,28 +60,31 @@ class IdentifiabilityReport:
     Attributes:
         n_types: the k checked.
         n_records, n_annotators: weighted numbers of records and annotators.
-        n_items: number of distinct items that appear in the data.
+        n_items: number of distinct items that appear in the data (None for PreferenceData).
         pair_share: share of records that are pairs (m = 2).
         list_lengths: {m: weighted number of records with m candidates}.
         depths: {L: weighted number of records ranked to depth L}.
         records_per_annotator: {"min", "median", "mean", "max"} (unweighted counts of rows).
         degrees_of_freedom: distinct observable outcome probabilities of one record (capped at
-            DOF_CAP).
-        n_parameters: k (n_items - 1) + k - 1.
+            DOF_CAP; None for PreferenceData).
+        n_parameters: k (n_items - 1) + k - 1 (None for PreferenceData).
         warnings: messages for the checks that failed.
+        notes: what the checks found that limits identification without ruling it out (pairs
+            with several comparisons per annotator).
     """
 
     n_types: int
     n_records: float
     n_annotators: float
-    n_items: int
+    n_items: Optional[int]
     pair_share: float
     list_lengths: Dict[int, float]
     depths: Dict[int, float]
     records_per_annotator: Dict[str, float]
-    degrees_of_freedom: int
-    n_parameters: int
+    degrees_of_freedom: Optional[int]
+    n_parameters: Optional[int]
     warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,7 +136,8 @@ def identifiability(data, n_types: int) -> IdentifiabilityReport:
     """Check whether ``data`` can identify a mixture of ``n_types`` latent types.
 
     Args:
-        data: a :class:`~emdpo_core.RankingData`.
+        data: a :class:`~emdpo_core.RankingData` or :class:`~emdpo_core.PreferenceData`
+            (then only the pairwise check runs: the others need item identities).
         n_types: k >= 1.
 
     Returns:
@@ -132,7 +145,9 @@ def identifiability(data, n_types: int) -> IdentifiabilityReport:
         distributions, records per annotator, the degrees-of-freedom count against the
         k (n_items - 1) + k - 1 parameters of a k-type Plackett-Luce mixture, and a warning
         message for every failed check (see the module docstring for the checks and their
-        sources). ``PlackettLuceMixture.fit`` emits these as :class:`IdentifiabilityWarning`.
+        sources), and notes for what limits identification without ruling it out.
+        ``PlackettLuceMixture.fit`` and ``EMDPO.fit`` emit the warnings as
+        :class:`IdentifiabilityWarning`.
 
     Example:
         >>> import emdpo_core as ec
@@ -144,30 +159,45 @@ def identifiability(data, n_types: int) -> IdentifiabilityReport:
     """
     if isinstance(n_types, bool) or not isinstance(n_types, (int, np.integer)) or n_types < 1:
         raise ValueError(f"n_types: expected an int >= 1, got {n_types!r}")
+    if not isinstance(data, (RankingData, PreferenceData)):
+        raise TypeError(f"data: expected a RankingData or a PreferenceData, got "
+                        f"{type(data).__name__}")
     k = int(n_types)
+    tabular = isinstance(data, RankingData)
     g = data.grouped()
     m = np.diff(g.offsets)
     w = g.record_weight * np.repeat(g.annotator_weight, np.diff(g.annotator_offsets))
     total = float(w.sum())
-    n_items = int(np.unique(data.items).shape[0])
+    n_items = int(np.unique(data.items).shape[0]) if tabular else None
     lengths = {int(v): float(w[m == v].sum()) for v in np.unique(m)}
     depths = {int(v): float(w[g.n_ranked == v].sum()) for v in np.unique(g.n_ranked)}
     per_annot = np.diff(g.annotator_offsets)
     rpa = {"min": float(per_annot.min()), "median": float(np.median(per_annot)),
            "mean": float(per_annot.mean()), "max": float(per_annot.max())}
     pair_share = lengths.get(2, 0.0) / total if total > 0 else 0.0
-    dof = degrees_of_freedom(data)
-    n_params = k * (n_items - 1) + k - 1
-    msgs = []
-    if k > 1:
-        if pair_share == 1.0:
-            extra = ("each annotator gives one comparison" if rpa["max"] == 1 else
-                     f"annotators give {rpa['median']:g} comparisons (median)")
+    dof = degrees_of_freedom(data) if tabular else None
+    n_params = k * (n_items - 1) + k - 1 if tabular else None
+    msgs, notes = [], []
+    if k > 1 and pair_share == 1.0:
+        if rpa["max"] == 1:
             msgs.append(
-                f"all records are pairwise comparisons ({extra}): binary comparisons cannot "
-                f"identify {k} latent types (Chidambaram et al., arXiv 2510.15716); collect "
-                f"rankings of 3 or more responses, even best-of-3 choices over varying "
-                f"candidate sets")
+                f"all records are pairwise comparisons and each annotator gives one "
+                f"comparison: binary comparisons cannot identify {k} latent types from one "
+                f"comparison per annotator (Chidambaram et al., arXiv 2510.15716); collect rankings of 3 or "
+                f"more responses, even best-of-3 choices over varying candidate sets, or "
+                f"several comparisons per annotator")
+        else:
+            single = float(np.mean(per_annot == 1))
+            notes.append(
+                f"all records are pairwise comparisons, {rpa['median']:g} records per "
+                f"annotator (median; min {rpa['min']:g}, max {rpa['max']:g}"
+                + (f"; {single:.0%} of annotators give one" if single > 0 else "") +
+                f"): one comparison per annotator cannot identify the types, so identifying "
+                f"{k} types here rests on within-annotator correlation (the agreement between "
+                f"each annotator's comparisons), which weakens with fewer comparisons per "
+                f"annotator; rankings of 3 or more responses identify types from single "
+                f"records")
+    if k > 1 and tabular:
         if n_items <= 2 * k - 1:
             msgs.append(
                 f"a mixture of {k} Plackett-Luce models over {n_items} items is not identifiable "
@@ -181,4 +211,4 @@ def identifiability(data, n_types: int) -> IdentifiabilityReport:
     return IdentifiabilityReport(
         n_types=k, n_records=total, n_annotators=g.annotator_total, n_items=n_items,
         pair_share=pair_share, list_lengths=lengths, depths=depths, records_per_annotator=rpa,
-        degrees_of_freedom=dof, n_parameters=n_params, warnings=msgs)
+        degrees_of_freedom=dof, n_parameters=n_params, warnings=msgs, notes=notes)

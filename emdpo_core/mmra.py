@@ -3,7 +3,7 @@
 Given K type policies pi_1..pi_K (one per latent annotator type, from EM-DPO), MMRA picks
 mixture weights w over the policies (a sequence-level mixture: draw policy j with probability
 w_j, then generate the whole answer with it) minimizing the worst type's regret
-(DESIGN.md section 1, MMRA):
+(docs/math.md, MMRA):
 
     regret_matrix   R[k, j] = regret of type k when served by policy j, estimated from cached
                     samples of each policy (a compiled op, :mod:`emdpo_core.ops.regret`;
@@ -68,39 +68,6 @@ class MMRAResult(NamedTuple):
     max_regret: float
     regrets: np.ndarray
     status: str
-
-
-# ----------------------------------------------------------------------------------------
-# Input checks shared by the solvers
-
-
-def _check_regret(regret) -> np.ndarray:
-    if _checks.is_torch(regret):
-        regret = regret.detach().cpu().numpy()
-    R = np.asarray(regret)
-    if R.dtype.kind not in "fiu":
-        raise TypeError(f"regret: expected a real (K, K) array, got dtype {R.dtype}")
-    R = np.ascontiguousarray(R, dtype=np.float64)
-    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 1:
-        raise ValueError(f"regret: expected a square (K, K) array with K >= 1 (rows = types, "
-                         f"columns = policies), got shape {R.shape}")
-    bad = np.flatnonzero(~np.isfinite(R.reshape(-1)))
-    if bad.size:
-        k, j = divmod(int(bad[0]), R.shape[1])
-        raise ValueError(f"regret: non-finite value {R[k, j]} at [type {k}, policy {j}]; the "
-                         f"regret matrix must be finite")
-    return R
-
-
-def _check_group_weights(group_weights, K: int) -> np.ndarray:
-    if group_weights is None:
-        return np.ones(K)
-    c = _checks.real_vector(group_weights, "group_weights", K, "type")
-    bad = np.flatnonzero(~(np.isfinite(c) & (c > 0)))
-    if bad.size:
-        raise ValueError(f"group_weights: expected finite values > 0, got {c[bad[0]]} at index "
-                         f"{bad[0]}")
-    return c
 
 
 def _clean_simplex(w, K: int) -> np.ndarray:
@@ -282,12 +249,12 @@ def mmra(regret, *, group_weights=None, solver=None, hedge_iterations=HEDGE_ITER
         >>> r.weights.round(4).tolist(), round(r.max_regret, 4)
         ([0.6667, 0.3333], 0.6667)
     """
-    R = _check_regret(regret)
+    R = _checks.check_regret(regret)
     K = R.shape[0]
-    c = _check_group_weights(group_weights, K)
+    c = _checks.check_group_weights(group_weights, K)
     M = c[:, None] * R
     if isinstance(solver, str) and solver.lower() == "hedge":
-        T = _check_iterations(hedge_iterations)
+        T = _checks.check_int("hedge_iterations", hedge_iterations, 1)
         w, p = _hedge(M, T)
         regrets = R @ w
         max_regret = float(np.max(c * regrets))
@@ -304,15 +271,6 @@ def mmra(regret, *, group_weights=None, solver=None, hedge_iterations=HEDGE_ITER
 
 # ----------------------------------------------------------------------------------------
 # Optimistic multiplicative weights (the authors' method), as a cross-check and baseline
-
-
-def _check_iterations(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)):
-        raise TypeError(f"hedge_iterations: expected a positive integer, got "
-                        f"{type(T).__name__}")
-    if T < 1:
-        raise ValueError(f"hedge_iterations: expected a positive integer, got {T}")
-    return int(T)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -380,53 +338,6 @@ def _hedge(M: np.ndarray, iterations: int):
 # Exact tabular MMRA (exponential cone)
 
 
-def _check_policy_probs(policy_probs) -> np.ndarray:
-    if _checks.is_torch(policy_probs):
-        policy_probs = policy_probs.detach().cpu().numpy()
-    P = np.asarray(policy_probs)
-    if P.dtype.kind not in "fiu":
-        raise TypeError(f"policy_probs: expected real probabilities, got dtype {P.dtype}")
-    P = np.ascontiguousarray(P, dtype=np.float64)
-    if P.ndim == 2:
-        P = P[:, None, :]  # one context
-    if P.ndim != 3 or min(P.shape) < 1:
-        raise ValueError(f"policy_probs: expected shape (K, C, A) (policies x contexts x "
-                         f"responses) or (K, A), got {np.shape(policy_probs)}")
-    bad = np.flatnonzero(~(np.isfinite(P.reshape(-1)) & (P.reshape(-1) >= 0)))
-    if bad.size:
-        idx = np.unravel_index(int(bad[0]), P.shape)
-        raise ValueError(f"policy_probs: expected finite probabilities >= 0, got "
-                         f"{P[idx]} at [policy {idx[0]}, context {idx[1]}, response {idx[2]}]")
-    sums = P.sum(axis=2)
-    bad = np.flatnonzero(np.abs(sums.reshape(-1) - 1.0) > 1e-6)
-    if bad.size:
-        k, cc = divmod(int(bad[0]), P.shape[1])
-        raise ValueError(f"policy_probs: each policy's distribution over responses must sum to "
-                         f"1 (within 1e-6); [policy {k}, context {cc}] sums to {sums[k, cc]}")
-    return P / sums[:, :, None]
-
-
-def _check_context_weights(context_weights, C: int) -> np.ndarray:
-    if context_weights is None:
-        return np.full(C, 1.0 / C)
-    if _checks.is_torch(context_weights):
-        context_weights = context_weights.detach().cpu().numpy()
-    rho = np.asarray(context_weights)
-    if rho.dtype.kind not in "fiu":
-        raise TypeError(f"context_weights: expected real numbers, got dtype {rho.dtype}")
-    rho = rho.astype(np.float64)
-    if rho.shape != (C,):
-        raise ValueError(f"context_weights: expected shape ({C},) (one per context), got "
-                         f"{rho.shape}")
-    bad = np.flatnonzero(~(np.isfinite(rho) & (rho >= 0)))
-    if bad.size:
-        raise ValueError(f"context_weights: expected finite values >= 0, got {rho[bad[0]]} at "
-                         f"index {bad[0]}")
-    if not rho.sum() > 0:
-        raise ValueError("context_weights: all zero; at least one context needs weight")
-    return rho / rho.sum()
-
-
 def _xlogy(x, y):
     """x * log(y) with 0 * log(anything) = 0."""
     out = np.zeros(np.broadcast(x, y).shape)
@@ -439,8 +350,8 @@ def exact_mixture_regret(weights, policy_probs, *, beta, context_weights=None) -
     beta * sum_c rho_c KL(q(.|c) || pi_k(.|c)) (inf where q puts mass outside pi_k's support).
     """
     beta = _checks.check_beta(beta)
-    P = _check_policy_probs(policy_probs)
-    rho = _check_context_weights(context_weights, P.shape[1])
+    P = _checks.check_policy_probs(policy_probs)
+    rho = _checks.check_context_weights(context_weights, P.shape[1])
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (P.shape[0],):
         raise ValueError(f"weights: expected shape ({P.shape[0]},), got {w.shape}")
@@ -488,10 +399,10 @@ def mmra_exact(policy_probs, *, beta, context_weights=None, group_weights=None, 
         [0.5, 0.5]
     """
     beta = _checks.check_beta(beta)
-    P = _check_policy_probs(policy_probs)
+    P = _checks.check_policy_probs(policy_probs)
     K, C, A = P.shape
-    rho = _check_context_weights(context_weights, C)
-    c = _check_group_weights(group_weights, K)
+    rho = _checks.check_context_weights(context_weights, C)
+    c = _checks.check_group_weights(group_weights, K)
     live = rho > 0
     Pl, rhol = P[:, live], rho[live]
     # X[k, j] = -sum_c rho_c sum_a pi_j(a|c) log pi_k(a|c); inf when pi_j leaves pi_k's support.

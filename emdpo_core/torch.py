@@ -2,13 +2,19 @@
 
 ``import emdpo_core.torch`` (torch is never imported by ``import emdpo_core``).
 
-The loss of K policies over N ranked lists (DESIGN.md section 1), with implicit rewards
+The loss of K policies over N ranked lists (docs/math.md), with implicit rewards
 r_kj = beta * (logpi_k(y_j) - logpi_ref(y_j)) and the Plackett-Luce log-likelihood of record
 i under policy k, ll_ki = sum_{t < L_i} (r_kt - logsumexp_{s >= t} r_ks):
 
     loss = sum_k scale_k * sum_i w_ki * (-ll_ki),
-    scale_k = 1 ("sum"), 1/N ("mean"), 1/sum_i w_ki ("weighted_mean");
+    scale_k = 1 ("sum"), 1/N ("mean"), 1/T_k ("weighted_mean");
     reduction="none" returns the per-record losses w_ki * (-ll_ki), shape (N,) or (K, N).
+
+T_k is ``total_weight[k]`` when given, else sum_i w_ki over the records of this call. A
+minibatch M-step passes each type's total weight over all records of the M-step (times the
+minibatch's share of the records), so that every minibatch loss estimates the full-batch
+loss: dividing by the minibatch's own total would give a type with little weight in a
+minibatch a full step on other types' records.
 
 A pair (m=2, L=1) gives the standard DPO sigmoid loss -log sigmoid(beta * ((pc - rc) - (pr - rr)))
 (Rafailov et al., 2023); longer lists give the Plackett-Luce DPO loss of the same paper.
@@ -34,10 +40,12 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _checks
+from .ops import _cpu as _cpu_ops
 from .ops import _torch as _torch_dispatch
 
 __all__ = [
@@ -126,6 +134,137 @@ def _apply(policy, ref, offsets, weights, n_ranked, beta, reduction):
 
 
 # ----------------------------------------------------------------------------------------
+# The small-batch CPU path. A trainer calls the loss once per micro-batch on a few records;
+# there the Python layers (argument preparation, the dispatch module's re-checks, tensor
+# wrapping) cost several times the kernel. This path handles the common case, contiguous
+# float32/float64 CPU tensors of one dtype and no per-record output, with each argument
+# checked once, then one kernel call on NumPy views of the tensors. Anything else takes the
+# general path, and the results are the same (tested bit for bit).
+
+
+@functools.lru_cache(maxsize=16)
+def _regular_offsets_host(n_records: int, m: int):
+    a = np.arange(0, n_records * m + 1, m, dtype=np.int64)
+    a.setflags(write=False)
+    return a
+
+
+class _SmallListwiseFunction(torch.autograd.Function):
+    """listwise_dpo_loss of one (M,) policy on checked host arrays (the small-batch path)."""
+
+    @staticmethod
+    def forward(ctx, policy, ref, offsets, nr, w, reduction, beta):
+        loss, grad = _cpu_ops.listwise_dpo_loss_and_grad(
+            policy.detach().numpy().reshape(1, -1), ref, offsets, nr, w, reduction, beta)
+        if ctx.needs_input_grad[0]:
+            ctx.grad = torch.from_numpy(grad.reshape(-1))
+        return torch.from_numpy(np.array(loss, dtype=grad.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        return (ctx.grad * grad_output if ctx.needs_input_grad[0] else None,
+                None, None, None, None, None, None)
+
+
+class _SmallPairwiseFunction(torch.autograd.Function):
+    """pairwise_dpo_loss on the small-batch path: the pairs are interleaved into lists of two
+    on the host, and the kernel's gradient is split back into the two columns."""
+
+    @staticmethod
+    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, w, reduction, beta):
+        B = chosen.shape[0]
+        # Pair i is the list of two in slots (2i, 2i+1), chosen first.
+        dtype = _NP_DTYPE[chosen.dtype]
+        p, ref = np.empty((B, 2), dtype=dtype), np.empty((B, 2), dtype=dtype)
+        p[:, 0], p[:, 1] = chosen.detach().numpy(), rejected.detach().numpy()
+        ref[:, 0], ref[:, 1] = ref_chosen.detach().numpy(), ref_rejected.detach().numpy()
+        loss, grad = _cpu_ops.listwise_dpo_loss_and_grad(
+            p.reshape(1, -1), ref.reshape(-1), _regular_offsets_host(B, 2), None, w, reduction,
+            beta)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g = torch.from_numpy(grad.reshape(B, 2))
+            ctx.grads = (g[:, 0], g[:, 1])
+        return torch.from_numpy(np.array(loss, dtype=dtype))     # (cheaper than torch.tensor)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        need = ctx.needs_input_grad
+        gc = ctx.grads[0] * grad_output if need[0] else None
+        gr = ctx.grads[1] * grad_output if need[1] else None
+        return gc, gr, None, None, None, None, None
+
+
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def _small_cpu(*tensors) -> bool:
+    """Whether the small-batch path takes these tensors: CPU, one float32/float64 dtype,
+    contiguous, 1-D, and not being traced by torch.compile (which takes the general path and
+    its graph break)."""
+    dtype = tensors[0].dtype if type(tensors[0]) is torch.Tensor else None
+    if dtype not in _NP_DTYPE:
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != 1 \
+                or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return not _is_compiling()
+
+
+def _small_weights(weights, N: int, dtype):
+    """Host weights for the small-batch path, or False when it should not take them."""
+    if weights is None:
+        return None
+    if type(weights) is not torch.Tensor or weights.device.type != "cpu" \
+            or tuple(weights.shape) != (N,):
+        return False                    # the general path converts, or names the problem
+    return _checks.check_loss_weights(weights.detach().numpy(), 1, N, _NP_DTYPE[dtype], True)
+
+
+def _small_listwise(policy, ref, offsets, weights, n_ranked, beta, reduction):
+    """The small-batch path of listwise_dpo_loss, or None when it does not apply."""
+    if reduction == "none" or not _small_cpu(policy, ref) or ref.shape != policy.shape:
+        return None
+    if type(offsets) is not torch.Tensor or offsets.device.type != "cpu" \
+            or offsets.dtype != torch.int64:
+        return None
+    if n_ranked is not None and (type(n_ranked) is not torch.Tensor
+                                 or n_ranked.device.type != "cpu"
+                                 or n_ranked.dtype != torch.int64):
+        return None
+    beta = _checks.check_beta(beta)
+    _checks.check_reduction(reduction)
+    off, nr = _checks.check_layout(offsets.numpy(), None if n_ranked is None
+                                   else n_ranked.numpy(), policy.shape[0])
+    w = _small_weights(weights, off.shape[0] - 1, policy.dtype)
+    if w is False:
+        return None
+    return _SmallListwiseFunction.apply(policy, ref.detach().numpy(), off, nr, w, reduction,
+                                        beta)
+
+
+def _small_pairwise(chosen, rejected, ref_chosen, ref_rejected, weights, beta, reduction):
+    """The small-batch path of pairwise_dpo_loss, or None when it does not apply."""
+    if reduction == "none" or not _small_cpu(chosen, rejected, ref_chosen, ref_rejected):
+        return None
+    B = chosen.shape[0]
+    if B < 1 or rejected.shape[0] != B or ref_chosen.shape[0] != B or ref_rejected.shape[0] != B:
+        return None                     # the general path names the bad argument
+    beta = _checks.check_beta(beta)
+    _checks.check_reduction(reduction)
+    w = _small_weights(weights, B, chosen.dtype)
+    if w is False:
+        return None
+    return _SmallPairwiseFunction.apply(chosen, rejected, ref_chosen, ref_rejected, w,
+                                        reduction, beta)
+
+
+# ----------------------------------------------------------------------------------------
 # Argument preparation (shapes, dtypes, devices). Layout checks (offsets, n_ranked) and value
 # checks (finite log-probabilities) happen in the dispatch layer, with the same messages as
 # the NumPy API.
@@ -208,6 +347,36 @@ def _prepare_weights(weights, policy: torch.Tensor, N: int) -> Optional[torch.Te
     return w
 
 
+def _prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optional[torch.Tensor]:
+    """None, or the divisors T_k of the "weighted_mean" reduction: shape (K,) for a (K, M)
+    ``policy`` (a number is shared by all K), () for an (M,) one; detached, in the computation
+    dtype. Checked on the host: finite and > 0 (one tiny device-to-host copy on CUDA)."""
+    if total_weight is None:
+        return None
+    if _checks.check_reduction(reduction) != "weighted_mean":
+        raise ValueError(f"total_weight: only with reduction='weighted_mean' (it is that "
+                         f"reduction's divisor, in place of the weights' own total), got "
+                         f"reduction={reduction!r}")
+    t = _as_tensor(total_weight, "total_weight", policy.device)
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"total_weight: expected real numbers > 0, got {t.dtype}")
+    K = policy.shape[0] if policy.dim() == 2 else None
+    shapes = [()] + ([(K,)] if K is not None else [(1,)])
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"total_weight: expected shape {' or '.join(map(str, shapes))} (a "
+                         f"number{', or one per policy' if K is not None else ''}), got "
+                         f"{tuple(t.shape)}")
+    host = t.detach().reshape(-1).to("cpu", torch.float64)
+    bad = torch.nonzero(~torch.isfinite(host) | (host <= 0))
+    if bad.numel():
+        i = int(bad[0, 0])
+        where = "" if t.dim() == 0 else f" at index {i}"
+        raise ValueError(f"total_weight: expected finite numbers > 0 (each policy's total "
+                         f"weight over all records), got {host[i].item()}{where}")
+    t = t.detach().to(policy.dtype)
+    return t.reshape(()) if K is None else t.expand(K)
+
+
 def _n_records(offsets: torch.Tensor) -> int:
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError(
@@ -220,7 +389,7 @@ def _n_records(offsets: torch.Tensor) -> int:
 
 
 def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n_ranked=None,
-                      reduction="mean"):
+                      reduction="mean", total_weight=None):
     """Weighted listwise (Plackett-Luce) DPO loss, differentiable in ``policy_logps``.
 
     With r_kj = beta * (policy_logps[k, j] - ref_logps[j]) and record i in slots
@@ -229,8 +398,17 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         ll_ki = sum_{t < L_i} (r_kt - logsumexp_{s >= t} r_ks)
         loss  = sum_k scale_k * sum_i w_ki * (-ll_ki)
 
-    with scale_k = 1 ("sum"), 1/N ("mean") or 1/sum_i w_ki ("weighted_mean"). For lists of two
-    (a chosen and a rejected response) this is the DPO loss -log sigmoid(beta * margin).
+    with scale_k = 1 ("sum"), 1/N ("mean") or 1/T_k ("weighted_mean"; T_k = ``total_weight``
+    when given, else sum_i w_ki over these records). For lists of two (a chosen and a rejected
+    response) this is the DPO loss -log sigmoid(beta * margin).
+
+    Minibatches: pass ``total_weight`` = each type's total weight over all records of the
+    M-step (sum over the whole data set, and over all ranks when sharded), times the
+    minibatch's share of the records (B / N) to keep the full-batch scale. Then every
+    minibatch loss is an unbiased estimate of the full-batch weighted mean, and the gradients
+    of the minibatches of one epoch add up to the full-batch gradient (times N / B). Without
+    it, "weighted_mean" divides by the minibatch's own total, which scales up a type that has
+    little weight in the minibatch: its step is then driven by other types' records.
 
     Args:
         policy_logps: (M,) or (K, M) sequence log-probabilities of the policy (K policies, one
@@ -243,8 +421,10 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         beta: DPO temperature, > 0.
         n_ranked: optional (N,) number of ranked leading slots L_i in [1, m_i - 1]; default
             m_i - 1 (full rankings). Use 1 for best-of-m choices.
-        reduction: "mean" (divide by N), "sum", "weighted_mean" (divide by the sum of
-            weights, per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
+        reduction: "mean" (divide by N), "sum", "weighted_mean" (divide by the total weight,
+            per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
+        total_weight: optional divisor of "weighted_mean" (only with that reduction): a
+            number > 0, or (K,) one per policy for a (K, M) ``policy_logps``. A constant.
 
     Returns:
         A 0-d tensor (or (N,) / (K, N) for "none") in the promoted dtype of the log-probabilities.
@@ -259,6 +439,11 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         >>> round(loss.item(), 4)  # (log 3! + log 2!) / 2 for uniform policies
         1.2425
     """
+    # The small-batch path has no total_weight; with one, the general path below rescales.
+    fast = None if total_weight is not None else \
+        _small_listwise(policy_logps, ref_logps, offsets, weights, n_ranked, beta, reduction)
+    if fast is not None:
+        return fast
     policy, ref, out_dtype = _prepare_logps(policy_logps, ref_logps)
     device = policy.device
     offsets = _as_index(offsets, "offsets", device)
@@ -266,6 +451,14 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
     if n_ranked is not None:
         n_ranked = _as_index(n_ranked, "n_ranked", device)
     weights = _prepare_weights(weights, policy, N)
+    total = _prepare_total_weight(total_weight, reduction, policy)
+    if total is not None:
+        # sum_i (w_ki / T_k) (-ll_ki): the kernel's "sum" of the rescaled weights.
+        if weights is None:
+            shape = (policy.shape[0], N) if policy.dim() == 2 else (N,)
+            weights = torch.ones(shape, dtype=policy.dtype, device=policy.device)
+        weights = weights / (total[:, None] if total.dim() == 1 else total)
+        reduction = "sum"
     loss = _apply(policy, ref, offsets, weights, n_ranked, beta, reduction)
     return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
@@ -287,9 +480,11 @@ class ListwiseDPOLoss(torch.nn.Module):
         self.beta = _checks.check_beta(beta)
         self.reduction = _checks.check_reduction(reduction)
 
-    def forward(self, policy_logps, ref_logps, offsets, weights=None, n_ranked=None):
+    def forward(self, policy_logps, ref_logps, offsets, weights=None, n_ranked=None,
+                total_weight=None):
         return listwise_dpo_loss(policy_logps, ref_logps, offsets, weights, beta=self.beta,
-                                 n_ranked=n_ranked, reduction=self.reduction)
+                                 n_ranked=n_ranked, reduction=self.reduction,
+                                 total_weight=total_weight)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}"
@@ -318,7 +513,7 @@ def _check_columns(names, tensors):
 
 
 def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                      beta, weights=None, reduction="mean"):
+                      beta, weights=None, reduction="mean", total_weight=None):
     """Standard (sigmoid) DPO loss in TRL's column layout, through the listwise kernel.
 
         loss_i = -log sigmoid(beta * ((chosen_i - ref_chosen_i) - (rejected_i - ref_rejected_i)))
@@ -331,6 +526,7 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
         beta: > 0.
         weights: optional (B,) per-pair weights; a constant.
         reduction: "mean" | "sum" | "weighted_mean" | "none" ((B,) per-pair losses).
+        total_weight: optional divisor of "weighted_mean" (see :func:`listwise_dpo_loss`).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -342,6 +538,11 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
         >>> torch.allclose(loss, expected)
         True
     """
+    fast = None if total_weight is not None else \
+        _small_pairwise(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        weights, beta, reduction)
+    if fast is not None:
+        return fast
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     chosen = _require_policy_tensor(chosen_logps, names[0])
     device = chosen.device
@@ -360,7 +561,7 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
     ref = torch.stack((ref_chosen.detach().to(dtype), ref_rejected.detach().to(dtype)),
                       dim=1).reshape(2 * B)
     return listwise_dpo_loss(policy, ref, _regular_offsets(B, 2, device), weights, beta=beta,
-                             reduction=reduction)
+                             reduction=reduction, total_weight=total_weight)
 
 
 def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
@@ -384,7 +585,7 @@ def _check_lengths(lengths: torch.Tensor, B: int, m_max: int) -> bool:
 
 
 def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, beta,
-                             n_ranked=None, reduction="mean"):
+                             n_ranked=None, reduction="mean", total_weight=None):
     """:func:`listwise_dpo_loss` for lists kept padded, one per row, best first.
 
     Row b holds its lengths[b] responses in columns 0..lengths[b]-1; the columns after them
@@ -397,7 +598,8 @@ def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, 
         ref_logps: (B, m_max) reference log-probabilities; a constant.
         lengths: (B,) integer list lengths, 2 <= lengths[b] <= m_max.
         weights: optional (B,) per-list weights; a constant.
-        beta, n_ranked ((B,)), reduction: as in :func:`listwise_dpo_loss` ("none": (B,)).
+        beta, n_ranked ((B,)), reduction, total_weight: as in :func:`listwise_dpo_loss`
+            ("none": (B,)).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -428,11 +630,11 @@ def padded_listwise_dpo_loss(policy_logps, ref_logps, lengths, weights=None, *, 
         offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
         torch.cumsum(lengths, 0, out=offsets[1:])
     return listwise_dpo_loss(flat_policy, flat_ref, offsets, weights, beta=beta,
-                             n_ranked=n_ranked, reduction=reduction)
+                             n_ranked=n_ranked, reduction=reduction, total_weight=total_weight)
 
 
 def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *, weights=None,
-                     beta, n_ranked=None, reduction="mean"):
+                     beta, n_ranked=None, reduction="mean", total_weight=None):
     """The EM-DPO M-step objective for K policies at once, in one kernel launch.
 
         loss = sum_k scale_k * sum_i w_ik * (-ll_ik),   w_ik = responsibilities[i, k]
@@ -448,6 +650,9 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
         weights: (K, N) the same, transposed. Exactly one of the two; constants.
         beta, n_ranked, reduction: as in :func:`listwise_dpo_loss` ("weighted_mean" divides
             each type's term by its own total weight; "none" returns (K, N)).
+        total_weight: optional (K,) per-type divisors T_k of "weighted_mean" (or one number for
+            all). For minibatches: each type's total weight over all records of the M-step,
+            times the minibatch's share of the records (see :func:`listwise_dpo_loss`).
 
     Example:
         >>> import torch, emdpo_core.torch as et
@@ -480,4 +685,4 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
             raise ValueError(f"weights: expected shape ({K}, {N}) (one row per type, one column "
                              f"per record), got {tuple(weights.shape)}")
     return listwise_dpo_loss(policy, ref_logps, offsets, weights, beta=beta, n_ranked=n_ranked,
-                             reduction=reduction)
+                             reduction=reduction, total_weight=total_weight)

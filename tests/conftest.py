@@ -16,7 +16,7 @@ SUBPROCESS_CWD = tempfile.gettempdir()
 # float64 reference. float64: the kernels do the same arithmetic in another order, so
 # agreement is limited by rounding of O(m) terms (~1e-13 relative); 1e-10 leaves margin.
 # float32: per-record math runs in float32 (eps 1.2e-7); with sums over up to 300 slots and
-# rewards of magnitude ~100 the relative error stays below 1e-5; 1e-4 is the bound.
+# rewards of magnitude ~100 the relative error stays below 1e-5; 1e-4 is the project's bound.
 TOL = {
     np.float64: dict(rtol=1e-10, atol=1e-10),
     np.float32: dict(rtol=1e-4, atol=1e-4),
@@ -44,15 +44,3 @@ def rng(request):
     # A fresh seed per test, derived from the test's name: reproducible, never shared.
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
-
-
-# The smoke subset (`pytest -m smoke`), run by .ci/wheel_smoke.sh against an installed wheel:
-# every test of these fast files, plus single tests elsewhere marked @pytest.mark.smoke.
-SMOKE_FILES = {"test_build.py", "test_validation.py", "test_data.py", "test_kernels.py",
-               "test_cuda.py", "test_cli_fit.py"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.path.name in SMOKE_FILES:
-            item.add_marker(pytest.mark.smoke)

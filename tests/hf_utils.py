@@ -69,7 +69,7 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, attn_implementation: str =
     """A random 2-layer causal LM built from a config, in eval mode (no dropout).
 
     kind: "llama" (rotary positions, grouped-query attention) or "gpt2" (learned absolute
-    positions, fused qkv); also "qwen2" and "mistral" (Llama-like code paths).
+    positions, fused qkv); also "qwen2", "qwen3" and "mistral" (Llama-like code paths).
     """
     import torch
     import transformers
@@ -91,6 +91,13 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, attn_implementation: str =
                                           num_key_value_heads=2, max_position_embeddings=512,
                                           tie_word_embeddings=False, **common)
         cls = transformers.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden,
+                                          num_hidden_layers=layers, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=hidden // 4,
+                                          max_position_embeddings=512,
+                                          tie_word_embeddings=False, **common)
+        cls = transformers.Qwen3ForCausalLM
     elif kind == "mistral":
         config = transformers.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                                             num_hidden_layers=layers, num_attention_heads=4,
@@ -99,7 +106,8 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, attn_implementation: str =
                                             **common)
         cls = transformers.MistralForCausalLM
     else:
-        raise ValueError(f"kind must be 'llama', 'gpt2', 'qwen2' or 'mistral', got {kind!r}")
+        raise ValueError(f"kind must be 'llama', 'gpt2', 'qwen2', 'qwen3' or 'mistral', "
+                         f"got {kind!r}")
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = cls(config)

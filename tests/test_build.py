@@ -10,6 +10,9 @@ import pytest
 import emdpo_core as ec
 from conftest import SUBPROCESS_CWD
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

@@ -10,6 +10,9 @@ import pytest
 from emdpo_core import PlackettLuceMixture
 from emdpo_core.cli import main
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 
 def _planted_soc(path, seed=0, n_voters=400):
     """A PrefLib .soc file drawn from two opposed types over 6 named alternatives."""

@@ -22,6 +22,9 @@ import emdpo_core as ec
 from emdpo_core import _core
 from emdpo_core.ops import _reference as reference
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 try:
     import torch
 except ImportError:  # the NumPy path works without torch; these tests need it
@@ -50,7 +53,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 DTYPES = ("float32", "float64")
 # Bounds on ||out - ref|| / ||ref|| (and elementwise, relative to the largest |ref|), from the
-# acceptance criteria of issue 2: float64 to ~1e-10, float32 to ~1e-4. float32 inputs run the
+# project's accuracy targets: float64 to ~1e-10, float32 to ~1e-4. float32 inputs run the
 # per-record math in float32 (about 1e-7 relative per operation); sums are in float64.
 TOL = {"float32": 1e-4, "float64": 1e-10}
 

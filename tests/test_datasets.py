@@ -207,7 +207,7 @@ def test_preference_data_torch_inputs_are_permuted_too():
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(offsets=[0, 1, 3]), ValueError, "record 0 has 1 slot"),
+    (dict(offsets=[0, 1, 3]), ValueError, r"record 0 spans offsets\[0\]=0 to offsets\[1\]=1"),
     (dict(offsets=[1, 3]), ValueError, r"offsets\[0\] == 0"),
     (dict(offsets=[0]), ValueError, "at least one record"),
     (dict(inputs={}), TypeError, "inputs: expected a non-empty dict"),

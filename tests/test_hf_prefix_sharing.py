@@ -98,7 +98,7 @@ def test_shared_equals_padded_values_and_gradients(tok, kind, attn, seed):
         torch.testing.assert_close(g_shared[name], g_pad[name], **GRAD_TOL, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
 def test_shared_equals_padded_other_llama_like(tok, kind, seed):
     rng = np.random.default_rng(seed)
     rows = random_ranked_rows(rng, 3, m=(3, 4))
@@ -145,12 +145,57 @@ def test_unsupported_model_falls_back_to_padded(tok, seed):
     with torch.no_grad():
         want = sequence_logps(model, RankedListCollator(tok)(rows))
     shared = RankedListCollator(tok, prefix_sharing=True)(rows)
+    assert RankedListCollator.for_model(tok, model).layout == "prefix_shared"
     # A model type outside the checked list takes the padded path, and says so once.
     model.config.model_type = "not_checked"
     assert not supports_prefix_sharing(model)
+    assert RankedListCollator.for_model(tok, model).layout == "padded"
     assert resolve_layout(model, shared) == "padded"
     with torch.no_grad(), pytest.warns(UserWarning, match="does not support prefix sharing"):
         got = sequence_logps(model, shared)
     torch.testing.assert_close(got, want, **LOGP_TOL)
+    # Sliding-window attention and attention kernels that take no 4D tensor mask: padded.
+    windowed = tiny_model("mistral", seed=8)
+    windowed.config.sliding_window = 4096
+    assert not supports_prefix_sharing(windowed)
+    flash = tiny_model("llama", seed=8)
+    flash.config._attn_implementation_internal = "flash_attention_2"
+    assert flash.config._attn_implementation == "flash_attention_2"
+    assert not supports_prefix_sharing(flash)
     with pytest.raises(ValueError, match="batch\\['layout'\\] must be"):
         resolve_layout(model, dict(shared, layout="packed"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bf16_model_float32_sums_and_both_layouts_agree(tok, attn, seed):
+    rng = np.random.default_rng(seed)
+    rows = random_ranked_rows(rng, 3, m=(3, 4))
+    model = tiny_model("llama", seed=9, attn_implementation=attn, dtype=torch.bfloat16)
+    ref = tiny_model("llama", seed=9, attn_implementation=attn)        # float32 weights
+    with torch.no_grad():
+        a = sequence_logps(model, RankedListCollator(tok)(rows))
+        b = sequence_logps(model, RankedListCollator(tok, prefix_sharing=True)(rows))
+        c = sequence_logps(ref, RankedListCollator(tok)(rows))
+    assert a.dtype == b.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: activations round to ~0.4% and each token's log-prob
+    # (magnitude ~5) moves by up to ~0.05; sums over <= 8 tokens stay within ~0.5 of the
+    # float32 model. The two bf16 layouts round differently too, so the same bound applies.
+    torch.testing.assert_close(b, a, rtol=0, atol=0.5)
+    torch.testing.assert_close(a, c, rtol=0, atol=0.5)
+
+
+@pytest.mark.parametrize("kind, attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_autocast_mixed_precision(tok, kind, attn, seed):
+    # Trainer(bf16=True) runs float32 weights under autocast: the masks must fit both the
+    # boolean (SDPA) and the additive (eager, float32 mask + bf16 scores) forms.
+    rng = np.random.default_rng(seed)
+    rows = random_ranked_rows(rng, 3)
+    model = tiny_model(kind, seed=10, attn_implementation=attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = sequence_logps(model, RankedListCollator(tok)(rows))
+        b = sequence_logps(model, RankedListCollator(tok, prefix_sharing=True)(rows))
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=0, atol=0.5)   # bf16 bound, as in the test above
+    b.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)

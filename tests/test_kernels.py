@@ -20,6 +20,9 @@ LAYOUTS = [
     ("long_lists", 2, 300, True),
 ]
 
+# The fast subset run against an installed wheel (`pytest -m smoke`, .ci/wheel_smoke.sh).
+pytestmark = pytest.mark.smoke
+
 
 def make_layout(rng, name, lo, hi, partial, n):
     offsets, n_ranked = random_layout(rng, n, lo, hi, partial=bool(partial))
@@ -114,6 +117,50 @@ def test_e_step_matches_reference(rng, dtype, case, weighted):
         assert empty.size > 0
         np.testing.assert_allclose(got.responsibilities[empty], np.exp(log_w)[None].repeat(
             empty.size, 0), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_e_step_annotator_weights_and_type_totals_match_reference(rng, dtype, as_torch):
+    N, H, K = 400, 37, 3
+    offsets, n_ranked = random_layout(rng, N, 2, 7)
+    aoff = np.concatenate([[0], np.sort(rng.integers(0, N + 1, size=H - 1)), [N]])
+    p, r = random_logps(rng, K, offsets[-1], dtype, scale=1.0)
+    log_w = np.log(rng.dirichlet(np.ones(K)))
+    v = rng.uniform(0.0, 3.0, size=H)
+    v[rng.integers(0, H)] = 0.0    # an annotator of weight 0 adds nothing
+    args = (p, r, offsets, aoff)
+    if as_torch:
+        torch = pytest.importorskip("torch")
+        args = tuple(torch.from_numpy(a) for a in args)
+    got = ec.e_step(*args, log_w, beta=0.5, n_ranked=n_ranked, annotator_weights=v)
+    resp, ll, _ = ref.e_step(p, r, offsets, aoff, log_w, beta=0.5, n_ranked=n_ranked,
+                             annotator_weights=v)
+    tol = TOL[dtype]
+    got_resp = got.responsibilities.numpy() if as_torch else got.responsibilities
+    np.testing.assert_allclose(got_resp, resp, **tol)
+    np.testing.assert_allclose(got.loglik, ll, rtol=tol["rtol"])
+    totals = got.type_totals.numpy() if as_torch else got.type_totals
+    assert totals.dtype == np.float64 and totals.shape == (K,)
+    np.testing.assert_allclose(totals, ref.e_step_type_totals(resp, v), **tol)
+    # Without weights: the unweighted log-likelihood and plain column sums.
+    plain = ec.e_step(*args, log_w, beta=0.5, n_ranked=n_ranked)
+    _, ll1, _ = ref.e_step(p, r, offsets, aoff, log_w, beta=0.5, n_ranked=n_ranked)
+    np.testing.assert_allclose(plain.loglik, ll1, rtol=tol["rtol"])
+    np.testing.assert_allclose(np.asarray(plain.type_totals), resp.sum(axis=0), **tol)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.ones(5), r"annotator_weights: expected shape \(4,\)"),
+    ([1.0, -1.0, 1.0, 1.0], "annotator_weights: expected finite values >= 0, got -1.0 at index 1"),
+    ([1.0, 1.0, np.nan, 1.0], "got nan at index 2"),
+])
+def test_e_step_rejects_bad_annotator_weights(rng, bad, match):
+    offsets, _ = random_layout(rng, 10, partial=False)
+    p, r = random_logps(rng, 2, offsets[-1])
+    with pytest.raises(ValueError, match=match):
+        ec.e_step(p, r, offsets, [0, 2, 5, 7, 10], np.log([0.5, 0.5]), beta=1.0,
+                  annotator_weights=bad)
 
 
 def test_e_step_without_record_table_returns_none(rng):

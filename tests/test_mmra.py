@@ -521,7 +521,7 @@ def test_mmra_bad_arguments():
         ec.mmra(R, group_weights=[1.0, 1.0, np.nan])
     with pytest.raises(ValueError, match=r"group_weights: expected shape \(3,\)"):
         ec.mmra(R, group_weights=[1.0, 1.0])
-    with pytest.raises(ValueError, match="hedge_iterations: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match="hedge_iterations: expected an int >= 1, got 0"):
         ec.mmra(R, solver="hedge", hedge_iterations=0)
     with pytest.raises(TypeError, match="regret: expected a real"):
         ec.mmra(np.array([["a"]]))

@@ -408,7 +408,7 @@ def _small():
     (lambda p, r, o: et.listwise_dpo_loss(p, r, o.double(), beta=1.0), TypeError,
      "offsets: expected an integer tensor"),
     (lambda p, r, o: et.listwise_dpo_loss(p, r, o, beta=1.0, n_ranked=[1, 2]), ValueError,
-     "n_ranked: expected 1 <= n_ranked"),
+     "n_ranked: record 1 has m=2 candidates and n_ranked=2; expected 1 <= n_ranked"),
     (lambda p, r, o: et.listwise_dpo_loss(p, r, o, torch.ones(3), beta=1.0), ValueError,
      r"weights: expected shape \(2,\)"),
     (lambda p, r, o: et.listwise_dpo_loss(p, r, o, torch.tensor([1.0, float("inf")]),

@@ -198,24 +198,49 @@ EMDPO_HD A record_loglik_grad_short(const T* p, const T* ref, int64_t m, int64_t
   return sum_r - (log_sum + log_(prod_z));
 }
 
+// The difference (log eta_k + S_k) - (log eta_m + S_m) of two E-step terms, like parts
+// first: exact when the types' log-weights are equal, and at |S| ~ 1e16 (where the spacing of
+// doubles is 2) the rounding of each term would otherwise decide the posterior. Formed from
+// halves: halving is exact, so this is bitwise (lw_k - lw_m) + (S_k - S_m) wherever that does
+// not overflow, and it stays finite for log-weights and sums near -1.8e308.
+EMDPO_HD double term_difference(const double* S, const double* log_weights, int64_t k,
+                                int64_t m) {
+  return 2.0 * ((0.5 * log_weights[k] - 0.5 * log_weights[m]) + (0.5 * S[k] - 0.5 * S[m]));
+}
+
 // Finish one annotator of the E-step from its per-type sums S_k:
 // log g_k = log eta_k + S_k - lse, lse = logsumexp_j (log eta_j + S_j). Returns lse.
+//
+// Every term is used only through its difference d_k from the largest term m (see
+// term_difference): g_k = exp(d_k - log z), z = sum_j exp(d_j), never exp(v_k - lse), since at
+// |v| ~ 1e16 and beyond lse = v_m + log z rounds log z (<= log K) away and the row would not
+// sum to 1. A type with log-weight -inf or S_k = -inf (log-likelihood below the double range)
+// gets g_k = 0. lse is -inf when it lies below the double range. When every type's term is
+// -inf there is no posterior: the row is set to NaN and NaN is returned, for the caller to
+// report.
 template <typename T>
 EMDPO_HD double finish_annotator(const double* S, const double* log_weights, int64_t K,
                                  T* resp_row, T* annot_ll_row) {
-  double mx = -INFINITY;
+  int64_t m = -1;
   for (int64_t k = 0; k < K; ++k) {
-    const double v = log_weights[k] + S[k];
-    mx = v > mx ? v : mx;
+    annot_ll_row[k] = T(S[k]);
+    if (!(log_weights[k] > -INFINITY && S[k] > -INFINITY)) continue;
+    if (m < 0 || term_difference(S, log_weights, k, m) > 0.0) m = k;
+  }
+  if (m < 0) {
+    for (int64_t k = 0; k < K; ++k) resp_row[k] = T(NAN);
+    return NAN;
   }
   double z = 0.0;
-  for (int64_t k = 0; k < K; ++k) z += exp(log_weights[k] + S[k] - mx);
-  const double lse = mx + log(z);
-  for (int64_t k = 0; k < K; ++k) {
-    resp_row[k] = T(exp(log_weights[k] + S[k] - lse));
-    annot_ll_row[k] = T(S[k]);
-  }
-  return lse;
+  for (int64_t k = 0; k < K; ++k)
+    if (log_weights[k] > -INFINITY && S[k] > -INFINITY)
+      z += exp(term_difference(S, log_weights, k, m));
+  const double log_z = log(z);  // z in [1, K] (up to rounding)
+  for (int64_t k = 0; k < K; ++k)
+    resp_row[k] = (log_weights[k] > -INFINITY && S[k] > -INFINITY)
+                      ? T(exp(term_difference(S, log_weights, k, m) - log_z))
+                      : T(0);
+  return 2.0 * (0.5 * log_weights[m] + 0.5 * S[m]) + log_z;
 }
 
 }  // namespace EMDPO_ISA_NS

@@ -172,8 +172,12 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
           const T* llk = ll.data() + k * kChunk - lo;
           double acc = 0.0;
           if (record_weights) {
-            for (int64_t i = seg_lo; i < seg_hi; ++i)
-              acc += double(record_weights[i]) * double(llk[i]);
+            // A record of weight 0 adds exactly nothing, also when its log-likelihood is -inf
+            // (below the double range), where the product would be NaN.
+            for (int64_t i = seg_lo; i < seg_hi; ++i) {
+              const double c = double(record_weights[i]);
+              if (c != 0.0) acc += c * double(llk[i]);
+            }
           } else {
             for (int64_t i = seg_lo; i < seg_hi; ++i) acc += double(llk[i]);
           }
@@ -214,7 +218,9 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
   // Sequential sums in annotator order: the same association for any thread count.
   double total = 0.0;
   if (annotator_weights) {
-    for (int64_t h = 0; h < H; ++h) total += annotator_weights[h] * lse[h];
+    // An annotator of weight 0 adds exactly nothing, also when its lse is -inf.
+    for (int64_t h = 0; h < H; ++h)
+      if (annotator_weights[h] != 0.0) total += annotator_weights[h] * lse[h];
   } else {
     for (int64_t h = 0; h < H; ++h) total += lse[h];
   }
@@ -223,6 +229,7 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
     std::fill(type_totals, type_totals + K, 0.0);
     for (int64_t h = 0; h < H; ++h) {
       const double v = annotator_weights ? annotator_weights[h] : 1.0;
+      if (v == 0.0) continue;
       for (int64_t k = 0; k < K; ++k) type_totals[k] += v * double(responsibilities[h * K + k]);
     }
   }

@@ -20,6 +20,8 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
 // ones). Writes responsibilities (H, K), annotator_loglik (H, K),
 // *loglik = sum_h v_h logsumexp_k (log eta_k + S_hk), record_ll (N, K) when not null, and
 // type_totals (K,) = sum_h v_h g_hk when not null (summed in annotator order: deterministic).
+// An annotator whose term log eta_k + S_hk is below the double range for every type gets a
+// row of NaN posteriors (see finish_annotator); callers report it.
 template <typename T>
 int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
                const T* record_weights, const int64_t* annotator_offsets,

@@ -53,7 +53,7 @@ class GroupedPreferences(GroupedRecords):
 class PreferenceData(RecordSet):
     """Ranked lists of responses for policies that compute their own log-probabilities.
 
-    The layout of :class:`RankingData` (DESIGN.md section 1: record i is one annotator's
+    The layout of :class:`RankingData` (docs/math.md: record i is one annotator's
     ranking of the m_i >= 2 responses in slots ``offsets[i]:offsets[i+1]``, best first, the
     first ``n_ranked[i]`` positions ordered), but instead of item ids each slot carries model
     inputs: ``inputs`` maps names to arrays or tensors whose first axis has one entry per
@@ -88,22 +88,11 @@ class PreferenceData(RecordSet):
 
     def __init__(self, offsets, inputs, *, ref_logps=None, n_ranked=None, annotator=None,
                  sample_weight=None, features=None):
-        offsets = _checks.int_array(offsets, "offsets")
-        if offsets.shape[0] < 2:
-            raise ValueError(f"offsets: expected N+1 >= 2 entries (at least one record), got "
-                             f"{offsets.shape[0]}")
-        if offsets[0] != 0:
-            raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
+        offsets = _checks.index_array(offsets, "offsets", host_tensors=True)
+        # The slots are as many as the offsets say; their largest entry stands for M, so that
+        # a decreasing entry is reported as one (not as a slot beyond M).
+        _checks.check_offsets(offsets, int(offsets.max()) if offsets.size else 0)
         lengths = np.diff(offsets)
-        bad = np.flatnonzero(lengths < 2)
-        if bad.size:
-            i = int(bad[0])
-            if lengths[i] < 0:
-                raise ValueError(f"offsets: must be non-decreasing; offsets[{i + 1}] = "
-                                 f"{offsets[i + 1]} < offsets[{i}] = {offsets[i]}")
-            raise ValueError(f"offsets: record {i} has {lengths[i]} slot(s) (offsets[{i}] = "
-                             f"{offsets[i]}, offsets[{i + 1}] = {offsets[i + 1]}); every record "
-                             f"needs at least 2 responses")
         M = int(offsets[-1])
         N = offsets.shape[0] - 1
         if not isinstance(inputs, dict) or not inputs:
@@ -147,7 +136,8 @@ class PreferenceData(RecordSet):
         self.offsets = offsets
         self.inputs = checked
         self.ref_logps = ref_logps
-        self.n_ranked = _checks.check_depths(n_ranked, lengths)
+        nr = _checks.check_n_ranked(n_ranked, offsets, N)
+        self.n_ranked = lengths - 1 if nr is None else nr
         self.annotator, self.annotator_labels = annotator_codes(annotator, N)
         self.sample_weight = _checks.check_sample_weight(sample_weight, N)
         self.features = features

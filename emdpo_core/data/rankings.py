@@ -60,29 +60,10 @@ class RankingData(RecordSet):
 
     def __init__(self, items, offsets, n_ranked=None, annotator=None, sample_weight=None,
                  n_items=None, *, item_names=None):
-        items = _checks.int_array(items, "items")
-        offsets = _checks.int_array(offsets, "offsets")
-        M = items.shape[0]
-        if offsets.shape[0] < 2:
-            raise ValueError(f"offsets: expected N+1 >= 2 entries (at least one record), got "
-                             f"{offsets.shape[0]}")
-        if offsets[0] != 0:
-            raise ValueError(f"offsets: expected offsets[0] == 0, got {offsets[0]}")
-        if offsets[-1] != M:
-            raise ValueError(f"offsets: expected offsets[-1] == len(items) == {M}, got "
-                             f"{offsets[-1]}")
+        items = _checks.index_array(items, "items", host_tensors=True)
+        offsets = _checks.index_array(offsets, "offsets", host_tensors=True)
+        _checks.check_offsets(offsets, items.shape[0], total="len(items)")
         lengths = np.diff(offsets)
-        bad = np.flatnonzero(lengths < 2)
-        if bad.size:
-            i = int(bad[0])
-            if lengths[i] < 0:
-                raise ValueError(f"offsets: must be non-decreasing; offsets[{i + 1}] = "
-                                 f"{offsets[i + 1]} < offsets[{i}] = {offsets[i]}")
-            if lengths[i] == 0:
-                raise ValueError(f"offsets: record {i} is empty (offsets[{i}] == offsets[{i + 1}]"
-                                 f" == {offsets[i]}); every record needs at least 2 items")
-            raise ValueError(f"offsets: record {i} lists a single item ({items[offsets[i]]}); "
-                             f"a ranking needs at least 2 candidates")
         N = offsets.shape[0] - 1
         neg = np.flatnonzero(items < 0)
         if neg.size:
@@ -107,7 +88,9 @@ class RankingData(RecordSet):
             first = int(offsets[r] + np.argmax(items[offsets[r]:j] == items[j]))
             raise ValueError(f"items: record {r} lists item {items[j]} twice (slots {first} and "
                              f"{j}); the items of a record must be distinct")
-        nr = _checks.check_depths(n_ranked, lengths)
+        nr = _checks.check_n_ranked(n_ranked, offsets, N)
+        if nr is None:
+            nr = lengths - 1
         codes, labels = annotator_codes(annotator, N)
         sw = _checks.check_sample_weight(sample_weight, N)
         if item_names is not None:

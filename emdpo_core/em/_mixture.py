@@ -50,6 +50,13 @@ def mixture_weights(responsibilities, annotator_weight, alpha):
     return totals
 
 
+def weights_from_totals(totals, alpha):
+    """:func:`mixture_weights` from the type totals sum_h v_h g_hk the E-step kernel returns
+    (the same sums, in the same annotator order)."""
+    t = np.asarray(totals, dtype=np.float64) + (alpha - 1.0)
+    return t / t.sum()
+
+
 @numba.njit(cache=True, nogil=True)
 def weighted_loglik(annotator_loglik, log_weights, annotator_weight):
     """sum_h v_h logsumexp_k (log eta_k + S_hk): the observed-data log-likelihood when each

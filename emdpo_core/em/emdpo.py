@@ -68,7 +68,7 @@ class AggregationResult:
 class EMDPO(EMEstimator):
     """EM-DPO: latent annotator types, one DPO policy per type (scikit-learn style).
 
-    EM over the types of the annotators (DESIGN.md section 1): the E-step computes each
+    EM over the types of the annotators (docs/math.md): the E-step computes each
     annotator's posterior over the K types from all of its records (the fused kernel on the
     policies' cached log-probabilities), the M-step trains each type's policy on the weighted
     listwise DPO loss with weights w_ik = c_i g_{a_i k}. See :mod:`emdpo_core.em` for the
@@ -141,14 +141,13 @@ class EMDPO(EMEstimator):
                         f"{type(data).__name__}")
 
     def _data_warnings(self, data) -> List[str]:
-        K = int(self.n_components)
-        if isinstance(data, RankingData):
-            return diagnostics.identifiability(data, K).warnings
-        if isinstance(data, PreferenceData) and K > 1 and np.all(data.list_lengths == 2):
-            return [f"all records are pairwise comparisons: binary comparisons cannot identify "
-                    f"{K} latent types (Chidambaram et al., arXiv 2510.15716); collect rankings "
-                    f"of 3 or more responses, even best-of-3 choices over varying candidate "
-                    f"sets"]
+        if isinstance(data, (RankingData, PreferenceData)):
+            return diagnostics.identifiability(data, int(self.n_components)).warnings
+        return []
+
+    def _data_notes(self, data) -> List[str]:
+        if isinstance(data, (RankingData, PreferenceData)):
+            return diagnostics.identifiability(data, int(self.n_components)).notes
         return []
 
     def _initial_resp(self, g, K, rng):
@@ -213,7 +212,7 @@ class EMDPO(EMEstimator):
         eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         log_weights = np.log(np.maximum(eta, 1e-300))
         self.timings_["init"] += time.perf_counter() - t0
-        _, loglik, _ = self._e_step(g, log_weights)
+        loglik = self._e_step(g, log_weights)[1]
         obj = self._objective(loglik, log_weights)
         run = _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                    objective=obj, trace=[obj / g.total_weight], converged=True,
@@ -227,7 +226,7 @@ class EMDPO(EMEstimator):
     # ------------------------------------------------------------------------------------
     # MMRA
 
-    def aggregate(self, contexts=None, *, n_samples: int = 1, kind: str = "kl",
+    def aggregate(self, contexts=None, *, n_samples: int = 1, kind: str = "reward",
                   group_weights=None, solver=None, random_state=None) -> AggregationResult:
         """MinMax Regret Aggregation of the fitted policies into one mixture.
 
@@ -243,8 +242,21 @@ class EMDPO(EMEstimator):
                 ``sample_fn``; for :class:`~emdpo_core.TabularPolicies` None (all items) or a
                 list of candidate sets (enumerated exactly, no sampling).
             n_samples: samples per context and policy.
-            kind: "kl" (beta E_j[log pi_j - log pi_k], always >= 0) or "reward" (the
-                authors' implicit-reward gap; needs the reference's log-probabilities).
+            kind: the regret R[k, j] of type k served by policy j (see
+                :func:`emdpo_core.regret_matrix` and docs/math.md):
+
+                - "reward" (default; the authors' criterion): beta (A_kk - A_kj), the
+                  implicit reward r_k = beta (log pi_k - log pi_ref) that type k loses when
+                  policy j answers instead of its own, with A_kj the mean of log pi_k -
+                  log pi_ref over policy j's samples. It judges answers by the types'
+                  rewards alone; it needs the reference's log-probabilities and can be
+                  negative.
+                - "kl": beta E_{y ~ pi_j}[log pi_j(y) - log pi_k(y)], the exact loss in type
+                  k's KL-regularized value E[r_k] - beta KL(pi || pi_ref), the objective DPO
+                  maximizes; always >= 0. The right choice when staying close to the
+                  reference is part of what each type values (the KL term is the price DPO
+                  charges for leaving it), or when the reference's log-probabilities of the
+                  samples are not available. The two kinds can give very different weights.
             group_weights: optional (K,) per-type weights c of the LP.
             solver: passed to :func:`emdpo_core.mmra`.
             random_state: seed of the sampling.

@@ -1,6 +1,6 @@
 """The EM engine over latent annotator types, and its exact tabular form.
 
-EM-DPO (DESIGN.md section 1): annotators h = 0..H-1 belong to K latent types with weights eta;
+EM-DPO (docs/math.md): annotators h = 0..H-1 belong to K latent types with weights eta;
 type k ranks a record's candidates by Plackett-Luce on the rewards
 r_kj = beta (log pi_k(y_j) - log pi_ref(y_j)). EM alternates
     E-step  g_hk = posterior of annotator h over types, from all of h's records
@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import sys
 import time
 import warnings
 from typing import List, Optional
@@ -142,6 +143,11 @@ class EMEstimator(Persistence, abc.ABC):
         """Messages emitted as IdentifiabilityWarning at the start of fit."""
         return []
 
+    def _data_notes(self, data) -> List[str]:
+        """What limits identification without ruling it out; printed (stderr) at the start of
+        fit when verbose >= 1."""
+        return []
+
     def _on_fitted(self, data) -> None:
         """Subclass hook: set extra fitted attributes from the data."""
 
@@ -223,21 +229,27 @@ class EMEstimator(Persistence, abc.ABC):
     # ------------------------------------------------------------------------------------
     # EM steps
 
-    def _e_step(self, g, log_weights):
-        """(responsibilities (H, K), weighted loglik, per-annotator log-lik (H,))."""
+    def _e_step(self, g, log_weights, *, per_annotator=False):
+        """(responsibilities (H, K), loglik, type totals (K,)): the kernel's weighted
+        log-likelihood sum_h v_h logsumexp_k (...) and sum_h v_h g_hk. With
+        ``per_annotator`` also the (H,) terms logsumexp_k (log eta_k + S_hk)."""
         t0 = time.perf_counter()
         lp = self.family_.logps(g)
         t1 = time.perf_counter()
         res = e_step(lp.policy, lp.ref, g.offsets, g.annotator_offsets, log_weights,
                      beta=lp.beta, n_ranked=g.n_ranked,
-                     record_weights=None if g.unit_record_weight else g.record_weight)
-        resp = _to_numpy(res.responsibilities)
-        loglik, per = _mixture.weighted_loglik(_to_numpy(res.annotator_loglik), log_weights,
-                                         g.annotator_weight)
+                     record_weights=None if g.unit_record_weight else g.record_weight,
+                     annotator_weights=None if g.unit_annotator_weight else g.annotator_weight)
+        resp = np.ascontiguousarray(_to_numpy(res.responsibilities), dtype=np.float64)
+        out = (resp, res.loglik, _to_numpy(res.type_totals))
+        if per_annotator:
+            _, per = _mixture.weighted_loglik(_to_numpy(res.annotator_loglik), log_weights,
+                                              g.annotator_weight)
+            out += (per,)
         t2 = time.perf_counter()
         self.timings_["logps"] += t1 - t0
         self.timings_["e_step"] += t2 - t1
-        return np.ascontiguousarray(resp, dtype=np.float64), float(loglik), per
+        return out
 
     def _objective(self, loglik, log_weights):
         prior = 0.0
@@ -246,10 +258,14 @@ class EMEstimator(Persistence, abc.ABC):
         prior += self.family_.log_prior()
         return loglik + prior
 
-    def _weights_and_drops(self, g, resp, components):
-        """Mixture weights from resp; drop types below min_weight. Returns (eta, resp, keep)
-        with keep None when nothing is dropped."""
-        eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+    def _weights_and_drops(self, g, resp, components, totals=None):
+        """Mixture weights from the E-step's type totals sum_h v_h g_hk (from resp when they
+        are not at hand); drop types below min_weight. Returns (eta, resp, keep) with keep
+        None when nothing is dropped."""
+        if totals is None:
+            eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+        else:
+            eta = _mixture.weights_from_totals(totals, float(self.alpha))
         before = eta
         threshold = self._min_weight(g)
         low = (eta < threshold) | (eta <= 0.0)
@@ -321,6 +337,9 @@ class EMEstimator(Persistence, abc.ABC):
                              f"H={g.n_annotators}")
         for msg in self._data_warnings(data):
             warnings.warn(msg, IdentifiabilityWarning, stacklevel=2)
+        if self.verbose >= 1:
+            for msg in self._data_notes(data):
+                print(f"note: {msg}", file=sys.stderr)
         self.timings_ = dict.fromkeys(
             ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
         total_weight = g.total_weight
@@ -420,19 +439,19 @@ class EMEstimator(Persistence, abc.ABC):
                                      g.annotator_weight)
         self.family_.initialize(g, W, rng)
         log_weights = np.log(eta)
-        resp, loglik, _ = self._e_step(g, log_weights)
+        resp, loglik, totals = self._e_step(g, log_weights)
         obj = self._objective(loglik, log_weights)
         return _Run(restart=r, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                     objective=obj, trace=[obj / total_weight], components=components,
-                    dropped=dropped)
+                    dropped=dropped, totals=totals)
 
     def _warm_run(self, g, total_weight) -> _Run:
         log_weights = np.log(self.weights_)
-        resp, loglik, _ = self._e_step(g, log_weights)
+        resp, loglik, totals = self._e_step(g, log_weights)
         obj = self._objective(loglik, log_weights)
         return _Run(restart=0, n_iter=0, log_weights=log_weights, resp=resp, loglik=loglik,
                     objective=obj, trace=[obj / total_weight],
-                    components=np.arange(log_weights.shape[0]))
+                    components=np.arange(log_weights.shape[0]), totals=totals)
 
     def _iterate(self, g, run, total_weight, best, summaries, n_runs, callback, bar) -> _Run:
         fam = self.family_
@@ -442,7 +461,7 @@ class EMEstimator(Persistence, abc.ABC):
         self._snapshot = (run, fam.state_dict()) if self.checkpoint is not None else None
         while run.n_iter < self.max_iter and not run.converged:
             t0 = time.perf_counter()
-            eta, resp, keep = self._weights_and_drops(g, run.resp, run.components)
+            eta, resp, keep = self._weights_and_drops(g, run.resp, run.components, run.totals)
             W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
                                          g.annotator_weight)
             t1 = time.perf_counter()
@@ -451,7 +470,7 @@ class EMEstimator(Persistence, abc.ABC):
             fam.m_step(g, W)
             t2 = time.perf_counter()
             log_weights = np.log(eta)
-            new_resp, loglik, _ = self._e_step(g, log_weights)
+            new_resp, loglik, totals = self._e_step(g, log_weights)
             t3 = time.perf_counter()
             obj = self._objective(loglik, log_weights)
             n_iter = run.n_iter + 1
@@ -466,7 +485,7 @@ class EMEstimator(Persistence, abc.ABC):
                        resp=new_resp, loglik=loglik, objective=obj,
                        trace=run.trace + [obj / total_weight],
                        converged=keep is None and abs(change) < self.tol,
-                       components=components, dropped=dropped)
+                       components=components, dropped=dropped, totals=totals)
             self.timings_["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
             self.timings_["m_step"] += t2 - t1
             if bar is not None:
@@ -518,7 +537,7 @@ class EMEstimator(Persistence, abc.ABC):
         if not hasattr(self, "timings_"):
             self.timings_ = dict.fromkeys(
                 ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
-        resp, loglik, per = self._e_step(g, np.log(self.weights_))
+        resp, loglik, _, per = self._e_step(g, np.log(self.weights_), per_annotator=True)
         return resp, loglik, per, g
 
     def predict_proba(self, data=None) -> np.ndarray:

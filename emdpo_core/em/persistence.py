@@ -29,6 +29,8 @@ class _Run:
     converged: bool = False
     components: Optional[np.ndarray] = None   # original index of each component still held
     dropped: List[List[int]] = field(default_factory=list)   # [iteration, original index]
+    # sum_h v_h g_hk from the E-step that made resp (not saved: a resumed run recomputes it)
+    totals: Optional[np.ndarray] = None
 
 
 class Persistence:

@@ -289,7 +289,7 @@ class PlackettLuceMixture(EMEstimator):
 
     Each of K latent types ranks items by Plackett-Luce with its own worths exp(theta_k);
     annotator h has type k with probability eta_k, and all of h's records come from that
-    type. This is EM-DPO (DESIGN.md) with tabular policies, a uniform reference policy and
+    type. This is EM-DPO (docs/math.md) with tabular policies, a uniform reference policy and
     beta = 1: type k's DPO reward of item j is log pi_k(j) - log pi_ref(j) = theta_kj + const,
     and the constant cancels in every Plackett-Luce term. The E-step is the compiled fused
     kernel on theta[:, items]; the M-step is ``mm_iter`` steps of Hunter's (2004) monotone MM
@@ -361,6 +361,9 @@ class PlackettLuceMixture(EMEstimator):
 
     def _data_warnings(self, data) -> List[str]:
         return diagnostics.identifiability(data, int(self.n_components)).warnings
+
+    def _data_notes(self, data) -> List[str]:
+        return diagnostics.identifiability(data, int(self.n_components)).notes
 
     @property
     def log_worths_(self) -> np.ndarray:

@@ -41,7 +41,14 @@ class TorchPolicies(PolicyFamily):
     M-step: a fresh optimizer runs ``steps`` steps (or ``epochs`` passes over the records in
     minibatches of ``batch_size`` records) on each type's weighted listwise DPO loss
 
-        loss_k = - sum_i w_ki ll_ki / sum_i w_ki         (w_ki = c_i g_{a_i k}, the E-step's)
+        loss_k = - sum_i w_ki ll_ki / T_k,   T_k = sum_i w_ki   (w_ki = c_i g_{a_i k}, the E-step's)
+
+    with T_k the type's total weight over ALL records, computed once per M-step. A minibatch B
+    of the N records takes loss_k(B) = - sum_{i in B} w_ki ll_ki / (T_k |B| / N): an unbiased
+    estimate of loss_k on the same scale, so the minibatch gradients of one epoch add up to
+    N/|B| times the full-batch gradient. (Dividing by the minibatch's own total weight of type
+    k instead would rescale a minibatch with little type-k weight to unit weight, and type k
+    would take a full step on other types' records.)
 
     (:func:`emdpo_core.torch.mixture_dpo_loss` over all K at once when ``joint``, else
     :func:`emdpo_core.torch.listwise_dpo_loss` type by type, one optimizer per type: the same
@@ -373,6 +380,12 @@ class TorchPolicies(PolicyFamily):
         return ({k: v[s] for k, v in t["inputs"].items()}, t["ref"][s], offsets,
                 t["n_ranked"][torch.as_tensor(idx, device=dev)])
 
+    def _type_totals(self, W):
+        """(T (K,), N): each type's total weight over all records of the M-step, and the
+        number of records; the normalisers of every minibatch loss. Computed here, once per
+        M-step: with records sharded across processes, both are sums over the shards."""
+        return W.sum(dim=1), float(W.shape[1])
+
     def _optimize(self, g, weights, *, steps, epochs, reset):
         from .. import torch as et
 
@@ -382,6 +395,9 @@ class TorchPolicies(PolicyFamily):
                 m.load_state_dict(state)
         t = self._tensors(g)
         W = torch.as_tensor(weights, device=self.device).to(self.dtype)
+        totals, n_total = self._type_totals(W)
+        # A type without weight has a zero loss; any positive divisor keeps it zero.
+        totals = totals.clamp_min(torch.finfo(totals.dtype).tiny)
         K = len(self.modules)
         groups = [list(range(K))] if self.joint else [[k] for k in range(K)]
         batches = self._batches(g.n_records, steps, epochs)
@@ -396,9 +412,8 @@ class TorchPolicies(PolicyFamily):
             for idx in batches:
                 inputs, ref, offsets, n_ranked = self._batch(t, g, idx)
                 w = W[grp] if idx is None else W[grp][:, torch.as_tensor(idx, device=W.device)]
-                # loss_k = -sum_i w_ki ll_ki / sum_i w_ki: scaled here rather than with
-                # reduction="weighted_mean", which rejects a type without weight in a batch.
-                w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+                # T_k |B| / N: type k's expected weight in a minibatch of |B| records.
+                total = totals[grp] * (1.0 if idx is None else len(idx) / n_total)
                 B = int(ref.shape[0])
 
                 def closure():
@@ -407,11 +422,13 @@ class TorchPolicies(PolicyFamily):
                     if len(mods) > 1:
                         loss = et.mixture_dpo_loss(policy, ref, offsets, weights=w,
                                                    beta=self.beta, n_ranked=n_ranked,
-                                                   reduction="sum")
+                                                   reduction="weighted_mean",
+                                                   total_weight=total)
                     else:
                         loss = et.listwise_dpo_loss(policy[0], ref, offsets, w[0],
                                                     beta=self.beta, n_ranked=n_ranked,
-                                                    reduction="sum")
+                                                    reduction="weighted_mean",
+                                                    total_weight=total[0])
                     loss.backward()
                     return loss
 

@@ -117,6 +117,16 @@ class RankedListCollator:
         self.pad_token_id = int(pad)
         self._warned_prefix = False
 
+    @classmethod
+    def for_model(cls, tokenizer, model, **kwargs) -> "RankedListCollator":
+        """A collator whose layout suits ``model``: ``prefix_sharing`` defaults to
+        ``supports_prefix_sharing(model)`` (the prompt encoded once per list where the model
+        can take it, the padded layout otherwise); other arguments as for the constructor."""
+        from .logps import supports_prefix_sharing
+
+        kwargs.setdefault("prefix_sharing", supports_prefix_sharing(model))
+        return cls(tokenizer, **kwargs)
+
     @property
     def layout(self) -> str:
         return "prefix_shared" if self.prefix_sharing else "padded"

@@ -17,15 +17,19 @@ class EStepResult(NamedTuple):
     """Result of :func:`e_step`.
 
     responsibilities: (H, K) posterior of each annotator over types, rows sum to 1.
-    loglik: observed-data log-likelihood, sum_h logsumexp_k (log eta_k + S_hk).
+    loglik: observed-data log-likelihood, sum_h v_h logsumexp_k (log eta_k + S_hk), with
+        annotator weights v (default 1).
     annotator_loglik: (H, K) S_hk = sum over the annotator's records of c_i * ll_ik.
     record_loglik: (N, K) per-record log-likelihoods when asked for, else None.
+    type_totals: (K,) float64 sum_h v_h g_hk, summed in annotator order (the mixture
+        weights' sufficient statistic), on the input's device.
     """
 
     responsibilities: object
     loglik: float
     annotator_loglik: object
     record_loglik: object = None
+    type_totals: object = None
 
 
 def raise_non_finite(bad: int, p: np.ndarray, ref: np.ndarray, offsets: np.ndarray, beta: float):
@@ -56,17 +60,18 @@ def listwise_loglik(p, ref, offsets, nr, beta):
     return out
 
 
-def e_step(p, ref, offsets, nr, ao, lw, cw, beta, return_record_loglik):
+def e_step(p, ref, offsets, nr, ao, lw, cw, v, beta, return_record_loglik):
     K, M = p.shape
     N, H = offsets.shape[0] - 1, ao.shape[0] - 1
     resp = np.empty((H, K), dtype=p.dtype)
     annot_ll = np.empty((H, K), dtype=p.dtype)
     rec = np.empty((N, K), dtype=p.dtype) if return_record_loglik else None
+    totals = np.empty(K, dtype=np.float64)
     bad, loglik = _core.e_step(p, ref, offsets, nr, cw, ao, lw, N, M, K, H, beta, resp,
-                               annot_ll, rec)
+                               annot_ll, rec, annotator_weights=v, type_totals=totals)
     if bad >= 0:
         raise_non_finite(bad, p, ref, offsets, beta)
-    return EStepResult(resp, float(loglik), annot_ll, rec)
+    return EStepResult(resp, float(loglik), annot_ll, rec, totals)
 
 
 def loss_scale(reduction: str, w: Optional[np.ndarray], K: int, N: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Plain float64 NumPy references: the oracle for tests and benchmarks.
 
 Written for clarity, not speed: one record at a time, straight from the formulas of
-DESIGN.md section 1, with no shared code with the compiled kernels. The gradient uses the
+docs/math.md, with no shared code with the compiled kernels. The gradient uses the
 direct O(m^2) form (a sum of softmaxes over the suffixes), not the kernels' O(m) recurrence.
 """
 
@@ -84,7 +84,9 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         S[h] = (c[ao[h]:ao[h + 1], None] * ll[ao[h]:ao[h + 1]]).sum(axis=0)
     v = lw[None, :] + S
     lse = np.array([_logsumexp(row) for row in v])
-    resp = np.exp(v - lse[:, None])
+    # Relative to each row's largest term: exp(v - lse) would lose log z at |v| >~ 1e16.
+    d = v - v.max(axis=1, keepdims=True)
+    resp = np.exp(d - np.log(np.exp(d).sum(axis=1, keepdims=True)))
     aw = np.ones(H) if annotator_weights is None else np.asarray(annotator_weights, np.float64)
     return resp, float((aw * lse).sum()), S
 
@@ -146,7 +148,7 @@ def group_by_annotator(annotator_ids, n_annotators=None):
 
 def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind="reward",
                   sample_weights=None):
-    """R[k, j]: regret of type k served by policy j (DESIGN.md section 1, MMRA)."""
+    """R[k, j]: regret of type k served by policy j (docs/math.md, MMRA)."""
     lp = np.asarray(sample_logps, dtype=np.float64)
     ref = np.asarray(sample_ref_logps, dtype=np.float64)
     so = np.asarray(source_offsets)

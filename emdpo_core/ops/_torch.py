@@ -116,12 +116,7 @@ def _prepare(policy_logps, ref_logps):
     if p.shape[1] < 2:
         raise ValueError(f"policy_logps: expected shape (K, M) with M >= 2, got {tuple(p.shape)}")
     ref = _float_tensor(ref_logps, "ref_logps", device)
-    if ref.shape[0] != p.shape[1]:
-        raise ValueError(f"ref_logps: expected shape ({p.shape[1]},) to match policy_logps' "
-                         f"M={p.shape[1]}, got {tuple(ref.shape)}")
-    if ref.dtype != p.dtype:
-        raise TypeError(f"ref_logps: dtype {ref.dtype} does not match policy_logps' dtype "
-                        f"{p.dtype}; pass both as float32 or both as float64")
+    _checks.check_matches("ref_logps", ref, "policy_logps", p, "M")
     return p, ref, one, device
 
 
@@ -217,17 +212,25 @@ def _layout(offsets, n_ranked, M, device):
     return offsets, nr
 
 
+def _inputs(policy_logps, ref_logps, beta, offsets, n_ranked):
+    """The checks every listwise op starts with: (p (K, M), ref, one, device, beta, offsets,
+    n_ranked)."""
+    p, ref, one, device = _prepare(policy_logps, ref_logps)
+    beta = _checks.check_beta(beta)
+    if device.type != "cpu":
+        _require_cuda_build(device)
+    offsets, nr = _layout(offsets, n_ranked, p.shape[1], device)
+    return p, ref, one, device, beta, offsets, nr
+
+
 def _as_tensors(*arrays):
     return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
 
 
 def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
-    p, ref, _, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+    p, ref, _, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                   n_ranked)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     if device.type == "cpu":
         return torch.from_numpy(_cpu.listwise_loglik(p.numpy(), ref.numpy(), offsets.numpy(),
                                                         _numpy(nr), beta))
@@ -286,55 +289,51 @@ def _log_weights_on(log_weights, K, device):
     return torch.from_numpy(lw_host).pin_memory().to(device, non_blocking=True), False
 
 
-def _annotator_weight_tensor(annotator_weights, H, device):
+def _annotator_weights_on(annotator_weights, H, device):
+    """Annotator weights v (H,) float64 on the device, or None. A CUDA tensor stays on the
+    device (checked there, read with the E-step's result); anything else is checked on the
+    host and copied through pinned memory without blocking the host."""
     if annotator_weights is None:
-        return None
-    v = _weight_tensor(annotator_weights, "annotator_weights", device, torch.float64)
-    if tuple(v.shape) != (H,):
-        raise ValueError(f"annotator_weights: expected shape ({H},), got {tuple(v.shape)}")
-    return v
+        return None, False
+    if isinstance(annotator_weights, torch.Tensor) and annotator_weights.device == device:
+        v = _weight_tensor(annotator_weights, "annotator_weights", device, torch.float64)
+        if tuple(v.shape) != (H,):
+            raise ValueError(f"annotator_weights: expected shape ({H},), got {tuple(v.shape)}")
+        return v, True
+    v_host = _checks.check_annotator_weights(
+        _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+        else annotator_weights, H)
+    return torch.from_numpy(v_host).pin_memory().to(device, non_blocking=True), False
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None, return_record_loglik=False,
-           annotator_weights=None, type_totals=None):
-    """As emdpo_core.e_step, plus annotator_weights (H,) v >= 0 (loglik = sum_h v_h lse_h)
-    and type_totals, a (K,) float64 tensor on the inputs' device that receives
-    sum_h v_h g_hk. On CUDA the call synchronises once, to return loglik as a float (the
-    flags of invalid inputs travel with it)."""
-    p, ref, _, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+           n_ranked=None, record_weights=None, annotator_weights=None,
+           return_record_loglik=False):
+    """As emdpo_core.e_step. On CUDA the kernel weighs the annotators and forms the type
+    totals itself, and the call synchronises once, to return loglik as a float (the flags
+    of invalid inputs travel with it)."""
+    p, ref, _, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                   n_ranked)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     N = offsets.shape[0] - 1
     ao = _annotator_offsets(annotator_offsets, N, device)
     H = ao.shape[0] - 1
     lw, lw_on_device = _log_weights_on(log_weights, K, device)
     cw = _record_weights(record_weights, N, device, p.dtype)
-    v = _annotator_weight_tensor(annotator_weights, H, device)
-    if type_totals is not None:
-        if not (isinstance(type_totals, torch.Tensor) and type_totals.device == device
-                and type_totals.dtype == torch.float64 and tuple(type_totals.shape) == (K,)
-                and type_totals.is_contiguous()):
-            raise TypeError(f"type_totals: expected a contiguous float64 tensor of shape ({K},) "
-                            f"on {device}, got {_describe(type_totals)}")
     if device.type == "cpu":
-        resp = np.empty((H, K), dtype=p.numpy().dtype)
-        annot_ll = np.empty_like(resp)
-        rec = np.empty((N, K), dtype=resp.dtype) if return_record_loglik else None
-        bad, loglik = _core.e_step(p.numpy(), ref.numpy(), offsets.numpy(), _numpy(nr),
-                                   _numpy(cw), ao.numpy(), lw.numpy(), N, M, K, H, beta, resp,
-                                   annot_ll, rec, annotator_weights=_numpy(v),
-                                   type_totals=None if type_totals is None else type_totals.numpy())
-        if bad >= 0:
-            _cpu.raise_non_finite(bad, p.numpy(), ref.numpy(), offsets.numpy(), beta)
-        resp, annot_ll, rec = _as_tensors(resp, annot_ll, rec)
-        return _cpu.EStepResult(resp, float(loglik), annot_ll, rec)
+        v_host = _checks.check_annotator_weights(
+            _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+            else annotator_weights, H)
+        r = _cpu.e_step(p.numpy(), ref.numpy(), offsets.numpy(), _numpy(nr), ao.numpy(),
+                        lw.numpy(), _numpy(cw), v_host, beta, return_record_loglik)
+        resp, annot_ll, rec, totals = _as_tensors(r.responsibilities, r.annotator_loglik,
+                                                  r.record_loglik, r.type_totals)
+        return _cpu.EStepResult(resp, r.loglik, annot_ll, rec, totals)
+    v, v_on_device = _annotator_weights_on(annotator_weights, H, device)
     resp = torch.empty((H, K), dtype=p.dtype, device=device)
     annot_ll = torch.empty((H, K), dtype=p.dtype, device=device)
     rec = torch.empty((N, K), dtype=p.dtype, device=device) if return_record_loglik else None
+    totals = torch.empty((K,), dtype=torch.float64, device=device)
     # One float64 vector read once at the end: [loglik, first bad record, log-weight checks
     # (a NaN or +inf entry, all entries -inf), annotator-weight check (a negative or
     # non-finite entry)].
@@ -343,7 +342,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     if lw_on_device:
         out[2] = (torch.isnan(lw) | (lw == float("inf"))).any().to(torch.float64)
         out[3] = (lw == float("-inf")).all().to(torch.float64)
-    if v is not None:
+    if v_on_device:
         out[4] = (~(torch.isfinite(v) & (v >= 0))).any().to(torch.float64)
     ws_bytes = _core.cuda_e_step_workspace_bytes(N, H, K)
     ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
@@ -352,7 +351,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
                           _ptr(nr), _ptr(cw), ao.data_ptr(), lw.data_ptr(), N, M, K, H, beta,
                           resp.data_ptr(), annot_ll.data_ptr(), out[0:1].data_ptr(), _ptr(rec),
                           first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device),
-                          annotator_weights_ptr=_ptr(v), type_totals_ptr=_ptr(type_totals))
+                          annotator_weights_ptr=_ptr(v), type_totals_ptr=totals.data_ptr())
     out[1] = first_bad[0].to(torch.float64)
     loglik, bad, lw_bad, lw_zero, v_bad = out.tolist()  # the one synchronisation
     if bad >= 0:
@@ -360,24 +359,18 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     if lw_bad > 0 or lw_zero > 0:
         _checks.check_log_weights(lw.cpu().numpy(), K)  # raises with the message
     if v_bad > 0:
-        bad_v = v.cpu().numpy()
-        i = int(np.flatnonzero(~(np.isfinite(bad_v) & (bad_v >= 0)))[0])
-        raise ValueError(f"annotator_weights: expected finite values >= 0, got {bad_v[i]} at "
-                         f"index {i}")
-    return _cpu.EStepResult(resp, loglik, annot_ll, rec)
+        _checks.check_annotator_weights(v.cpu().numpy(), H)  # raises with the message
+    return _cpu.EStepResult(resp, loglik, annot_ll, rec, totals)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
                                n_ranked=None, reduction="sum", return_tensors=False):
     """Returns (loss, grad) like the NumPy version. With return_tensors=True the loss is a
     0-d float64 tensor on the input's device (no host synchronisation for the value)."""
-    p, ref, one, device = _prepare(policy_logps, ref_logps)
-    beta = _checks.check_beta(beta)
+    p, ref, one, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
+                                                     n_ranked)
     reduction = _checks.check_reduction(reduction)
     K, M = p.shape
-    if device.type != "cpu":
-        _require_cuda_build(device)
-    offsets, nr = _layout(offsets, n_ranked, M, device)
     N = offsets.shape[0] - 1
     if device.type == "cpu":
         w = None if weights is None else _float_tensor(weights, "weights", device, dims=(1, 2))
@@ -476,12 +469,7 @@ def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind,
         _checks.check_sample_ref(None, None, kind)  # raises for kind="reward"
     else:
         ref = _float_tensor(sample_ref_logps, "sample_ref_logps", device)
-        if ref.shape[0] != S:
-            raise ValueError(f"sample_ref_logps: expected shape ({S},) to match sample_logps' "
-                             f"S={S}, got {tuple(ref.shape)}")
-        if ref.dtype != lp.dtype:
-            raise TypeError(f"sample_ref_logps: dtype {ref.dtype} does not match sample_logps' "
-                            f"dtype {lp.dtype}; pass both as float32 or both as float64")
+        _checks.check_matches("sample_ref_logps", ref, "sample_logps", lp, "S")
     if kind_code == 1:
         ref = None
     so = _index_tensor(source_offsets, "source_offsets", device)

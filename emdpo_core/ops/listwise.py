@@ -61,13 +61,17 @@ def listwise_loglik(policy_logps, ref_logps, offsets, *, beta, n_ranked=None):
 
 
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
-           n_ranked=None, record_weights=None, return_record_loglik=False) -> EStepResult:
+           n_ranked=None, record_weights=None, annotator_weights=None,
+           return_record_loglik=False) -> EStepResult:
     """Fused E-step: per-record likelihoods, per-annotator sums, posteriors over types.
 
     Records must be grouped by annotator: records annotator_offsets[h]:annotator_offsets[h+1]
-    belong to annotator h (see :func:`group_by_annotator`). With S_hk = sum_i c_i ll_ik:
-        log g_hk = log eta_k + S_hk - logsumexp_j (log eta_j + S_hj),
-        loglik  = sum_h logsumexp_k (log eta_k + S_hk).
+    belong to annotator h (see :func:`group_by_annotator`). With S_hk = sum_i c_i ll_ik
+    (c = ``record_weights``, default 1) and v = ``annotator_weights`` (H,) (default 1: how
+    many identical annotators h stands for):
+        log g_hk      = log eta_k + S_hk - logsumexp_j (log eta_j + S_hj),
+        loglik        = sum_h v_h logsumexp_k (log eta_k + S_hk),
+        type_totals_k = sum_h v_h g_hk.
     Reductions are deterministic (bitwise the same for any thread count). Extra memory is
     O(H + N/2048) beyond the outputs; the (N, K) per-record table is only made when
     ``return_record_loglik`` is true.
@@ -84,6 +88,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
 
         return _torch.e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights,
                              beta=beta, n_ranked=n_ranked, record_weights=record_weights,
+                             annotator_weights=annotator_weights,
                              return_record_loglik=return_record_loglik)
     beta = _checks.check_beta(beta)
     p, ref, _ = _checks.policy_and_ref(policy_logps, ref_logps)
@@ -93,7 +98,8 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     ao = _checks.check_annotator_offsets(annotator_offsets, N)
     lw = _checks.check_log_weights(log_weights, K)
     cw = _checks.check_record_weights(record_weights, N, p.dtype)
-    return _cpu.e_step(p, ref, offsets, nr, ao, lw, cw, beta, return_record_loglik)
+    v = _checks.check_annotator_weights(annotator_weights, ao.shape[0] - 1)
+    return _cpu.e_step(p, ref, offsets, nr, ao, lw, cw, v, beta, return_record_loglik)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
