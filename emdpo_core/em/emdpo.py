@@ -134,6 +134,10 @@ class EMDPO(EMEstimator):
         return TabularPolicies() if self.policies is None else copy.copy(self.policies)
 
     def _as_data(self, data):
+        if self.policies is None and isinstance(data, PreferenceData):
+            raise TypeError("policies: None means tabular policies, which fit RankingData; to "
+                            "fit PreferenceData give a policy family, e.g. EMDPO(K, "
+                            "TorchPolicies(module, ...))")
         if isinstance(data, (RankingData, PreferenceData)) or callable(getattr(data, "grouped",
                                                                                None)):
             return data

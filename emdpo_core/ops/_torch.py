@@ -18,8 +18,13 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _require_tensor(x, name, device):
+    _checks.refuse_sparse(x, name)
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x), device=device)
+        try:
+            x = torch.as_tensor(np.asarray(x), device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}: expected a tensor or an array of numbers, got "
+                            f"{_checks.clip(x)}") from None
     if x.device != device:
         raise ValueError(
             f"{name}: on {x.device}, but policy_logps is on {device}; put all inputs on one device")
@@ -42,6 +47,8 @@ def _index_tensor(x, name, device):
         raise TypeError(f"{name}: expected an integer tensor (int64), got {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D integer tensor, got shape {tuple(x.shape)}")
+    if x.dtype != torch.int64 and not x.dtype.is_signed and x.element_size() == 8 and x.numel():
+        _checks.as_int64(x.cpu().numpy(), name)     # uint64 beyond int64: the real value
     return x.to(torch.int64).contiguous()
 
 
@@ -397,12 +404,20 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
         scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
+    elif w is None:
+        scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
     else:
-        totals = (torch.full((K,), float(N), dtype=torch.float64, device=device) if w is None
-                  else w.sum(dim=1, dtype=torch.float64))
+        # As _cpu.weighted_mean_weights: each type's weights divided by their largest
+        # magnitude first, so 1 / sum stays finite for tiny weights. A type whose weights do
+        # not sum to a positive total is flagged on the device (read with the other flags).
+        w_given = w
+        totals = w.sum(dim=1, dtype=torch.float64)
         first = torch.where(totals > 0, K, torch.arange(K, device=device)).min()
         flags[2] = torch.where(first < K, first, -1)
-        scale = 1.0 / totals
+        top = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
+        top = torch.where(top > 0, top, torch.ones_like(top))  # an all-zero type stays zero
+        w = (w.to(torch.float64) / top).to(p.dtype).contiguous()
+        scale = 1.0 / w.sum(dim=1, dtype=torch.float64)
     grad = torch.empty((K, M), dtype=p.dtype, device=device)
     rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
     loss = torch.empty((), dtype=torch.float64, device=device)
@@ -428,7 +443,7 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
     if bad[0] >= 0:
         _raise_if_bad(flags[0:1], p, ref, offsets, beta)
     if bad[1] >= 0 or bad[2] >= 0:
-        w_host = w.cpu().numpy()
+        w_host = (w_given if reduction == "weighted_mean" else w).cpu().numpy()
         _checks.check_loss_weights(w_host, K, N, w_host.dtype, one)  # raises for bad[1]
         _cpu.loss_scale(reduction, w_host, K, N)  # raises for bad[2]
     return values[3], grad
