@@ -54,7 +54,7 @@ step "fresh venv: install the repaired wheel (binary packages only)"
 "$PY" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install --quiet --upgrade pip
 "$WORK/venv/bin/python" -m pip install --quiet --only-binary=:all: -c "$REPO/constraints.txt" \
-  "${REPAIRED}[all]" pytest
+  "${REPAIRED}[all,test]"
 
 step "smoke tests against the installed wheel (from $WORK)"
 cd "$WORK"

@@ -617,9 +617,10 @@ def test_workspace_sizes_are_computable_upper_bounds():
 @needs_torch
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_torch_e_step_annotator_weights_and_type_totals(device):
-    """ops._torch.e_step passes annotator weights and the type-totals output to the kernels
-    (CPU tensors: the CPU kernel; CUDA tensors: the CUDA kernel) and matches the reference;
-    log weights given as a tensor on the device are used there."""
+    """ops._torch.e_step passes annotator weights to the kernels and returns their type
+    totals (CPU tensors: the CPU kernel; CUDA tensors: the CUDA kernel, which weighs and sums
+    on the device) and matches the reference; log weights given as a tensor on the device
+    are used there."""
     if device == "cuda" and _GPU_SKIP is not None:
         pytest.skip(str(_GPU_SKIP))
     from emdpo_core.ops import _torch as tops
@@ -631,9 +632,10 @@ def test_torch_e_step_annotator_weights_and_type_totals(device):
     log_w = np.log(rng.dirichlet(np.ones(K)))
     v = rng.uniform(0.0, 3.0, H)
     t = (lambda x: torch.as_tensor(np.ascontiguousarray(x), device=device))
-    tt = torch.full((K,), float("nan"), dtype=torch.float64, device=device)
     res = tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, n_ranked=t(nr),
-                      annotator_weights=t(v), type_totals=tt)
+                      annotator_weights=t(v))
+    tt = res.type_totals
+    assert tt.device.type == device
     resp, loglik, S = reference.e_step(p, r, off, ao, log_w, beta=0.8, n_ranked=nr,
                                        annotator_weights=v)
     assert_close(res.responsibilities, resp, "float64", "responsibilities")
@@ -646,9 +648,8 @@ def test_torch_e_step_annotator_weights_and_type_totals(device):
         tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, annotator_weights=t(bad))
     with pytest.raises(ValueError, match="log_weights"):
         tops.e_step(t(p), t(r), t(off), t(ao), t(np.full(K, np.nan)), beta=0.8)
-    with pytest.raises(TypeError, match="type_totals"):
-        tops.e_step(t(p), t(r), t(off), t(ao), log_w, beta=0.8,
-                    type_totals=torch.zeros(K + 1, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="annotator_weights"):
+        tops.e_step(t(p), t(r), t(off), t(ao), log_w, beta=0.8, annotator_weights=t(v[:-1]))
 
 
 @gpu
