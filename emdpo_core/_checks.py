@@ -8,6 +8,7 @@ their type's module, so nothing here imports torch.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Optional
 
 import numpy as np
@@ -17,6 +18,7 @@ from . import _core
 REDUCTIONS = ("sum", "mean", "weighted_mean", "none")
 REGRET_KINDS = ("reward", "kl")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_I64_MAX = int(np.iinfo(np.int64).max)
 
 
 def is_torch(x) -> bool:
@@ -43,6 +45,7 @@ def check_beta(beta) -> float:
 
 def float_array(x, name: str, ndims=(1,)) -> np.ndarray:
     """A C-contiguous float32/float64 array (no copy when already one)."""
+    refuse_sparse(x, name)
     if is_torch(x):
         raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
     a = np.asarray(x)
@@ -64,20 +67,54 @@ def index_array(x, name: str, *, host_tensors: bool = False) -> np.ndarray:
     integral floats (e.g. parsed from JSON). A torch tensor is refused (a kernel argument must
     not mix torch and NumPy) unless ``host_tensors``, then it is copied to the host."""
     if is_torch(x):
+        refuse_sparse(x, name)
         if not host_tensors:
             raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
         x = x.detach().cpu().numpy()
+    refuse_sparse(x, name)
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D integer array, got shape {a.shape}")
-    if a.dtype.kind not in "iu":
-        if a.dtype.kind == "f" and a.size and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            pass  # integral floats (e.g. from JSON) are accepted
-        elif a.size:
-            raise TypeError(f"{name}: expected an integer array (int64), got dtype {a.dtype}")
-    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{name}: values exceed int64")
+    return as_int64(a, name, "an integer array (int64)")
+
+
+def as_int64(a: np.ndarray, name: str, expected: str = "integers") -> np.ndarray:
+    """``a`` as C-contiguous int64: integers of any width, integral floats (e.g. parsed from
+    JSON) and object arrays of Python ints. Values beyond int64 are reported as they are
+    (never wrapped: 2**64 - 1 is not -1, 1e19 is not -2**63); anything else is a TypeError
+    naming the first offending entry."""
+    kind = a.dtype.kind
+    if a.size and kind == "u" and a.dtype.itemsize == 8:
+        big = np.flatnonzero(a > _I64_MAX)
+        if big.size:
+            raise ValueError(f"{name}: value {int(a[big[0]])} at index {_index(a, big[0])} is "
+                             f"beyond int64")
+    elif a.size and kind == "f":
+        flat = a.reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(flat) | (flat != np.round(flat)))
+        if bad.size:
+            raise TypeError(f"{name}: expected {expected}, got dtype {a.dtype} with the value "
+                            f"{flat[bad[0]]!r} at index {_index(a, bad[0])}")
+        big = np.flatnonzero(np.abs(flat) >= 2.0 ** 63)
+        if big.size:
+            raise ValueError(f"{name}: value {flat[big[0]]:g} at index {_index(a, big[0])} is "
+                             f"beyond int64")
+    elif a.size and kind == "O":
+        for i, v in enumerate(a.reshape(-1)):       # Python ints too large for int64 land here
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected {expected}, got {clip(v)} at index "
+                                f"{_index(a, i)}")
+            if not -_I64_MAX - 1 <= v <= _I64_MAX:
+                raise ValueError(f"{name}: value {clip(int(v))} at index {_index(a, i)} is "
+                                 f"beyond int64")
+    elif a.size and kind not in "iu":
+        raise TypeError(f"{name}: expected {expected}, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _index(a: np.ndarray, flat_index):
+    i = np.unravel_index(int(flat_index), a.shape)
+    return int(i[0]) if a.ndim == 1 else tuple(int(j) for j in i)
 
 
 def check_offsets(offsets: np.ndarray, M: int, total: str = "M") -> int:
@@ -149,11 +186,16 @@ def check_annotator_offsets(annotator_offsets, N: int) -> np.ndarray:
 
 
 def check_log_weights(log_weights, K: int) -> np.ndarray:
+    refuse_sparse(log_weights, "log_weights")
     if is_torch(log_weights):
         log_weights = log_weights.detach().cpu().numpy()
-    lw = np.asarray(log_weights, dtype=np.float64).reshape(-1) if np.ndim(log_weights) <= 1 else None
-    if lw is None:
-        raise ValueError(f"log_weights: expected shape ({K},), got {np.shape(log_weights)}")
+    a = np.asarray(log_weights)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"log_weights: expected ({K},) real numbers, got "
+                        f"{clip(log_weights) if a.dtype.kind in 'OUSV' else describe(a)}")
+    if a.ndim > 1:
+        raise ValueError(f"log_weights: expected shape ({K},), got {a.shape}")
+    lw = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
     if lw.shape[0] != K:
         raise ValueError(f"log_weights: expected shape ({K},) (one per type), got {lw.shape}")
     bad = np.flatnonzero(np.isnan(lw) | (lw == np.inf))
@@ -168,11 +210,13 @@ def check_log_weights(log_weights, K: int) -> np.ndarray:
 def real_vector(x, name: str, size: int, per: str, dtype=np.float64) -> np.ndarray:
     """A C-contiguous (size,) array of real numbers (a torch tensor is copied to the host);
     TypeError/ValueError naming the argument otherwise. Value checks stay with the caller."""
+    refuse_sparse(x, name)
     if is_torch(x):
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.dtype.kind not in "fiub":
-        raise TypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
+        raise TypeError(f"{name}: expected real numbers, got "
+                        f"{clip(x) if a.dtype.kind in 'OUSV' else f'dtype {a.dtype}'}")
     a = np.ascontiguousarray(a, dtype=dtype)
     if a.shape != (size,):
         raise ValueError(f"{name}: expected shape ({size},) (one per {per}), got {a.shape}")
@@ -225,10 +269,17 @@ def check_float(name, x, minimum, *, strict=False):
 
 
 def check_sample_weight(sample_weight, N: int) -> Optional[np.ndarray]:
-    """(N,) float64 row counts (finite, >= 0, not all 0), or None."""
+    """(N,) float64 row counts (finite, >= 0, not all 0, with a finite sum), or None."""
     sw = weight_vector(sample_weight, "sample_weight", N, "record")
-    if sw is not None and not sw.sum() > 0:
+    if sw is None:
+        return None
+    with np.errstate(over="ignore"):
+        total = sw.sum()
+    if not total > 0:
         raise ValueError("sample_weight: every weight is 0; nothing to fit")
+    if not math.isfinite(total):
+        raise ValueError(f"sample_weight: the weights sum to {total} (overflow, largest weight "
+                         f"{sw.max():g}); rescale them")
     return sw
 
 
@@ -414,3 +465,73 @@ def check_context_weights(context_weights, C: int) -> np.ndarray:
     if not rho.sum() > 0:
         raise ValueError("context_weights: all zero; at least one context needs weight")
     return rho / rho.sum()
+
+
+# ----------------------------------------------------------------------------------------
+# Hardening: readable messages, ids that cost what the data costs, sparse inputs
+
+# A user value echoed in a message is cut to about this many characters (a 1 GB line must
+# not become a 1 GB message); containers show their first few entries.
+MESSAGE_VALUE_CHARS = 60
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MESSAGE_VALUE_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 6
+_REPR.maxdict = 4
+_REPR.maxlevel = 3
+
+
+def clip(value) -> str:
+    """repr(value) for an error message, cut to a readable length: every message that echoes
+    a value the user gave (a name, a line of a file, a key) goes through here."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        # str() of a huge int is slow and refused beyond 4300 digits
+        digits = int(value.bit_length() * 0.30103) + 1
+        return f"<an integer of about {digits} digits>"
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        return f"<{type(value).__name__}>"
+
+
+# A message from elsewhere (an exception's text) wrapped into ours is cut to this length.
+MESSAGE_CHARS = 400
+
+
+def clip_message(text) -> str:
+    """An exception's message on one line, cut to MESSAGE_CHARS characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_CHARS else \
+        text[:MESSAGE_CHARS - 30] + f"... ({len(text)} characters)"
+
+
+# Ids (item ids, annotator ids) index arrays of size largest id + 1, so their cost grows with
+# the largest id, not with the data. An id may exceed what the data could use by this
+# margin: up to max(SPARE_IDS, 4 * entries) for `entries` values given. Larger ids are
+# refused (a header claiming 10^12 alternatives, an id of 10^8 in a file of ten rankings):
+# relabel them compactly.
+SPARE_IDS = 1 << 20
+
+
+def check_id_bound(name: str, largest: int, n_entries: int, *, count: bool = False) -> None:
+    """Refuse an id (``largest``) or, with ``count=True``, a number of ids (``largest`` + 1)
+    whose arrays would cost far more than the ``n_entries`` values the data gives."""
+    bound = max(SPARE_IDS, 4 * int(n_entries))
+    if largest >= bound:
+        what = f"{clip(int(largest) + 1)} ids" if count else f"id {clip(int(largest))}"
+        raise ValueError(
+            f"{name}: {what} is too large for data of {n_entries} entries (ids index arrays "
+            f"of size largest id + 1; ids below {bound} are accepted here); relabel the ids "
+            f"compactly, e.g. with numpy.unique(ids, return_inverse=True)")
+
+
+def refuse_sparse(x, name: str) -> None:
+    """TypeError for sparse torch tensors and SciPy sparse matrices (the kernels read dense
+    buffers; densify explicitly)."""
+    if is_torch(x):
+        if str(x.layout) != "torch.strided":
+            raise TypeError(f"{name}: got a sparse torch tensor (layout {x.layout}); pass a "
+                            f"dense tensor (x.to_dense())")
+        return
+    if type(x).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name}: got a SciPy sparse {type(x).__name__}; pass a dense array "
+                        f"(x.toarray())")

@@ -24,20 +24,49 @@ __all__ = ["main"]
 # emdpo fit
 
 
+# At most this many values of K in one --types (each is a whole fit with restarts).
+MAX_TYPES_LISTED = 64
+
+
 def _parse_types(text: str) -> List[int]:
     """'3' -> [3]; '1-3' -> [1, 2, 3]; '1,2,4' -> [1, 2, 4]."""
+    from ._checks import clip
+
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-", 1))
-            ks = list(range(lo, hi + 1))
+            count = hi - lo + 1          # checked before a list of that size is made
+            ks = list(range(lo, hi + 1)) if count <= MAX_TYPES_LISTED else None
         else:
             ks = [int(x) for x in text.split(",")]
+            count = len(ks)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected K, a range 'K1-K2' or a list 'K1,K2,...', got {text!r}") from None
+            f"expected K, a range 'K1-K2' or a list 'K1,K2,...', got {clip(text)}") from None
+    if count > MAX_TYPES_LISTED:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_TYPES_LISTED} values of K at once, got {clip(text)} ({count} values)")
     if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers of types >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected numbers of types >= 1, got {clip(text)}")
     return ks
+
+
+def _int_at_least(minimum: int):
+    """argparse type: an int >= minimum (and within int64)."""
+    def parse(text: str) -> int:
+        from ._checks import clip
+
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {clip(text)}") from None
+        if not minimum <= v < 2 ** 63:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got "
+                                             f"{clip(v)}")
+        return v
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
 def _add_fit(sub) -> None:
@@ -52,18 +81,19 @@ def _add_fit(sub) -> None:
     p.add_argument("--types", "-k", type=_parse_types, required=True, metavar="K",
                    help="number of latent types; a range '1-3' or list '1,2,4' fits each and "
                         "picks the lowest BIC")
-    p.add_argument("--restarts", type=int, default=5, metavar="N",
+    p.add_argument("--restarts", type=_int_at_least(1), default=5, metavar="N",
                    help="EM restarts per K, the best is kept (default 5)")
     p.add_argument("--output", "-o", metavar="DIR", help="write DIR/fit.json and DIR/model.npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--max-iter", type=int, default=1000, help="EM iterations per restart "
-                                                               "(default 1000)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
+    p.add_argument("--max-iter", type=_int_at_least(1), default=1000,
+                   help="EM iterations per restart (default 1000)")
     p.add_argument("--tol", type=float, default=1e-7,
                    help="convergence tolerance on the objective per record (default 1e-7)")
     p.add_argument("--pseudo-count", type=float, default=0.01,
                    help="virtual wins and losses per item and type (0 = maximum likelihood; "
                         "default 0.01)")
-    p.add_argument("--top", type=int, default=5, help="top items shown per type (default 5)")
+    p.add_argument("--top", type=_int_at_least(1), default=5,
+                   help="top items shown per type (default 5)")
     p.add_argument("--format", choices=("auto", "preflib", "jsonl"), default="auto",
                    help="input format (default: from the file extension)")
     p.add_argument("--trailing-tie", choices=("reject", "unranked"), default="reject",
@@ -170,7 +200,9 @@ def _run_fit(args) -> int:
         if selection is not None:
             report["selection"] = {"criterion": selection.criterion, "rows": selection.rows,
                                    "best_n_components": selection.best_n_components}
-        with open(os.path.join(args.output, "fit.json"), "w", encoding="utf-8") as f:
+        from ._io import atomic_write
+
+        with atomic_write(os.path.join(args.output, "fit.json"), "w") as f:
             json.dump(report, f, indent=2, default=_json_default)
         model.save(os.path.join(args.output, "model.npz"))
         print(f"wrote {os.path.join(args.output, 'fit.json')} and "
@@ -241,10 +273,23 @@ _COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, ``emdpo fit: error: ... (see emdpo fit --help)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message) -> str:
+    from ._checks import clip_message
+
+    return clip_message(message)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emdpo", description="EM-DPO: EM over latent annotator types with listwise "
                                   "(Plackett-Luce) preferences.")
     parser.add_argument("--version", action="version", version=f"emdpo-core {__version__}")
@@ -257,6 +302,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``emdpo`` console script; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        # names that the terminal's encoding cannot show are printed escaped, not fatal
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     args = _parser().parse_args(argv)
     run = {name: fn for name, _, fn in _COMMANDS}[args.command]
     try:
@@ -267,7 +318,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, TypeError, OSError) as e:
-        print(f"emdpo {args.command}: error: {e}", file=sys.stderr)
+        print(f"emdpo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RecursionError, ArithmeticError) as e:
+        # the input's own checks should have caught it first; still one line, never a trace
+        print(f"emdpo {args.command}: error: {type(e).__name__}: {_one_line(e) or 'no detail'}"
+              f" (the input is too large or too deeply nested)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"emdpo {args.command}: interrupted", file=sys.stderr)

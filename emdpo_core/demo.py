@@ -42,6 +42,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._io import atomic_write
+
 __all__ = ["run_demo", "DEMO_TYPE_REWARDS", "DEMO_TYPE_WEIGHTS"]
 
 
@@ -438,7 +440,8 @@ def _figure(report, agg, path) -> Optional[str]:
     a.set_title("3. True regret per type, held-out prompts", fontsize=10)
     a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -539,7 +542,7 @@ def run_demo(output: str = "emdpo-demo", *, quick: bool = False, seed: int = 0,
     }
     report["checks"] = checks
     path = os.path.join(output, "report.json")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         json.dump(_jsonable(report), f, indent=2)
     say("Summary")
     say(f"    policy error, one record per annotator: pairs {ident['pairwise']['policy_error']:.3f}"

@@ -252,13 +252,19 @@ def mmra(regret, *, group_weights=None, solver=None, hedge_iterations=HEDGE_ITER
     R = _checks.check_regret(regret)
     K = R.shape[0]
     c = _checks.check_group_weights(group_weights, K)
-    M = c[:, None] * R
+    with np.errstate(over="ignore"):
+        M = c[:, None] * R
+    if not np.all(np.isfinite(M)):
+        raise ValueError("group_weights: group_weights[k] * regret[k, j] overflows float64; "
+                         "rescale the group weights or the regrets")
     if isinstance(solver, str) and solver.lower() == "hedge":
         T = _checks.check_int("hedge_iterations", hedge_iterations, 1)
         w, p = _hedge(M, T)
         regrets = R @ w
         max_regret = float(np.max(c * regrets))
-        gap = max(0.0, max_regret - float(np.min(p @ M)))
+        # the gap in units of max |M| first: both terms may be near the largest float
+        scale = float(np.max(np.abs(M))) or 1.0
+        gap = scale * max(0.0, float(np.max((M / scale) @ w)) - float(np.min(p @ (M / scale))))
         return MMRAResult(w, max_regret, regrets, f"approximate (hedge, {T} iterations, "
                                                   f"duality gap <= {gap:.3g})")
     cp = _import_cvxpy()
@@ -328,9 +334,12 @@ def _optimistic_hedge(M, iterations, step):
 
 
 def _hedge(M: np.ndarray, iterations: int):
+    # The game is run on M / max|M| (entries in [-1, 1], step 1/2 = 1 / (2 L): the RVU
+    # condition, see mmra): the same iterates as M with step 0.5 / max|M|, but cumulative
+    # payoffs cannot overflow however large the regrets (up to the largest float).
     scale = float(np.max(np.abs(M)))
-    step = 0.5 / scale if scale > 0 else 1.0  # 1 / (2 L): the RVU condition (see mmra)
-    w, p = _optimistic_hedge(np.ascontiguousarray(M, dtype=np.float64), iterations, step)
+    unit = M / scale if scale > 0 else M
+    w, p = _optimistic_hedge(np.ascontiguousarray(unit, dtype=np.float64), iterations, 0.5)
     return w / w.sum(), p / p.sum()
 
 

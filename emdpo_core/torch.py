@@ -54,7 +54,12 @@ __all__ = [
     "pairwise_dpo_loss",
     "padded_listwise_dpo_loss",
     "mixture_dpo_loss",
+    "check_errors",
 ]
+
+# Raise the first input error that earlier CUDA loss calls flagged without synchronising
+# (docs/torch.md, "CUDA: which calls synchronise").
+check_errors = _torch_dispatch.check_errors
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -272,6 +277,7 @@ def _describe(x) -> str:
 
 
 def _require_policy_tensor(x, name: str) -> torch.Tensor:
+    _checks.refuse_sparse(x, name)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name}: expected a torch.Tensor, got {_describe(x)}; for NumPy arrays use "
@@ -286,6 +292,7 @@ def _require_policy_tensor(x, name: str) -> torch.Tensor:
 
 
 def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
+    _checks.refuse_sparse(x, name)
     if isinstance(x, torch.Tensor):
         if x.device != device:
             raise ValueError(
@@ -295,7 +302,8 @@ def _as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
     try:
         return torch.as_tensor(x, device=device)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} ({e})") from None
+        raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} "
+                        f"({_checks.clip_message(e)})") from None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -319,6 +327,12 @@ def _as_index(x, name: str, device: torch.device) -> torch.Tensor:
     t = _as_tensor(x, name, device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor (int64), got {t.dtype}")
+    if t.dtype != torch.int64:
+        # every integer type is read as int64 here, once (the backward's index arithmetic
+        # needs int64: uint8 offsets used to pass the forward and fail in the backward)
+        if not t.dtype.is_signed and t.element_size() == 8 and t.numel():
+            _checks.as_int64(t.cpu().numpy(), name)        # uint64 beyond int64
+        t = t.to(torch.int64)
     return t
 
 
@@ -673,6 +687,14 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
         if tuple(resp.shape) != (N, K):
             raise ValueError(f"responsibilities: expected shape ({N}, {K}) (one row per record, "
                              f"one column per type), got {tuple(resp.shape)}")
+        if resp.dtype.is_complex or resp.dtype == torch.bool:
+            raise TypeError(f"responsibilities: expected real numbers, got {resp.dtype}")
+        # checked here, before the transpose, so that the index is (record, type)
+        bad = ~(torch.isfinite(resp) & (resp >= 0))
+        if bool(bad.any()):
+            i, k = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"responsibilities: expected finite posteriors >= 0, got "
+                             f"{resp[i, k].item()} at index ({i}, {k}) (record {i}, type {k})")
         weights = resp.t()
     else:
         weights = _as_tensor(weights, "weights", policy.device)

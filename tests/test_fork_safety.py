@@ -1,4 +1,4 @@
-"""Kernels called in a child made by fork() after the parent ran OpenMP parallel regions.
+"""Kernels and fits in a child made by fork() after the parent ran OpenMP parallel regions.
 
 GNU OpenMP's worker threads do not survive fork(); a child that opened a parallel region
 would wait for them forever. The kernels detect such a child and run serially there, with the
@@ -85,6 +85,26 @@ if __name__ == "__main__":
 """
 
 
+FIT = r"""
+import multiprocessing as mp, numpy as np, emdpo_core as ec
+
+truth = ec.PlackettLuceMixture.from_parameters(
+    [[3.0, 2, 1, 0, -1, -2], [-2.0, -1, 0, 1, 2, 3]], [0.5, 0.5])
+data, _ = truth.sample(3000, random_state=0)   # > 2048 records: the E-step's parallel path
+
+def fit(_=None):
+    m = ec.PlackettLuceMixture(2, random_state=0, max_iter=15, tol=0.0).fit(data)
+    return m.weights_.tobytes() + m.log_worths_.tobytes() + np.float64(m.lower_bound_).tobytes()
+
+if __name__ == "__main__":
+    parent = fit()                               # Numba's and the kernels' threads start here
+    with mp.get_context("fork").Pool(2) as pool:
+        children = pool.map_async(fit, range(2)).get(timeout=120)
+    assert all(c == parent for c in children), "a child's fit differs from the parent's"
+    print("ok")
+"""
+
+
 def _run(script, threads=2):
     import os
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -95,6 +115,11 @@ def _run(script, threads=2):
 
 def test_kernels_run_in_children_forked_after_parallel_regions():
     _run(KERNELS)
+
+
+def test_plackett_luce_fit_in_forked_children():
+    """The tabular EM (C++ E-step, Numba M-step) in children forked after the parent's fit."""
+    _run(FIT)
 
 
 def test_child_forked_before_any_parallel_region_keeps_threads():

@@ -335,6 +335,14 @@ def test_pairs_warning_only_for_one_comparison_per_annotator():
         assert rep.records_per_annotator["median"] == 4
 
 
+def test_fit_prints_the_several_pairs_note_when_verbose(capsys):
+    pop, several = _pairs(30, 4, 1113)
+    data = pop.to_ranking_data(several)
+    ec.PlackettLuceMixture(2, max_iter=3, random_state=0, verbose=1).fit(data)
+    err = capsys.readouterr().err
+    assert "note: all records are pairwise comparisons, 4 records per annotator" in err
+
+
 def test_identifiability_reports_preference_data():
     from emdpo_core.datasets import make_population
 

@@ -44,6 +44,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._io import atomic_write, check_writable
+
 __all__ = ["add_parser", "run", "CASES", "FIELDS"]
 
 CASES = {
@@ -388,6 +390,7 @@ class Recorder:
         path = self.path
         if os.path.isdir(path):
             raise ValueError(f"--output {path}: is a directory; expected a CSV file name")
+        check_writable(path, "--output")
         if os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, newline="") as f:
                 header = next(csv.reader(f), [])
@@ -403,10 +406,16 @@ class Recorder:
         path = self.path
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, "a", newline="") as f:
+        old = ""
+        if os.path.exists(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                old = f.read()
+        # appending = rewriting the whole file atomically: a reader (or a run that is killed
+        # midway) never sees a torn row
+        with atomic_write(path, "w", newline="") as f:
+            f.write(old)
             w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
+            if not old:
                 w.writeheader()
             for r in rows:
                 w.writerow({k: r.get(k, "") for k in FIELDS})

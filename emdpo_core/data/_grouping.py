@@ -7,6 +7,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import _checks
+
 
 @numba.njit(cache=True, nogil=True)
 def _counting_sort(ids, n_groups):
@@ -53,17 +55,20 @@ def group_by_annotator(annotator_ids, n_annotators=None):
         raise ValueError("annotator_ids: expected at least one record, got an empty array")
     if a.dtype.kind not in "iu":
         raise TypeError(f"annotator_ids: expected integer ids, got dtype {a.dtype}")
-    ids = np.ascontiguousarray(a, dtype=np.int64)
+    ids = _checks.as_int64(a, "annotator_ids")
     neg = np.flatnonzero(ids < 0)
     if neg.size:
         raise ValueError(f"annotator_ids: expected ids >= 0, got {ids[neg[0]]} at index {neg[0]}")
     top = int(ids.max())
+    # annotator_offsets has H + 1 entries: ids far beyond the number of records would make
+    # the cost grow with the largest id instead of with the data
     if n_annotators is None:
+        _checks.check_id_bound("annotator_ids", top, ids.shape[0])
         H = top + 1
     else:
         if isinstance(n_annotators, bool) or not isinstance(n_annotators, (int, np.integer)):
             raise TypeError(f"n_annotators: expected an int, got {type(n_annotators).__name__}")
-        H = int(n_annotators)
+        H = int(n_annotators)   # the caller's count (e.g. the global H of a shard): not bounded
         if top >= H:
             i = int(np.argmax(ids >= H))
             raise ValueError(f"annotator_ids: id {ids[i]} at index {i} is out of range for "

@@ -11,17 +11,52 @@ import warnings
 
 import numpy as np
 
+from .._checks import check_id_bound, clip, clip_message
+
+_I64_MAX = int(np.iinfo(np.int64).max)
+# A line longer than this is refused: a junk file without newlines must not be read whole into
+# memory and echoed. 16 MiB holds a ranking of more than a million items.
+MAX_LINE_BYTES = 16 << 20
+
+
+def _text_lines(path):
+    """(line number, text) for every line of a UTF-8 file (a BOM on the first line is
+    dropped); a line that is not UTF-8 or longer than MAX_LINE_BYTES is a ValueError naming
+    the file and line."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes "
+                                 f"(is this a file of rankings?)")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 text (byte "
+                                 f"0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            yield lineno, text.rstrip("\r\n")
 
 def build_from_lists(rankings, candidates, *, n_items, item_names, where):
     """Lists of orders (+ candidate sets) -> constructor fields. ``where(i)`` names record i
     in error messages (a list index or a file line)."""
-    try:
-        n = len(rankings)
-    except TypeError:
+    if isinstance(rankings, dict) or not hasattr(rankings, "__iter__"):
         raise TypeError(f"rankings: expected a sequence of orders, got "
-                        f"{type(rankings).__name__}") from None
+                        f"{type(rankings).__name__}")
+    rankings = list(rankings)
+    n = len(rankings)
     if n == 0:
         raise ValueError("rankings: expected at least one ranking, got none")
+    if candidates is not None:
+        if isinstance(candidates, (str, bytes, dict)) or not hasattr(candidates, "__iter__"):
+            raise TypeError(f"candidates: expected a sequence of candidate sets, got "
+                            f"{type(candidates).__name__}")
+        candidates = list(candidates)
     if candidates is not None and len(candidates) != n:
         raise ValueError(f"candidates: expected {n} candidate sets (one per ranking, None for "
                          f"none), got {len(candidates)}")
@@ -42,29 +77,37 @@ def build_from_lists(rankings, candidates, *, n_items, item_names, where):
                             f"name")
         if isinstance(x, (int, np.integer)):
             if kind == "name":
-                raise TypeError(f"{where(i)}: item {x!r} is an integer but earlier items are "
-                                f"names; use one kind")
+                raise TypeError(f"{where(i)}: item {clip(x)} is an integer but earlier items "
+                                f"are names; use one kind")
             kind = "id"
             x = int(x)
             if x < 0:
-                raise ValueError(f"{where(i)}: item id {x} is negative; expected ids >= 0")
+                raise ValueError(f"{where(i)}: item id {clip(x)} is negative; expected ids >= 0")
+            if x > _I64_MAX:
+                raise ValueError(f"{where(i)}: item id {clip(x)} is beyond int64")
             if n_items is not None and x >= n_items:
                 raise ValueError(f"{where(i)}: item id {x} is out of range for n_items={n_items}")
             return x
         if isinstance(x, str):
             if kind == "id" and name_to_id is None:
-                raise TypeError(f"{where(i)}: item {x!r} is a name but earlier items are integer "
-                                f"ids; use one kind")
+                raise TypeError(f"{where(i)}: item {clip(x)} is a name but earlier items are "
+                                f"integer ids; use one kind")
             kind = "name" if kind is None else kind
             if name_to_id is None:
                 name_to_id, names = {}, []
             if x not in name_to_id:
                 if item_names is not None:
-                    raise ValueError(f"{where(i)}: item {x!r} is not in item_names")
+                    raise ValueError(f"{where(i)}: item {clip(x)} is not in item_names")
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{where(i)}: item name {clip(x)} is not valid Unicode text "
+                                     f"(it holds a lone surrogate) and cannot be printed or "
+                                     f"written") from None
                 name_to_id[x] = len(names)
                 names.append(x)
             return name_to_id[x]
-        raise TypeError(f"{where(i)}: item {x!r} has type {type(x).__name__}; expected an "
+        raise TypeError(f"{where(i)}: item {clip(x)} has type {type(x).__name__}; expected an "
                         f"integer id or a string name")
 
     items, lengths, depths = [], [], []
@@ -78,11 +121,11 @@ def build_from_lists(rankings, candidates, *, n_items, item_names, where):
                              f"item")
         dup = _first_repeat(ranked)
         if dup is not None:
-            raise ValueError(f"{where(i)}: item {ranking[dup]!r} appears twice in the ranking")
+            raise ValueError(f"{where(i)}: item {clip(ranking[dup])} appears twice in the ranking")
         cand = None if candidates is None else candidates[i]
         if cand is None:
             if len(ranked) == 1:
-                raise ValueError(f"{where(i)}: a ranking of one item ({ranking[0]!r}) with no "
+                raise ValueError(f"{where(i)}: a ranking of one item ({clip(ranking[0])}) with no "
                                  f"other candidates carries no information; give its candidate "
                                  f"set (items) or drop it")
             rest = []
@@ -93,12 +136,12 @@ def build_from_lists(rankings, candidates, *, n_items, item_names, where):
             cids = [to_id(x, i) for x in cand]
             dup = _first_repeat(cids)
             if dup is not None:
-                raise ValueError(f"{where(i)}: candidate {cand[dup]!r} appears twice in the "
+                raise ValueError(f"{where(i)}: candidate {clip(cand[dup])} appears twice in the "
                                  f"candidate set")
             cset = set(cids)
             missing = [x for x, r in zip(ranking, ranked) if r not in cset]
             if missing:
-                raise ValueError(f"{where(i)}: ranked item {missing[0]!r} is not in the candidate "
+                raise ValueError(f"{where(i)}: ranked item {clip(missing[0])} is not in the candidate "
                                  f"set")
             if len(cids) < 2:
                 raise ValueError(f"{where(i)}: the candidate set has {len(cids)} item(s); a "
@@ -138,7 +181,7 @@ def _split_order(text: str, where: str):
         part = part.strip()
         if part.startswith("{"):
             if not part.endswith("}"):
-                raise ValueError(f"{where}: unbalanced '{{' in {text.strip()!r}")
+                raise ValueError(f"{where}: unbalanced '{{' in {clip(text.strip())}")
             inner = part[1:-1].strip()
             members = [p.strip() for p in inner.split(",")] if inner else []
         else:
@@ -148,7 +191,7 @@ def _split_order(text: str, where: str):
             try:
                 ids.append(int(p))
             except ValueError:
-                raise ValueError(f"{where}: {p!r} is not an alternative number") from None
+                raise ValueError(f"{where}: {clip(p)} is not an alternative number") from None
         if ids:
             groups.append(ids)
     return groups
@@ -159,11 +202,11 @@ def _top_level_split(s: str, where: str):
     for ch in s:
         if ch == "{":
             if depth:
-                raise ValueError(f"{where}: nested '{{' in {s!r}")
+                raise ValueError(f"{where}: nested '{{' in {clip(s)}")
             depth = 1
         elif ch == "}":
             if not depth:
-                raise ValueError(f"{where}: unbalanced '}}' in {s!r}")
+                raise ValueError(f"{where}: unbalanced '}}' in {clip(s)}")
             depth = 0
         if ch == "," and depth == 0:
             parts.append("".join(cur))
@@ -171,7 +214,7 @@ def _top_level_split(s: str, where: str):
         else:
             cur.append(ch)
     if depth:
-        raise ValueError(f"{where}: unbalanced '{{' in {s!r}")
+        raise ValueError(f"{where}: unbalanced '{{' in {clip(s)}")
     parts.append("".join(cur))
     return parts
 
@@ -183,23 +226,33 @@ def read_preflib(path: str, trailing_tie: str) -> dict:
     kind = os.path.splitext(path)[1].lower()
     if kind not in _PREFLIB_KINDS:
         raise ValueError(f"{path}: expected a PrefLib file of orders ending in "
-                         f"{', '.join(_PREFLIB_KINDS)}, got {kind or 'no extension'!r}")
-    with open(path, encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
-    n_alt, names, data_lines = _preflib_header(lines, path)
+                         f"{', '.join(_PREFLIB_KINDS)}, got {clip(kind) if kind else 'no extension'}")
+    lines = [text for _, text in _text_lines(path)]
+    n_alt, names, data_lines, announced = _preflib_header(lines, path)
     if n_alt < 2:
         raise ValueError(f"{path}: {n_alt} alternative(s); rankings need at least 2")
+    # Every order lists all n_alt alternatives (the unranked ones after the ranked), so a
+    # header may not announce far more alternatives than the file's orders mention.
+    mentioned = sum(order.count(",") + 1 for _, _, _, order in data_lines)
+    try:
+        check_id_bound("NUMBER ALTERNATIVES", n_alt - 1, mentioned, count=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     items, lengths, depths, counts = [], [], [], []
     skipped = 0
+    voters = 0
     for lineno, line, count_text, order_text in data_lines:
         where = f"{path}:{lineno}"
         try:
             count = int(count_text)
         except ValueError:
-            raise ValueError(f"{where}: the count {count_text.strip()!r} is not an "
+            raise ValueError(f"{where}: the count {clip(count_text.strip())} is not an "
                              f"integer") from None
         if count < 0:
-            raise ValueError(f"{where}: negative count {count}")
+            raise ValueError(f"{where}: negative count {clip(count)}")
+        if count > _I64_MAX:
+            raise ValueError(f"{where}: the count {clip(count)} is beyond int64")
+        voters += count
         groups = _split_order(order_text, where)
         flat = [a for g in groups for a in g]
         for a in flat:
@@ -242,6 +295,7 @@ def read_preflib(path: str, trailing_tie: str) -> dict:
         warnings.warn(f"{path}: skipped {skipped} empty order line(s): an empty order has "
                       f"likelihood 1 under every type and carries no information",
                       UserWarning, stacklevel=3)
+    _check_announced(path, announced, voters, len(data_lines))
     if not lengths:
         raise ValueError(f"{path}: no orders with a positive count")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -253,8 +307,31 @@ def read_preflib(path: str, trailing_tie: str) -> dict:
                 item_names=names)
 
 
+def _check_announced(path, announced, voters, orders):
+    """Warn when the header's counts of voters and unique orders differ from the file's (a
+    truncated download reads without any other sign)."""
+    want_v, want_u = announced.get("voters"), announced.get("orders")
+    if (want_v is None or want_v == voters) and (want_u is None or want_u == orders):
+        return
+    said = " and ".join(x for x in (f"{want_v} voters" if want_v is not None else "",
+                                    f"{want_u} unique orders" if want_u is not None else "") if x)
+    short = (want_v is not None and voters < want_v) or (want_u is not None and orders < want_u)
+    warnings.warn(f"{path}: the header announces {said}, the file holds {voters} voters in "
+                  f"{orders} order line(s){' (is the file truncated?)' if short else ''}",
+                  UserWarning, stacklevel=4)
+
+
+def _announced_count(val):
+    try:
+        return int(val)
+    except ValueError:
+        return None       # informative header lines: a malformed one is not an error
+
+
 def _preflib_header(lines, path):
-    """(n_alternatives, names or None, [(lineno, line, count, order)])."""
+    """(n_alternatives, names or None, [(lineno, line, count, order)], announced counts
+    {"voters": int, "orders": int} as far as the header gives them)."""
+    announced = {}
     content = [(k + 1, ln) for k, ln in enumerate(lines) if ln.strip()]
     if not content:
         raise ValueError(f"{path}: the file is empty")
@@ -270,8 +347,12 @@ def _preflib_header(lines, path):
                     try:
                         n_alt = int(val)
                     except ValueError:
-                        raise ValueError(f"{path}:{lineno}: NUMBER ALTERNATIVES {val.strip()!r} "
-                                         f"is not an integer") from None
+                        raise ValueError(f"{path}:{lineno}: NUMBER ALTERNATIVES "
+                                         f"{clip(val.strip())} is not an integer") from None
+                elif key == "NUMBER VOTERS":
+                    announced["voters"] = _announced_count(val)
+                elif key == "NUMBER UNIQUE ORDERS":
+                    announced["orders"] = _announced_count(val)
                 elif key.startswith("ALTERNATIVE NAME"):
                     try:
                         names[int(key.split()[-1])] = val.strip()
@@ -280,7 +361,7 @@ def _preflib_header(lines, path):
                 continue
             count, sep, order = s.partition(":")
             if not sep:
-                raise ValueError(f"{path}:{lineno}: expected 'count: a,b,c', got {s!r}")
+                raise ValueError(f"{path}:{lineno}: expected 'count: a,b,c', got {clip(s)}")
             data.append((lineno, s, count, order))
         if n_alt is None:
             raise ValueError(f"{path}: no '# NUMBER ALTERNATIVES: n' header line")
@@ -292,7 +373,7 @@ def _preflib_header(lines, path):
         except ValueError:
             raise ValueError(f"{path}:{lineno}: expected the number of alternatives (older "
                              f"PrefLib format) or '#' header lines, got "
-                             f"{first.strip()!r}") from None
+                             f"{clip(first.strip())}") from None
         if len(content) < n_alt + 2:
             raise ValueError(f"{path}: truncated header: {n_alt} alternatives announced")
         names = {}
@@ -301,16 +382,22 @@ def _preflib_header(lines, path):
             try:
                 names[int(idx)] = nm.strip()
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected 'number,name', got {ln.strip()!r}") \
-                    from None
+                raise ValueError(f"{path}:{lineno}: expected 'number,name', got "
+                                 f"{clip(ln.strip())}") from None
+        # then "voters,sum of counts,unique orders"
+        parts = content[n_alt + 1][1].split(",")
+        if len(parts) == 3:
+            announced = {"voters": _announced_count(parts[0]),
+                         "orders": _announced_count(parts[2])}
         data = []
         for lineno, ln in content[n_alt + 2:]:
             count, sep, order = ln.strip().partition(",")
             if not sep:
-                raise ValueError(f"{path}:{lineno}: expected 'count,a,b,c', got {ln.strip()!r}")
+                raise ValueError(f"{path}:{lineno}: expected 'count,a,b,c', got "
+                                 f"{clip(ln.strip())}")
             data.append((lineno, ln, count, order))
     name_list = [names.get(a, str(a)) for a in range(1, n_alt + 1)] if names else None
-    return n_alt, name_list, data
+    return n_alt, name_list, data, announced
 
 
 def read_jsonl(path) -> dict:
@@ -319,43 +406,55 @@ def read_jsonl(path) -> dict:
     path = os.fspath(path)
     rankings, cands, annot, weights = [], [], [], []
     lines = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
+        except ValueError as e:      # e.g. an integer of more than 4300 digits
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({clip_message(e)})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                             f"{type(rec).__name__}")
+        unknown = set(rec) - {"annotator", "ranking", "items", "weight"}
+        if unknown:
+            raise ValueError(f"{path}:{lineno}: unknown keys {clip(sorted(unknown))}; expected "
+                             f"'ranking' and optionally 'items', 'annotator', 'weight'")
+        if "ranking" not in rec:
+            raise ValueError(f"{path}:{lineno}: missing key 'ranking'")
+        if not isinstance(rec["ranking"], list):
+            raise ValueError(f"{path}:{lineno}: 'ranking' must be a list, got "
+                             f"{type(rec['ranking']).__name__}")
+        if "items" in rec and not isinstance(rec["items"], list):
+            raise ValueError(f"{path}:{lineno}: 'items' must be a list, got "
+                             f"{type(rec['items']).__name__}")
+        rankings.append(rec["ranking"])
+        cands.append(rec.get("items"))
+        a = rec.get("annotator")
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, str))):
+            raise ValueError(f"{path}:{lineno}: 'annotator' must be a string or an "
+                             f"integer, got {clip(a)}")
+        if isinstance(a, str):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
-            unknown = set(rec) - {"annotator", "ranking", "items", "weight"}
-            if unknown:
-                raise ValueError(f"{path}:{lineno}: unknown keys {sorted(unknown)}; expected "
-                                 f"'ranking' and optionally 'items', 'annotator', 'weight'")
-            if "ranking" not in rec:
-                raise ValueError(f"{path}:{lineno}: missing key 'ranking'")
-            if not isinstance(rec["ranking"], list):
-                raise ValueError(f"{path}:{lineno}: 'ranking' must be a list, got "
-                                 f"{type(rec['ranking']).__name__}")
-            if "items" in rec and not isinstance(rec["items"], list):
-                raise ValueError(f"{path}:{lineno}: 'items' must be a list, got "
-                                 f"{type(rec['items']).__name__}")
-            rankings.append(rec["ranking"])
-            cands.append(rec.get("items"))
-            a = rec.get("annotator")
-            if a is not None and (isinstance(a, bool) or not isinstance(a, (int, str))):
-                raise ValueError(f"{path}:{lineno}: 'annotator' must be a string or an "
-                                 f"integer, got {a!r}")
-            annot.append(a)
-            w = rec.get("weight", 1)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or \
-                    not math.isfinite(w) or w < 0:
-                raise ValueError(f"{path}:{lineno}: 'weight' must be a finite number >= 0, "
-                                 f"got {w!r}")
-            weights.append(float(w))
-            lines.append(lineno)
+                a.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{lineno}: 'annotator' {clip(a)} is not valid Unicode "
+                                 f"text (it holds a lone surrogate)") from None
+        annot.append(a)
+        w = rec.get("weight", 1)
+        try:
+            wf = float(w) if not isinstance(w, bool) and isinstance(w, (int, float)) else None
+        except OverflowError:          # an integer beyond the float range
+            wf = math.inf
+        if wf is None or not math.isfinite(wf) or wf < 0:
+            raise ValueError(f"{path}:{lineno}: 'weight' must be a finite number >= 0, "
+                             f"got {clip(w)}")
+        weights.append(wf)
+        lines.append(lineno)
     if not rankings:
         raise ValueError(f"{path}: no records (the file is empty)")
     has = [a is not None for a in annot]

@@ -75,6 +75,8 @@ class RankingData(RecordSet):
             n_items = top + 1
         else:
             n_items = _checks.check_int("n_items", n_items, 2)
+            if n_items > np.iinfo(np.int64).max:
+                raise ValueError(f"n_items: {n_items} is beyond int64")
             if top >= n_items:
                 j = int(np.argmax(items >= n_items))
                 raise ValueError(f"items: id {items[j]} at slot {j} (record "

@@ -47,16 +47,21 @@ def type_totals(responsibilities, annotator_weight):
 @numba.njit(cache=True, nogil=True)
 def mixture_weights(responsibilities, annotator_weight, alpha):
     """MAP mixture weights under a symmetric Dirichlet(alpha) prior, alpha >= 1:
-    eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1))."""
+    eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1)).
+    Numerator and denominator are divided by s = max(1, alpha - 1) first, so that a huge
+    alpha (up to the largest float) gives weights near 1/K instead of inf / inf; for
+    alpha <= 2 (s = 1) the arithmetic is the plain formula's."""
     H, K = responsibilities.shape
     totals = np.zeros(K, dtype=np.float64)
     for h in range(H):
         v = annotator_weight[h]
         for k in range(K):
             totals[k] += v * responsibilities[h, k]
+    a = alpha - 1.0
+    s = a if a > 1.0 else 1.0
     denom = 0.0
     for k in range(K):
-        totals[k] += alpha - 1.0
+        totals[k] = totals[k] / s + a / s if s != 1.0 else totals[k] + a
         denom += totals[k]
     for k in range(K):
         totals[k] /= denom

@@ -4,15 +4,66 @@ and return arrays only; no fastmath (results must match the references exactly).
 
 from __future__ import annotations
 
+import functools
+import os
+import types
+
 import numba
 import numpy as np
+
+
+# ----------------------------------------------------------------------------------------
+# Fork safety. With its OpenMP threading layer Numba ends a child made by fork() from a process
+# whose Numba threads had started, on the child's first parallel call ("fork() called from a
+# process already using GNU OpenMP"); GNU OpenMP's threads do not survive fork(). Each
+# parallel function below is therefore also compiled serially, and a forked child of such a
+# process (or of such a child) runs the serial builds. Every type writes only its own row, so
+# both builds give the same bits.
+
+
+def _numba_threads_started() -> bool:
+    try:
+        from numba.np.ufunc import parallel
+    except ImportError:  # pragma: no cover - another Numba layout: assume they have
+        return True
+    return bool(getattr(parallel, "_is_initialized", True))
+
+
+_forked_after_threads = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_threads
+    _forked_after_threads = _forked_after_threads or _numba_threads_started()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _over_types(fn):
+    """Numba-compile ``fn`` (a ``numba.prange`` loop over types) in parallel, and serially
+    for forked children (see above)."""
+    parallel = numba.njit(cache=True, nogil=True, parallel=True)(fn)
+    # The serial build compiles a copy under another name: Numba's on-disk cache is keyed by
+    # the function's qualified name, not by the parallel flag.
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + "_serial"
+    serial = numba.njit(cache=True, nogil=True)(copy)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return (serial if _forked_after_threads else parallel)(*args)
+
+    call.parallel, call.serial = parallel, serial
+    return call
 
 
 # ----------------------------------------------------------------------------------------
 # Weighted Plackett-Luce M-step: Hunter's (2004) minorization-maximization (MM) algorithm
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_wins(items, offsets, n_ranked, weights, n_items):
     """(K, n_items) weighted number of times each item is chosen (ranked at a stage t < L):
     wins[k, i] = sum_r weights[k, r] * #{t < L_r : item of slot t of r is i}.
@@ -74,7 +125,7 @@ def _pl_mm_update_one(wins, denom, theta, pseudo_count, out):
             out[i] = theta[i]            # never in play, no pseudo-count: no information
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_mm_denominators(items, offsets, n_ranked, weights, log_worths, m_max):
     """(K, n_items) the MM denominators of pl_mm_step without the pseudo-count term:
     sum_r w_kr sum_{t < L_r, i in R_rt} 1 / sum_{s in R_rt} gamma_s, with worths scaled by
@@ -88,7 +139,7 @@ def pl_mm_denominators(items, offsets, n_ranked, weights, log_worths, m_max):
     return denom
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_mm_update(wins, denom, log_worths, pseudo_count):
     """(K, n_items) new log-worths of one MM step from the (summed) wins and denominators."""
     K, n_items = log_worths.shape
@@ -116,7 +167,7 @@ def pl_mm_step(items, offsets, n_ranked, weights, wins, log_worths, pseudo_count
     return pl_mm_update(wins, denom, log_worths, pseudo_count)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_weighted_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
     """(K,) sum_r weights[k, r] * ll_r(log_worths[k]) in float64, O(m) per record (suffix
     log-sum-exp). Used by tests and by the tabular initialisation's inner MM loop."""
@@ -191,7 +242,7 @@ def _pl_scaled_loglik_one(items, offsets, n_ranked, w, theta, m_max):
     return total
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
     """(K,) sum_r weights[k, r] * ll_r(log_worths[k]), like :func:`pl_weighted_loglik`, but
     from worths scaled so that the largest is 1 (one exp per item, one log per stage instead
@@ -261,7 +312,7 @@ def _pl_grad_hess_one(items, offsets, n_ranked, w, theta, m_max, grad, hess):
     return total
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_over_types
 def pl_grad_hess(items, offsets, n_ranked, weights, log_worths, m_max):
     """Value (K,), gradient (K, n_items) and Hessian (K, n_items, n_items) of the weighted
     Plackett-Luce log-likelihood Q_k(theta) = sum_r weights[k, r] ll_r(theta) at

@@ -134,6 +134,10 @@ class EMDPO(EMEstimator):
         return TabularPolicies() if self.policies is None else copy.copy(self.policies)
 
     def _as_data(self, data):
+        if self.policies is None and isinstance(data, PreferenceData):
+            raise TypeError("policies: None means tabular policies, which fit RankingData; to "
+                            "fit PreferenceData give a policy family, e.g. EMDPO(K, "
+                            "TorchPolicies(module, ...))")
         if isinstance(data, (RankingData, PreferenceData)) or callable(getattr(data, "grouped",
                                                                                None)):
             return data
@@ -143,6 +147,11 @@ class EMDPO(EMEstimator):
     def _data_warnings(self, data) -> List[str]:
         if isinstance(data, (RankingData, PreferenceData)):
             return diagnostics.identifiability(data, int(self.n_components)).warnings
+        return []
+
+    def _data_notes(self, data) -> List[str]:
+        if isinstance(data, (RankingData, PreferenceData)):
+            return diagnostics.identifiability(data, int(self.n_components)).notes
         return []
 
     def _initial_resp(self, g, K, rng):

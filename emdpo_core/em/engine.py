@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import sys
 import time
 import warnings
 from typing import List, Optional
@@ -96,7 +97,9 @@ class EMEstimator(Persistence, abc.ABC):
             iterations, at the end of each restart and when the fit is interrupted (any
             exception, e.g. KeyboardInterrupt: the state of the last completed iteration).
             ``type(model).load(path).fit(data)`` resumes and gives exactly the result of an
-            uninterrupted run.
+            uninterrupted run. Files never store this path (a file must not decide where a
+            later call writes): to keep checkpointing after a resume, say so again,
+            ``load(path, checkpoint=path)``.
         checkpoint_every: iterations between checkpoint writes.
 
     Fitted attributes: ``weights_`` (K,), ``responsibilities_`` (H, K) (row h: annotator h of
@@ -142,6 +145,11 @@ class EMEstimator(Persistence, abc.ABC):
 
     def _data_warnings(self, data) -> List[str]:
         """Messages emitted as IdentifiabilityWarning at the start of fit."""
+        return []
+
+    def _data_notes(self, data) -> List[str]:
+        """What limits identification without ruling it out; printed (stderr) at the start of
+        fit when verbose >= 1."""
         return []
 
     def _on_fitted(self, data) -> None:
@@ -197,7 +205,14 @@ class EMEstimator(Persistence, abc.ABC):
         _checks.check_float("tol", self.tol, 0.0)
         _checks.check_int("n_init", self.n_init, 1)
         _checks.check_int("verbose", self.verbose, 0)
-        _checks.check_float("alpha", self.alpha, 1.0)
+        alpha = _checks.check_float("alpha", self.alpha, 1.0)
+        K = int(self.n_components)
+        # The log prior (alpha - 1) sum_k log eta_k must stay finite: with eta_k near 1/K it is
+        # about -(alpha - 1) K log K (a margin of 4 covers weights away from uniform).
+        if (alpha - 1.0) * 4.0 * K * (math.log(K) + 1.0) > np.finfo(np.float64).max:
+            raise ValueError(f"alpha: {alpha!r} is too large for K={K}: the Dirichlet log prior "
+                             f"(alpha - 1) * sum_k log eta_k overflows float64; any alpha above "
+                             f"about 1e6 already pins the weights at 1/K")
         _checks.check_int("checkpoint_every", self.checkpoint_every, 1)
         if not (isinstance(self.min_weight, str) and self.min_weight == "auto"):
             w = _checks.check_float("min_weight", self.min_weight, 0.0)
@@ -369,6 +384,9 @@ class EMEstimator(Persistence, abc.ABC):
                              f"H={H}")
         for msg in self._data_warnings(data):
             warnings.warn(msg, IdentifiabilityWarning, stacklevel=3)
+        if self.verbose >= 1:
+            for msg in self._data_notes(data):
+                print(f"note: {msg}", file=sys.stderr)
         self.timings_ = dict.fromkeys(
             ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
         total_weight = shards.total_weight(g)

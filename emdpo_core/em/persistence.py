@@ -1,6 +1,7 @@
 """Saving fitted EM models and checkpoints of unfinished fits: one .npz file, NumPy arrays
-plus a JSON header (no pickled objects), written atomically (a temporary file, then a rename),
-refused on load when it is not one of ours."""
+plus a JSON header (no pickled objects), written atomically (emdpo_core._io.atomic_write).
+On load every field is checked (what a file may set, and how, is in docs/guarantees.md):
+a damaged or foreign file is refused with an error naming the file and the field."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
+
+from .._checks import clip, clip_message, describe
+from .._io import atomic_write
 
 _FORMAT_VERSION = 1
 
@@ -44,17 +48,13 @@ class Persistence:
 
     def _params_json(self):
         meta, arrays = {}, {}
-        for p in self._param_names():
-            if p in self._SKIP_PARAMS:
-                continue
+        for p in self._file_params():
             v = getattr(self, p)
             if isinstance(v, np.ndarray):
                 arrays[f"param/{p}"] = v
                 meta[p] = {"__array__": f"param/{p}"}
             elif isinstance(v, np.random.Generator):
                 meta[p] = None   # the drawn seed is stored; resume is exact anyway
-            elif isinstance(v, os.PathLike):
-                meta[p] = os.fspath(v)
             elif isinstance(v, (np.integer, np.floating)):
                 meta[p] = v.item()
             else:
@@ -62,8 +62,11 @@ class Persistence:
         return meta, arrays
 
     # Fitted attributes written by save (those a from_parameters model lacks are skipped).
-    _FITTED_SCALARS = ("loglik_", "objective_", "log_prior_", "lower_bound_", "converged_",
-                       "n_iter_", "n_components_", "dropped_components_", "restarts_")
+    # name -> kind checked on load ("real", "int", "bool", "list").
+    _FITTED_SCALARS = {"loglik_": "real", "objective_": "real", "log_prior_": "real",
+                       "lower_bound_": "real", "converged_": "bool", "n_iter_": "int",
+                       "n_components_": "int", "dropped_components_": "list",
+                       "restarts_": "list"}
 
     def _fitted_state(self):
         arrays = {"weights": self.weights_}
@@ -107,11 +110,8 @@ class Persistence:
                 "status": status, "params": params, **meta_extra}
         arrays = {**parr, **arrays,
                   "__meta__": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
 
     def _save_checkpoint(self, g, best, summaries, run, next_restart, n_runs, run_family=None):
         """In-progress state: the best finished run so far, the restart summaries, and the
@@ -144,56 +144,223 @@ class Persistence:
         meta, arrays = self._fitted_state()
         self._write(path, "fitted", {"fitted": meta}, arrays)
 
+    # Parameters a model file may set: every constructor parameter except these, which name
+    # a path (a file must never make a later call touch the file system) or an object (given
+    # again to load, see _SKIP_PARAMS).
+    _NOT_FROM_FILES = ("checkpoint",)
+
+    @classmethod
+    def _file_params(cls):
+        """The allow-list: parameters a model file may carry."""
+        return [p for p in cls._param_names()
+                if p not in cls._NOT_FROM_FILES and p not in cls._SKIP_PARAMS]
+
     @classmethod
     def load(cls, path, **params):
         """Read a model written by :meth:`save`, or a checkpoint of an unfinished fit (then
-        ``fit(data)`` on the result resumes it on the same data). ``params`` override or
-        supply parameters that were not stored (e.g. a family object)."""
+        ``fit(data)`` on the result resumes it on the same data; pass ``checkpoint=path`` to
+        keep checkpointing). ``params`` override or supply parameters that were not stored
+        (e.g. a family object).
+
+        Everything is checked before use (docs/guarantees.md): a damaged or foreign file, a
+        header that is not JSON or lacks a field, a parameter outside the allow-list
+        (:meth:`_file_params`) or with a value the estimator refuses, weights that are not a
+        distribution, family arrays of the wrong shape or with non-finite values: ValueError
+        naming the file and the field."""
         path = os.fspath(path)
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        if "__meta__" not in arrays:
-            raise ValueError(f"{path}: not an emdpo_core model file (no __meta__ entry)")
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
-        if meta.get("class") != cls.__name__:
-            raise ValueError(f"{path}: holds a {meta.get('class')}, not a {cls.__name__}")
-        if meta.get("format") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: format {meta.get('format')} is not supported "
-                             f"(expected {_FORMAT_VERSION})")
+        arrays = _read_npz(path)
+        meta = _read_header(path, arrays)
+
+        def bad(field, what):
+            return ValueError(f"{path}: {field}: {what}")
+
+        if meta["class"] != cls.__name__:
+            raise bad("class", f"the file holds a {clip(meta['class'])}, not a {cls.__name__}")
+        if meta["format"] != _FORMAT_VERSION:
+            raise bad("format", f"{clip(meta['format'])} is not supported (expected "
+                                f"{_FORMAT_VERSION})")
+        allowed = cls._file_params()
         kw = {}
         for p, v in meta["params"].items():
-            kw[p] = arrays[v["__array__"]] if isinstance(v, dict) and "__array__" in v else v
+            if p not in allowed:
+                if p in cls._NOT_FROM_FILES and v is None:
+                    continue           # files written before the allow-list say checkpoint: null
+                raise bad(f"params.{clip(p)}", f"not a parameter a model file may set (allowed: "
+                                               f"{', '.join(allowed)})")
+            if isinstance(v, dict):
+                ref = v.get("__array__")
+                if list(v) != ["__array__"] or ref not in arrays:
+                    raise bad(f"params.{p}", f"expected a JSON value or a reference to an array "
+                                             f"of the file, got {clip(v)}")
+                v = arrays[ref]
+            elif isinstance(v, list):
+                raise bad(f"params.{p}", f"expected a JSON number, string, boolean or null, got "
+                                         f"a list")
+            kw[p] = v
         kw.update(params)
         est = cls(**kw)
+        try:
+            est._check_params()
+        except (TypeError, ValueError) as e:
+            raise bad("params", clip_message(e)) from None
         est.family_ = est._make_family()
 
         def sub(prefix):
             n = len(prefix) + 1
             return {k[n:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
 
+        def load_family(prefix):
+            try:
+                est.family_.load_state_dict(sub(prefix))
+            except (TypeError, ValueError, KeyError, RuntimeError) as e:
+                raise bad(prefix, clip_message(e)) from None
+
         if meta["status"] == "fitted":
-            f = meta["fitted"]
-            est.family_.load_state_dict(sub("family"))
-            est.weights_ = arrays["weights"]
-            est.responsibilities_ = arrays.get("responsibilities")
+            f = _field(path, meta, "fitted", dict)
+            load_family("family")
+            K = est.family_.n_components
+            est.weights_ = _distribution(path, "weights", _array(path, arrays, "weights"), K)
+            if "responsibilities" in arrays:
+                est.responsibilities_ = _distribution(path, "responsibilities",
+                                                      arrays["responsibilities"], K, rows=True)
+            else:
+                est.responsibilities_ = None
             if "lower_bounds" in arrays:
-                est.lower_bounds_ = arrays["lower_bounds"]
-            for name in cls._FITTED_SCALARS:
+                est.lower_bounds_ = _real_array(path, "lower_bounds", arrays["lower_bounds"], 1)
+            for name, kind in cls._FITTED_SCALARS.items():
                 if name in f:
-                    setattr(est, name, f[name])
-            if f.get("n_annotators_fit") is not None:
-                est._n_annotators_fit = f["n_annotators_fit"]
+                    setattr(est, name, _typed(path, f"fitted.{name}", f[name], kind))
+            n_fit = f.get("n_annotators_fit")
+            if n_fit is not None:
+                est._n_annotators_fit = _typed(path, "fitted.n_annotators_fit", n_fit, "real")
             est._restore_fitted(f)
-        elif meta["status"] == "in_progress":
-            best = None
-            if meta["best"] is not None:
-                best = {"run": cls._run_from(meta["best"], arrays, "best"),
-                        "family": sub("best_family")}
-            run = cls._run_from(meta["run"], arrays, "run") if meta["run"] is not None else None
-            est._pending = {"seed": meta["seed"], "fingerprint": meta["fingerprint"],
-                            "n_runs": meta["n_runs"], "next_restart": meta["next_restart"],
-                            "summaries": meta["summaries"], "best": best, "run": run,
-                            "run_family": sub("run_family") if run is not None else None}
-        else:
-            raise ValueError(f"{path}: unknown status {meta['status']!r}")
+        else:  # "in_progress" (_read_header checked the status)
+            try:
+                best = None
+                if meta["best"] is not None:
+                    best = {"run": cls._run_from(meta["best"], arrays, "best"),
+                            "family": sub("best_family")}
+                run = cls._run_from(meta["run"], arrays, "run") if meta["run"] is not None \
+                    else None
+                est._pending = {"seed": int(meta["seed"]), "fingerprint": str(meta["fingerprint"]),
+                                "n_runs": int(meta["n_runs"]),
+                                "next_restart": int(meta["next_restart"]),
+                                "summaries": list(meta["summaries"]), "best": best, "run": run,
+                                "run_family": sub("run_family") if run is not None else None}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise bad("checkpoint", f"missing or malformed field {clip(str(e))}") from None
         return est
+
+
+# ----------------------------------------------------------------------------------------
+# Reading and checking a model file (every error names the file and the field)
+
+_HEADER_FIELDS = {"format": int, "class": str, "status": str, "params": dict}
+_STATUS_FIELDS = {"fitted": ("fitted",),
+                  "in_progress": ("seed", "fingerprint", "n_runs", "next_restart", "summaries",
+                                  "best", "run")}
+# Weights and posteriors must sum to 1 within rounding: they are normalized in float64 when
+# written (sums of K terms, K << 1e6, so errors stay far below this).
+_SUM_TOLERANCE = 1e-8
+
+
+def _read_npz(path: str) -> dict:
+    """Every array of an .npz file; a file that is not a readable zip of plain arrays is a
+    ValueError (a missing file stays an OSError)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            return {k: z[k] for k in z.files}
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip, zlib, format and pickle errors alike
+        raise ValueError(f"{path}: not a readable model file (damaged or not an .npz archive "
+                         f"of arrays: {type(e).__name__}: {clip_message(e)})") from None
+
+
+def _read_header(path: str, arrays: dict) -> dict:
+    raw = arrays.pop("__meta__", None)
+    if raw is None:
+        raise ValueError(f"{path}: header: no __meta__ entry (not an emdpo_core model file)")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError(f"{path}: header: expected bytes (uint8), got {describe(raw)}")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: header: not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: header: not valid JSON ({clip_message(e)})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: header: expected a JSON object, got {type(meta).__name__}")
+    for name, kind in _HEADER_FIELDS.items():
+        _field(path, meta, name, kind)
+    if meta["status"] not in _STATUS_FIELDS:
+        raise ValueError(f"{path}: status: expected 'fitted' or 'in_progress', got "
+                         f"{clip(meta['status'])}")
+    for name in _STATUS_FIELDS[meta["status"]]:
+        if name not in meta:
+            raise ValueError(f"{path}: {name}: missing from the header")
+    return meta
+
+
+def _field(path, meta, name, kind):
+    if name not in meta:
+        raise ValueError(f"{path}: {name}: missing from the header")
+    v = meta[name]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ValueError(f"{path}: {name}: expected a JSON {kind.__name__}, got {clip(v)}")
+    return v
+
+
+def _typed(path, field, v, kind):
+    """A fitted scalar of the header, checked: 'real', 'int', 'bool' or 'list'."""
+    ok = {"real": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+          "int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+          "bool": lambda x: isinstance(x, bool),
+          "list": lambda x: isinstance(x, list)}[kind](v)
+    if not ok:
+        want = {"real": "a number", "int": "an integer >= 0", "bool": "true or false",
+                "list": "a list"}[kind]
+        raise ValueError(f"{path}: {field}: expected {want}, got {clip(v)}")
+    return v
+
+
+def _array(path, arrays, name):
+    if name not in arrays:
+        raise ValueError(f"{path}: {name}: missing from the file")
+    return arrays[name]
+
+
+def _real_array(path, name, a, ndim):
+    if a.dtype.kind != "f":
+        raise ValueError(f"{path}: {name}: expected floating-point values, got dtype {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{path}: {name}: expected a {ndim}-D array, got shape {a.shape}")
+    bad = np.flatnonzero(~np.isfinite(a.reshape(-1)))
+    if bad.size:
+        idx = np.unravel_index(bad[0], a.shape)
+        raise ValueError(f"{path}: {name}: non-finite value {a[idx]} at index "
+                         f"{idx if ndim > 1 else idx[0]}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _distribution(path, name, a, K, rows=False):
+    """(K,) weights, or (H, K) posteriors with rows=True: finite, >= 0, summing to 1."""
+    a = _real_array(path, name, a, 2 if rows else 1)
+    if a.shape[-1] != K:
+        raise ValueError(f"{path}: {name}: expected {K} entries per "
+                         f"{'row' if rows else 'array'} (the family holds K={K} types), got "
+                         f"shape {a.shape}")
+    neg = np.flatnonzero(a.reshape(-1) < 0)
+    if neg.size:
+        idx = np.unravel_index(neg[0], a.shape)
+        raise ValueError(f"{path}: {name}: negative value {a[idx]} at index "
+                         f"{idx if rows else idx[0]}")
+    sums = a.sum(axis=-1).reshape(-1)
+    off = np.flatnonzero(np.abs(sums - 1.0) > _SUM_TOLERANCE)
+    if off.size:
+        where = f" (row {off[0]})" if rows else ""
+        raise ValueError(f"{path}: {name}: expected values summing to 1{where}, got "
+                         f"{sums[off[0]]!r}")
+    return a

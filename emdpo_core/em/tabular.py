@@ -114,6 +114,21 @@ class TabularPolicies(PolicyFamily):
                              f"{self.n_items} items")
         if fitting:
             check_same(self.comm, "data", int(data.n_items), "n_items")
+        if fitting and self.log_worths is None:
+            # one worth per item id and type: ids far beyond what the data holds would make
+            # the fit's cost grow with the largest id (RankingData itself keeps sparse ids)
+            try:
+                _checks.check_id_bound("items", data.n_items - 1, data.n_slots)
+            except ValueError as e:
+                raise ValueError(f"data: {e} (tabular policies hold a worth per item id "
+                                 f"and type)") from None
+        if fitting and self.log_worths is not None and data.n_items != self.n_items:
+            # a warm start (or a resumed fit) continues from worths over the model's items;
+            # the MM step indexes the data's per-item sums by them
+            raise ValueError(f"data: has n_items={data.n_items} but the model was fitted on "
+                             f"{self.n_items} items; a warm start continues with the same "
+                             f"items: give the data n_items={self.n_items} (RankingData(..., "
+                             f"n_items={self.n_items}))")
         if fitting and self.pseudo_count == 0.0:
             first = np.repeat(data.offsets[:-1], data.n_ranked) + \
                 _ranges(data.n_ranked)
@@ -257,7 +272,17 @@ class TabularPolicies(PolicyFamily):
                              f"(entries: {sorted(state)[:4]}); was the model fitted with another "
                              f"policy family? Load it with that family, e.g. "
                              f"EMDPO.load(path, policies=...)")
-        self.log_worths = np.ascontiguousarray(np.asarray(state["log_worths"], dtype=np.float64))
+        lw = np.asarray(state["log_worths"])
+        if lw.dtype.kind != "f":
+            raise TypeError(f"log_worths: expected floating-point values, got dtype {lw.dtype}")
+        if lw.ndim != 2 or lw.shape[0] < 1 or lw.shape[1] < 2:
+            raise ValueError(f"log_worths: expected shape (K, n_items) with K >= 1 and "
+                             f"n_items >= 2, got {lw.shape}")
+        bad = np.flatnonzero(~np.isfinite(lw.reshape(-1)))
+        if bad.size:
+            k, j = divmod(int(bad[0]), lw.shape[1])
+            raise ValueError(f"log_worths: non-finite value {lw[k, j]} at [type {k}, item {j}]")
+        self.log_worths = np.ascontiguousarray(lw, dtype=np.float64)
 
     def policy_samples(self, contexts, n_samples, rng) -> PolicySamples:
         """Exact enumeration instead of sampling: every item of every context is a "sample"
@@ -375,6 +400,9 @@ class PlackettLuceMixture(EMEstimator):
 
     def _data_warnings(self, data) -> List[str]:
         return diagnostics.identifiability(data, int(self.n_components)).warnings
+
+    def _data_notes(self, data) -> List[str]:
+        return diagnostics.identifiability(data, int(self.n_components)).notes
 
     @property
     def log_worths_(self) -> np.ndarray:

@@ -534,6 +534,15 @@ class TorchPolicies(PolicyFamily):
         dev = self.device
         ctx = {k: v.to(dev) if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=dev)
                for k, v in contexts.items()}
+        n_contexts = {k: (int(v.shape[0]) if v.dim() else None) for k, v in ctx.items()}
+        for k, n in n_contexts.items():
+            if n is None or n == 0:
+                raise ValueError(f"contexts: expected at least one context, but "
+                                 f"contexts[{_checks.clip(k)}] has "
+                                 f"{'no first axis' if n is None else 'a first axis of 0'}")
+        if len(set(n_contexts.values())) > 1:
+            raise ValueError(f"contexts: every entry needs the same number of contexts (first "
+                             f"axis), got {_checks.clip(n_contexts)}")
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(rng.integers(0, 2 ** 62)))
         samples, sizes = [], []

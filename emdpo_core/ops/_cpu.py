@@ -74,25 +74,41 @@ def e_step(p, ref, offsets, nr, ao, lw, cw, v, beta, return_record_loglik):
     return EStepResult(resp, float(loglik), annot_ll, rec, totals)
 
 
-def loss_scale(reduction: str, w: Optional[np.ndarray], K: int, N: int) -> np.ndarray:
-    if reduction in ("sum", "none"):
-        return np.ones(K)
-    if reduction == "mean":
-        return np.full(K, 1.0 / N)
-    totals = np.full(K, float(N)) if w is None else w.sum(axis=1, dtype=np.float64)
+def weighted_mean_weights(w: np.ndarray, K: int, N: int):
+    """(weights, scale) for reduction="weighted_mean" with explicit weights w (K, N).
+
+    The loss is invariant to scaling a type's weights, so each row is divided by its largest
+    magnitude (in float64) before the sum: the sum is then >= 1 for non-negative weights, and
+    1 / sum neither overflows (weights of 1e-320) nor leaves float32's range when the kernel
+    rounds it (a nearly collapsed type's float32 responsibilities, 1e-45)."""
+    totals = w.sum(axis=1, dtype=np.float64)
     bad = np.flatnonzero(~(totals > 0))
     if bad.size:
         raise ValueError(
             f"weights: reduction='weighted_mean' needs a positive sum of weights for every type; "
             f"type {bad[0]} sums to {totals[bad[0]]}")
-    return 1.0 / totals
+    top = np.abs(w).max(axis=1, keepdims=True).astype(np.float64)  # > 0, as the sum is
+    w = np.ascontiguousarray(w / top, dtype=w.dtype)
+    return w, 1.0 / w.sum(axis=1, dtype=np.float64)
+
+
+def loss_scale(reduction: str, w: Optional[np.ndarray], K: int, N: int) -> np.ndarray:
+    """scale_k of the loss; for "weighted_mean" with weights, see weighted_mean_weights."""
+    if reduction in ("sum", "none"):
+        return np.ones(K)
+    if reduction == "mean" or w is None:
+        return np.full(K, 1.0 / N)
+    return weighted_mean_weights(w, K, N)[1]
 
 
 def listwise_dpo_loss_and_grad(p, ref, offsets, nr, w, reduction, beta):
     """(loss, grad) with grad (K, M) and, for reduction "none", loss (K, N)."""
     K, M = p.shape
     N = offsets.shape[0] - 1
-    scale = loss_scale(reduction, w, K, N)
+    if reduction == "weighted_mean" and w is not None:
+        w, scale = weighted_mean_weights(w, K, N)
+    else:
+        scale = loss_scale(reduction, w, K, N)
     grad = np.empty((K, M), dtype=p.dtype)
     rec = np.empty((K, N), dtype=p.dtype) if reduction == "none" else None
     bad, loss = _core.listwise_dpo_loss_and_grad(p, ref, offsets, nr, w, scale, N, M, K, beta,
