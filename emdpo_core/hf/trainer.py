@@ -23,6 +23,7 @@ See docs/hf.md.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -45,6 +46,8 @@ from .logps import _unpack_shared
 from ._types import FullParameterTypes, _FullTypes, _LoraTypes
 from .aggregate import aggregate_types
 from .config import EMDPOConfig
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
 
@@ -336,9 +339,17 @@ class EMDPOTrainer(Trainer):
         self._types = self._make_types(model, peft_config, args)
 
         if data_collator is None:
-            data_collator = RankedListCollator(tokenizer, max_length=args.max_length,
-                                               max_prompt_length=args.max_prompt_length,
-                                               prefix_sharing=args.prefix_sharing)
+            # prefix_sharing=None (the default): the prompt is encoded once per ranked list
+            # wherever the model supports it (supports_prefix_sharing), else the padded layout.
+            data_collator = RankedListCollator.for_model(
+                tokenizer, self._types.model, max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                **({} if args.prefix_sharing is None else {"prefix_sharing": args.prefix_sharing}))
+        # Which layout the trainer's own passes take ("prefix_shared" or "padded"), said once.
+        self.layout_ = getattr(data_collator, "layout", "custom collator")
+        _logger.info("EMDPOTrainer: %s layout (%s)", self.layout_,
+                     "the prompt encoded once per ranked list" if self.layout_ == "prefix_shared"
+                     else "one padded sequence per response")
         self._eval_rows = eval_dataset
         pretokenize = data_collator if isinstance(data_collator, RankedListCollator) else None
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
