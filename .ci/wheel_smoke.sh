@@ -48,12 +48,13 @@ PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair --wheel-dir "$W
 REPAIRED="$(ls "$WORK"/wheelhouse/*.whl)"
 case "$REPAIRED" in *manylinux*) ;; *) echo "not a manylinux wheel: $REPAIRED"; exit 1;; esac
 ls -l "$REPAIRED"
+echo "wheel size: $(du -k "$REPAIRED" | cut -f1) KiB"
 
 step "fresh venv: install the repaired wheel (binary packages only)"
 "$PY" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install --quiet --upgrade pip
 "$WORK/venv/bin/python" -m pip install --quiet --only-binary=:all: -c "$REPO/constraints.txt" \
-  "${REPAIRED}[all]" pytest
+  "${REPAIRED}[all,test]"
 
 step "smoke tests against the installed wheel (from $WORK)"
 cd "$WORK"
@@ -65,6 +66,9 @@ assert os.path.realpath(ec.__file__).startswith(os.path.realpath(sys.prefix)), e
 print("emdpo_core from", os.path.dirname(ec.__file__))
 print("build_info:", ec.build_info())
 assert ec.build_info()["cuda"] == (os.environ["EXPECT_CUDA"] == "ON"), "CUDA build mismatch"
+archs = os.environ.get("EXPECT_CUDA_ARCHS")
+if archs:  # .ci/cuda_wheel.sh: the architectures compiled for are reported
+    assert ec.build_info()["cuda_architectures"] == archs, ec.build_info()
 EOF
 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider -m smoke "$REPO/tests"
 "$WORK/venv/bin/emdpo" bench --quick --only e_step,loss_grad,regret --n 20000 \

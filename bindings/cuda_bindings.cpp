@@ -54,46 +54,69 @@ void register_cuda(py::module_& m) {
            uintptr_t n_ranked, uintptr_t record_weights, uintptr_t annotator_offsets,
            uintptr_t log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
            uintptr_t resp, uintptr_t annot_ll, uintptr_t loglik, uintptr_t record_ll,
-           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+           uintptr_t annotator_weights, uintptr_t type_totals) {
           py::gil_scoped_release release;
           auto fb = ptr<unsigned long long>(first_bad);
+          auto v = ptr<const double>(annotator_weights);
+          auto tt = ptr<double>(type_totals);
           if (is_float32(dtype))
             cuda::e_step<float>(ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
                                 ptr<int64_t>(n_ranked), ptr<float>(record_weights),
                                 ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
                                 M, K, H, beta, ptr<float>(resp), ptr<float>(annot_ll),
                                 ptr<double>(loglik), ptr<float>(record_ll), fb,
-                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
+                                tt);
           else
             cuda::e_step<double>(ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
                                  ptr<int64_t>(n_ranked), ptr<double>(record_weights),
                                  ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
                                  M, K, H, beta, ptr<double>(resp), ptr<double>(annot_ll),
                                  ptr<double>(loglik), ptr<double>(record_ll), fb,
-                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
-        });
+                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
+                                 tt);
+        },
+        // The trailing pointers are optional (0 = none): annotator weights v (H,) float64
+        // and the type totals output (K,) float64 = sum_h v_h g_hk.
+        py::arg("dtype"), py::arg("policy"), py::arg("ref"), py::arg("offsets"),
+        py::arg("n_ranked"), py::arg("record_weights"), py::arg("annotator_offsets"),
+        py::arg("log_weights"), py::arg("N"), py::arg("M"), py::arg("K"), py::arg("H"),
+        py::arg("beta"), py::arg("responsibilities"), py::arg("annotator_loglik"),
+        py::arg("loglik"), py::arg("record_ll"), py::arg("first_bad"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"), py::arg("annotator_weights_ptr") = 0,
+        py::arg("type_totals_ptr") = 0);
 
   m.def("cuda_loss_workspace_bytes", &cuda::loss_workspace_bytes);
   m.def("cuda_listwise_dpo_loss_and_grad",
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, uintptr_t weights, uintptr_t scale, int64_t N, int64_t M,
            int64_t K, double beta, uintptr_t loss, uintptr_t grad, uintptr_t record_loss,
-           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+           uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+           uintptr_t bad_weight) {
           py::gil_scoped_release release;
           auto fb = ptr<unsigned long long>(first_bad);
+          auto bw = ptr<unsigned long long>(bad_weight);
           if (is_float32(dtype))
             cuda::listwise_dpo_loss_and_grad<float>(
                 ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
                 ptr<int64_t>(n_ranked), ptr<float>(weights), ptr<double>(scale), N, M, K, beta,
                 ptr<double>(loss), ptr<float>(grad), ptr<float>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
           else
             cuda::listwise_dpo_loss_and_grad<double>(
                 ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
                 ptr<int64_t>(n_ranked), ptr<double>(weights), ptr<double>(scale), N, M, K, beta,
                 ptr<double>(loss), ptr<double>(grad), ptr<double>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
-        });
+                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
+        },
+        // bad_weight_ptr (optional, 0 = none): a device int64 initialised to -1, lowered to
+        // the first flat index of a non-finite weight.
+        py::arg("dtype"), py::arg("policy"), py::arg("ref"), py::arg("offsets"),
+        py::arg("n_ranked"), py::arg("weights"), py::arg("scale"), py::arg("N"), py::arg("M"),
+        py::arg("K"), py::arg("beta"), py::arg("loss"), py::arg("grad"), py::arg("record_loss"),
+        py::arg("first_bad"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"), py::arg("bad_weight_ptr") = 0);
 }
 #else
 void register_cuda(py::module_& m) { m.attr("cuda") = false; }

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from . import _core
 from .data._grouping import group_by_annotator
-from .ops import EStepResult, e_step, listwise_dpo_loss_and_grad, listwise_loglik
+from .ops import EStepResult, listwise_dpo_loss_and_grad, listwise_loglik
+from .distributed import e_step        # the kernel's E-step, over a process group when given
 from . import diagnostics
 from .data import RankingData
 from .diagnostics import IdentifiabilityWarning

@@ -54,7 +54,12 @@ __all__ = [
     "pairwise_dpo_loss",
     "padded_listwise_dpo_loss",
     "mixture_dpo_loss",
+    "check_errors",
 ]
+
+# Raise the first input error that earlier CUDA loss calls flagged without synchronising
+# (docs/torch.md, "CUDA: which calls synchronise").
+check_errors = _torch_dispatch.check_errors
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _DEVICE_TYPES = ("cpu", "cuda")

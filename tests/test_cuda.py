@@ -216,6 +216,77 @@ def test_e_step_matches_reference(poisoned_outputs, dtype, annotators, N, K):
     assert res.loglik == pytest.approx(loglik, rel=TOL[dtype])
 
 
+def _raw_e_step(p, r, off, ao, log_w, beta, nr=None, c=None, v=None, totals=True):
+    """_core.cuda_e_step on CUDA copies, with the trailing annotator-weight and type-total
+    pointers (0 = none). Returns host arrays (resp, annot_ll, loglik, type_totals)."""
+    dtype = str(p.dtype)
+    K, M = p.shape
+    N, H = len(off) - 1, len(ao) - 1
+    t = {k: cuda(x) for k, x in dict(p=p, r=r, off=off, ao=ao, lw=log_w).items()}
+    nr_t = None if nr is None else cuda(nr)
+    c_t = None if c is None else cuda(c)
+    v_t = None if v is None else cuda(np.asarray(v, dtype=np.float64))
+    resp = torch.full((H, K), float("nan"), dtype=t["p"].dtype, device="cuda")
+    annot = torch.full_like(resp, float("nan"))
+    loglik = torch.full((1,), float("nan"), dtype=torch.float64, device="cuda")
+    tt = torch.full((K,), float("nan"), dtype=torch.float64, device="cuda") if totals else None
+    first_bad = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+    ws_bytes = _core.cuda_e_step_workspace_bytes(N, H, K)
+    ws = torch.full((max(ws_bytes, 1),), 255, dtype=torch.uint8, device="cuda")
+    ptr = (lambda x: 0 if x is None else x.data_ptr())
+    _core.cuda_e_step(dtype, t["p"].data_ptr(), t["r"].data_ptr(), t["off"].data_ptr(), ptr(nr_t),
+                      ptr(c_t), t["ao"].data_ptr(), t["lw"].data_ptr(), N, M, K, H, beta,
+                      resp.data_ptr(), annot.data_ptr(), loglik.data_ptr(), 0,
+                      first_bad.data_ptr(), ws.data_ptr(), ws_bytes,
+                      torch.cuda.current_stream().cuda_stream, ptr(v_t), ptr(tt))
+    torch.cuda.synchronize()
+    assert int(first_bad.item()) == -1
+    return host(resp), host(annot), float(loglik.item()), None if tt is None else host(tt)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("annotators,N,K", [
+    ("random", 3000, 8), ("random", 3000, 3), ("with_empty", 700, 8), ("random", 2000, 9),
+    ("random", 1500, 64), ("singletons", 1000, 8), ("one", 777, 1), ("with_empty", 0, 8)])
+def test_e_step_annotator_weights_and_type_totals(dtype, annotators, N, K):
+    """The fused finishing (K <= 8: annotators inside a tile finished by the tile kernel,
+    crossing ones by the cross kernel, empty ones before/between/after) and the finish
+    kernel (K > 8), with annotator weights v: loglik = sum_h v_h lse_h and
+    type_totals = sum_h v_h g_hk, against float64 sums formed here. Annotators of
+    255/256/257 records straddle the 256-record tiles."""
+    rng = np.random.default_rng(16)
+    if N == 0:
+        p, r = np.zeros((K, 2), dtype), np.zeros(2, dtype)
+        off, nr = np.zeros(1, np.int64), None
+        ao = np.zeros(6, np.int64)  # five annotators, no records
+    else:
+        p, r, off, nr = make_records(rng, N, K, "top_l", dtype, logp_scale=1.0)
+        ao = make_annotators(rng, N, annotators)
+    H = len(ao) - 1
+    beta = float(rng.uniform(0.1, 2.0))
+    log_w = np.log(rng.dirichlet(np.ones(K)))
+    c = rng.uniform(0.0, 2.0, len(off) - 1).astype(dtype)
+    v = rng.uniform(0.0, 3.0, H)
+    resp, annot, loglik, tt = _raw_e_step(p, r, off, ao, log_w, beta, nr, c, v)
+    if N == 0:
+        S = np.zeros((H, K))
+    else:
+        S = _segment_sums(c[:, None].astype(np.float64) * reference.listwise_loglik(
+            p, r, off, beta=beta, n_ranked=nr), ao)
+    x = log_w + S
+    lse = x.max(axis=1) + np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1))
+    g = np.exp(x - lse[:, None])
+    assert_close(annot, S, dtype, "annotator_loglik")
+    assert_close(resp, g, dtype, "responsibilities")
+    assert loglik == pytest.approx(float(v @ lse), rel=TOL[dtype], abs=TOL[dtype])
+    assert_close(tt, v @ g, dtype, "type_totals")
+    # Without the optional pointers: loglik unweighted, nothing else changes.
+    resp2, annot2, loglik2, _ = _raw_e_step(p, r, off, ao, log_w, beta, nr, c, None, False)
+    assert np.array_equal(resp2, resp) and np.array_equal(annot2, annot)
+    assert loglik2 == pytest.approx(float(lse.sum()), rel=TOL[dtype], abs=TOL[dtype])
+
+
 def _segment_sums(values, annotator_offsets):
     """S[h] = sum of values over annotator h's records in float64 (0 for empty annotators).
     reduceat over the non-empty annotators' starts: empty ones have zero width."""
@@ -524,12 +595,102 @@ def test_validation_cache_only_hits_for_the_checked_tensors():
 @pytest.mark.skipif(not _core.cuda, reason="emdpo_core was built without CUDA")
 def test_workspace_sizes_are_computable_upper_bounds():
     """Workspace sizes depend only on (N, H, K) and grow with them; a too small workspace
-    is refused before anything is launched (so this needs no device)."""
+    is refused before anything is launched (so this needs no device). Up to 8 types the
+    tile kernel finishes the annotators, so the workspace holds a few values per tile of 256
+    records and none per annotator; with more types it holds S (H, K) in float64."""
     e = _core.cuda_e_step_workspace_bytes
     assert e(1, 1, 1) > 0
     assert e(10**6, 1, 8) >= e(10**5, 1, 8)
-    assert e(10**6, 10**6, 8) >= e(10**6, 1, 8) + 10**6 * 8 * 8
+    assert e(10**6, 10**6, 8) == e(10**6, 1, 8)  # nothing per annotator
+    assert e(10**6, 10**6, 8) < 10**6 // 256 * 8 * (3 * 8 + 4) + 4096
+    assert e(10**6, 10**6, 9) >= e(10**6, 1, 9) + 10**6 * 9 * 8
     assert _core.cuda_loss_workspace_bytes(10**6, 8) >= 10**6 // 256 * 8
     with pytest.raises(ValueError, match="workspace"):
         _core.cuda_e_step("float64", 1, 1, 1, 0, 0, 1, 1, 5, 10, 2, 3, 1.0, 1, 1, 1, 0, 1, 1,
                           0, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# The torch layer: annotator weights and type totals, and errors read without a host sync
+
+
+@needs_torch
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_e_step_annotator_weights_and_type_totals(device):
+    """ops._torch.e_step passes annotator weights to the kernels and returns their type
+    totals (CPU tensors: the CPU kernel; CUDA tensors: the CUDA kernel, which weighs and sums
+    on the device) and matches the reference; log weights given as a tensor on the device
+    are used there."""
+    if device == "cuda" and _GPU_SKIP is not None:
+        pytest.skip(str(_GPU_SKIP))
+    from emdpo_core.ops import _torch as tops
+    rng = np.random.default_rng(161)
+    N, K = 900, 5
+    p, r, off, nr = make_records(rng, N, K, "top_l", "float64", logp_scale=1.0)
+    ao = make_annotators(rng, N, "with_empty")
+    H = len(ao) - 1
+    log_w = np.log(rng.dirichlet(np.ones(K)))
+    v = rng.uniform(0.0, 3.0, H)
+    t = (lambda x: torch.as_tensor(np.ascontiguousarray(x), device=device))
+    res = tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, n_ranked=t(nr),
+                      annotator_weights=t(v))
+    tt = res.type_totals
+    assert tt.device.type == device
+    resp, loglik, S = reference.e_step(p, r, off, ao, log_w, beta=0.8, n_ranked=nr,
+                                       annotator_weights=v)
+    assert_close(res.responsibilities, resp, "float64", "responsibilities")
+    assert_close(res.annotator_loglik, S, "float64", "annotator_loglik")
+    assert res.loglik == pytest.approx(loglik, rel=1e-10)
+    assert_close(tt, reference.e_step_type_totals(resp, v), "float64", "type_totals")
+    with pytest.raises(ValueError, match="annotator_weights"):
+        bad = v.copy()
+        bad[3] = -1.0
+        tops.e_step(t(p), t(r), t(off), t(ao), t(log_w), beta=0.8, annotator_weights=t(bad))
+    with pytest.raises(ValueError, match="log_weights"):
+        tops.e_step(t(p), t(r), t(off), t(ao), t(np.full(K, np.nan)), beta=0.8)
+    with pytest.raises(ValueError, match="annotator_weights"):
+        tops.e_step(t(p), t(r), t(off), t(ao), log_w, beta=0.8, annotator_weights=t(v[:-1]))
+
+
+@gpu
+def test_loss_errors_are_read_without_a_host_sync():
+    """With return_tensors=True the loss call does not read its flags: a non-finite input
+    makes the returned loss NaN and the error is raised by check_errors() (or a later call
+    whose flags have arrived), naming the record, the weight index or the type."""
+    import emdpo_core.torch as et
+    from emdpo_core.ops import _torch as tops
+    rng = np.random.default_rng(162)
+    p, r, off, _ = make_records(rng, 500, 2, "full", "float32")
+    w = rng.uniform(0.1, 1.0, (2, 500)).astype(np.float32)
+    et.check_errors()  # nothing pending from other tests
+    p_bad = p.copy()
+    p_bad[1, int(off[123]) + 1] = np.nan
+    loss, grad = tops.listwise_dpo_loss_and_grad(cuda(p_bad), cuda(r), cuda(off), cuda(w),
+                                                 beta=0.5, return_tensors=True)
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match="record 123"):
+        et.check_errors()
+    w_bad = w.copy()
+    w_bad[1, 7] = np.inf
+    loss, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_bad),
+                                              beta=0.5, return_tensors=True)
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match=r"weights: .*\(1, 7\)"):
+        et.check_errors()
+    w_zero = w.copy()
+    w_zero[0] = 0.0
+    tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_zero), beta=0.5,
+                                    reduction="weighted_mean", return_tensors=True)
+    with pytest.raises(ValueError, match="type 0"):
+        et.check_errors()
+    # The float-returning form raises at once, with the CPU path's messages.
+    with pytest.raises(ValueError, match=r"policy_logps: non-finite value nan at \[type 1"):
+        tops.listwise_dpo_loss_and_grad(cuda(p_bad), cuda(r), cuda(off), cuda(w), beta=0.5)
+    with pytest.raises(ValueError, match=r"weights: expected finite values, got inf"):
+        tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w_bad), beta=0.5)
+    # Valid inputs leave nothing pending and agree with the float form.
+    loss_t, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w), beta=0.5,
+                                                return_tensors=True)
+    loss_f, _ = tops.listwise_dpo_loss_and_grad(cuda(p), cuda(r), cuda(off), cuda(w), beta=0.5)
+    et.check_errors()
+    assert float(loss_t) == loss_f

@@ -386,3 +386,25 @@ def test_fast_adapter_switch_matches_peft_set_adapter(planted):
             torch.testing.assert_close(fast, sequence_logps(em.model, batch), rtol=0, atol=0)
             assert em.model.active_adapter == f"type_{k}"
     em._types.make_trainable()
+
+
+def test_prefix_sharing_is_the_default_where_the_model_supports_it(tmp_path):
+    """The trainer's own passes encode each prompt once per ranked list by default on a
+    model that supports it (a Llama), say so in ``layout_``, and give the same reference
+    log-probabilities as the padded layout."""
+    from emdpo_core.hf import EMDPOConfig
+
+    rng = np.random.default_rng(_seed("prefix-default"))
+    rows, _ = planted_rows(rng, 4, 2)
+    auto = make_trainer(tmp_path / "auto", rows)
+    padded = make_trainer(tmp_path / "padded", rows, prefix_sharing=False)
+    assert auto.layout_ == "prefix_shared"
+    assert padded.layout_ == "padded"
+    lp_auto = auto._pass_logps(auto.train_dataset, auto._layout, "train", reference=True)
+    lp_padded = padded._pass_logps(padded.train_dataset, padded._layout, "train",
+                                   reference=True)
+    # float32 forward passes of the same model over differently packed sequences: the
+    # tolerance of the prefix-sharing parity tests (tests/test_hf_prefix_sharing.py).
+    torch.testing.assert_close(lp_auto, lp_padded, rtol=1e-5, atol=1e-4)
+    with pytest.raises(TypeError, match="prefix_sharing"):
+        EMDPOConfig(str(tmp_path), prefix_sharing="yes")

@@ -1,10 +1,21 @@
-// CUDA kernels over records and annotators, around the per-record math of common/listwise.h
-// (the same functions the CPU loops call, so the two backends cannot drift).
+// CUDA kernels over records and annotators. The per-record math is csrc/cuda/record2.cuh:
+// the formulas of common/listwise.h (docs/math.md) in base 2, so that float code runs on
+// the hardware's exp2/log2/reciprocal approximations.
 //
 // Work layout. Records are cut into tiles of kTile consecutive records; one block of kTile
-// threads handles a tile, one thread per record, and loops over the K types inside the
-// block, so offsets, ranking depths, record weights and annotator lookups are read once per
-// record and consecutive threads read consecutive records of the same type row.
+// threads handles a tile, one thread per record. A thread loads its record's layout
+// (offset, length, ranking depth, weight, annotator) and reference log-probs once, then
+// walks the K types, so consecutive threads read consecutive records of one type row.
+// Lists of up to kShortMax slots are processed in registers by code specialised for the
+// exact length 2, 3 or 4, or for any length up to 8; longer lists take a loop.
+//
+// The memory floor. Both big kernels are built to move each input byte once and keep the
+// instruction count per (record, type) small (see benchmarks/README.md, "Bandwidth model"):
+// the loss does one block reduction per tile (not per type); the E-step handles the types
+// in groups of kGroupTypes with all of a group's loads issued before its one barrier, and
+// for K <= kGroupTypes finishes every annotator that lies inside a tile in the tile kernel
+// (posteriors, annotator log-likelihoods, the log-normaliser, the type totals), so nothing
+// per annotator goes through device memory twice.
 //
 // Determinism. No floating-point atomics anywhere. Every sum is cut into pieces whose
 // boundaries depend only on the sizes and the data layout (tiles of kTile records, groups
@@ -15,45 +26,53 @@
 //
 // E-step reduction per annotator (S_hk = sum_i c_i ll_ik), parallel for any annotator sizes:
 //   1. e_step_tiles: inside each tile, a segmented reduction by annotator (warp shuffle
-//      suffix scan, then a short walk over the following warps' heads). The sum of an
-//      annotator that lies inside the tile is complete there (written to S). One crossing the
-//      tile's left edge leaves its in-tile sum in first_part[k][tile], one that starts in
-//      the tile and crosses its right edge leaves it in last_part[k][tile]. Tiles whose
-//      first record starts an annotator write first_part = 0.
+//      suffix scan, skipped when no two records of a warp share an annotator; then a short
+//      walk over the following warps' heads). An annotator that lies inside the tile is
+//      complete there. With K <= kGroupTypes its head thread finishes it on the spot; with
+//      more types its sums go to S (H, K) in the workspace. One crossing the tile's left edge
+//      leaves its in-tile sum in first_part[k][tile], one that starts in the tile and crosses
+//      its right edge leaves it in last_part[k][tile]. Annotators with no records are
+//      finished by the thread whose record follows them (or the last tile's thread 0).
 //   2. e_step_group_sums: group_sum[k][g] = sum of first_part over the kGroup tiles of g.
 //   3. e_step_cross: one warp per tile; the warp of the tile where a crossing annotator
 //      starts adds last_part of that tile, first_part of the following tiles up to its
-//      last tile, using group_sum for whole groups in between. One annotator owning all N
-//      records thus costs about 2*kGroup + N/(kTile*kGroup) loads per type, spread over a
-//      warp, instead of N/kTile.
-//   4. e_step_finish: one thread per annotator: finish_annotator (common header), and a
-//      block sum of the annotators' log-normalisers.
-//   5. sum_parts: one block adds the per-block sums into loglik.
-// Workspace (caller-allocated, size from (N, H, K) alone): S in float64, H*K doubles, plus
-// about 2K doubles per tile and one int64 per tile; nothing is allocated here.
+//      last tile, using group_sum for whole groups in between, then finishes it (K <=
+//      kGroupTypes) or writes its row of S.
+//   4. K > kGroupTypes only: e_step_finish, one warp per annotator with the lanes over the
+//      types (coalesced rows), blocks of kSumThreads/32 * 32 annotators.
+//   5. e_step_sum: one block adds the per-tile (or per-finish-block) parts of the
+//      log-likelihood and of the type totals, in index order.
+// Workspace (caller-allocated, size from (N, H, K) alone): about 3K + 2 doubles per tile,
+// plus S (H*K doubles) only when K > kGroupTypes; nothing is allocated here.
 #include "cuda/listwise_cuda.h"
 
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include "common/listwise.h"
+#include "cuda/record2.cuh"
 
 namespace emdpo {
 namespace cuda {
 namespace {
 
+using base2::kShortMax;
+
 constexpr int kTile = 256;         // records per tile = threads per record-parallel block
 constexpr int kWarps = kTile / 32;
-constexpr int kTypeChunk = 8;      // types per pass: register arrays and output staging
+constexpr int kGroupTypes = 8;     // types per pass of the E-step: registers and staging
 constexpr int kGroup = 256;        // tiles per group (second level of the E-step reduction)
 constexpr int kSumThreads = 256;   // threads of the reduction blocks
 constexpr unsigned kFull = 0xffffffffu;
 
 static_assert(kTile % 32 == 0 && kTile >= 64, "a tile is whole warps, at least two");
 static_assert(kSumThreads % 32 == 0, "reduction blocks are whole warps");
+static_assert(kTile == kSumThreads, "tile kernels use block_sum");
+
+template <typename T> struct compute_type { using type = T; };
 
 // ---------------------------------------------------------------------------------------
 // Host helpers
@@ -76,6 +95,14 @@ void check_call(cudaError_t err, const char* what) {
 void check_size(int64_t v, const char* name) {
   if (v < 0) throw std::invalid_argument(std::string(name) + ": expected >= 0, got " +
                                          std::to_string(v));
+}
+
+// Record lengths are kept in int on the device.
+void check_slots(int64_t M) {
+  check_size(M, "M");
+  if (M > INT_MAX)
+    throw std::invalid_argument("M: the CUDA kernels take at most 2^31-1 slots, got " +
+                                std::to_string(M));
 }
 
 void check_ptr(const void* p, const char* name) {
@@ -122,15 +149,16 @@ void check_workspace(const void* ws, size_t have, size_t need, const char* fn) {
 // Device helpers
 
 struct Record {
-  int64_t off, m, L;
+  int64_t off;
+  int m, L;  // record lengths are at most M, and the entry points refuse M > INT_MAX
 };
 
 __device__ __forceinline__ Record load_record(const int64_t* __restrict__ offsets,
                                               const int64_t* __restrict__ n_ranked, int64_t i) {
   Record r;
   r.off = offsets[i];
-  r.m = offsets[i + 1] - r.off;
-  r.L = n_ranked ? n_ranked[i] : r.m - 1;
+  r.m = int(offsets[i + 1] - r.off);
+  r.L = n_ranked ? int(n_ranked[i]) : r.m - 1;
   return r;
 }
 
@@ -147,6 +175,30 @@ __device__ __forceinline__ int64_t owner(const int64_t* __restrict__ aoff, int64
       hi = mid - 1;
   }
   return lo;
+}
+
+// The same search started from a guess g in [lo, hi]: check g, then gallop away from it
+// (steps 1, 2, 4, ...) until the answer is bracketed, then bisect the bracket. With a good
+// guess (records spread evenly over annotators, or one annotator per record) it costs two
+// loads instead of log2(hi - lo) dependent ones: the tile kernel's prologue is latency.
+__device__ __forceinline__ int64_t owner_from(const int64_t* __restrict__ aoff, int64_t lo,
+                                              int64_t hi, int64_t i, int64_t g) {
+  g = g < lo ? lo : (g > hi ? hi : g);
+  if (aoff[g] <= i) {  // the answer is in [g, hi]
+    int64_t step = 1;
+    while (g + step <= hi && aoff[g + step] <= i) {
+      g += step;
+      step *= 2;
+    }
+    return owner(aoff, g, min(hi, g + step - 1), i);
+  }
+  int64_t step = 1;  // the answer is in [lo, g - 1]
+  int64_t top = g - 1;
+  while (top - step >= lo && aoff[top - step + 1] > i) {
+    top -= step;
+    step *= 2;
+  }
+  return owner(aoff, max(lo, top - step + 1), top, i);
 }
 
 // Sum over a warp in a fixed tree; the result is valid in lane 0.
@@ -171,15 +223,19 @@ __device__ __forceinline__ double block_sum(double x, double* scratch) {
   return total;
 }
 
+// Rows of a stage in shared memory: one more than the types of a group, so that threads
+// reading their own rows column by column hit distinct banks.
+constexpr int kStageStride = kGroupTypes + 1;
+
 // Writes a staged (n_rows x n_cols) block of an (., K) row-major output: stage holds row r
-// at stage[r * kTypeChunk], dst points at the block's first element. When n_cols == K the
+// at stage[r * kStageStride], dst points at the block's first element. When n_cols == K the
 // block is one contiguous range and the stores are fully coalesced.
 template <typename T>
 __device__ __forceinline__ void store_staged(const T* stage, int n_rows, int n_cols, T* dst,
                                              int64_t K) {
   for (int e = threadIdx.x; e < n_rows * n_cols; e += blockDim.x) {
     const int r = e / n_cols, c = e - r * n_cols;
-    dst[int64_t(r) * K + c] = stage[r * kTypeChunk + c];
+    dst[int64_t(r) * K + c] = stage[r * kStageStride + c];
   }
 }
 
@@ -188,36 +244,128 @@ __device__ __forceinline__ void flag_non_finite(unsigned long long* first_bad, i
 }
 
 // ---------------------------------------------------------------------------------------
+// Per-record work over a group of types (E-step, loglik): ll[c] for types k0 + c, c < kc.
+// `p` points at the record's first slot in row k0. Every load of the group is issued
+// before the first exp2 (the short paths are fully unrolled).
+
+// Register words of rewards loaded at once: batches of types whose loads are all issued
+// before the first exp2 of the batch, and that keep the kernels within their register
+// budget (no spills).
+constexpr int kLoadWords = 8;
+
+// One list-length path over a group of types. KC > 0: a full group of KC types, known at
+// compile time (no guards, all loads of a batch issued together); KC == 0: the last,
+// partial group of kc types. Writes ll of type t to out[t * stride] (shared memory) and
+// returns false when a reward was not finite.
+template <int MM, bool EXACT, int KC, typename A, typename T>
+__device__ __forceinline__ bool group_loglik_short(const T* __restrict__ p,
+                                                   const T* __restrict__ ref, int64_t M, int m,
+                                                   int L, int kc, A c, A* out, int stride) {
+  constexpr int kWordsPerType = MM * int(sizeof(A) / 4);
+  constexpr int B0 = kLoadWords / kWordsPerType;
+  constexpr int B = B0 < 1 ? 1 : (B0 > kGroupTypes ? kGroupTypes : B0);
+  bool finite = true;
+  A rf[MM];
+#pragma unroll
+  for (int j = 0; j < MM; ++j)
+    if (EXACT || j < m) rf[j] = A(ref[j]);
+#pragma unroll
+  for (int t0 = 0; t0 < kGroupTypes; t0 += B) {
+    A r[B][MM];
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (t0 + u < kGroupTypes && (KC > 0 ? t0 + u < KC : t0 + u < kc))
+        base2::load_rewards<MM, EXACT>(p + (t0 + u) * M, rf, m, c, r[u], finite);
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (t0 + u < kGroupTypes && (KC > 0 ? t0 + u < KC : t0 + u < kc))
+        out[(t0 + u) * stride] = base2::short_loglik<MM, EXACT>(r[u], m, L);
+  }
+  return finite;
+}
+
+// The less common shapes are real calls (not inlined): inlined side by side with the
+// common ones, ptxas if-converts the paths into one predicated sequence whose registers add
+// up, and spills.
+template <int MM, bool EXACT, int KC, typename A, typename T>
+__device__ __noinline__ bool group_loglik_call(const T* __restrict__ p, const T* __restrict__ ref,
+                                               int64_t M, int m, int L, int kc, A c, A* out,
+                                               int stride) {
+  return group_loglik_short<MM, EXACT, KC>(p, ref, M, m, L, kc, c, out, stride);
+}
+
+template <typename A, typename T>
+__device__ __noinline__ bool group_loglik_long(const T* __restrict__ p, const T* __restrict__ ref,
+                                               int64_t M, int m, int L, int kc, A c, A* out,
+                                               int stride) {
+  bool finite = true;
+  for (int t = 0; t < kc; ++t)
+    out[t * stride] = base2::long_loglik<A>(p + t * M, ref, m, L, c, finite);
+  return finite;
+}
+
+// ll of types k0 + c (c < kc) of one record into out[c * stride]; `p` points at the
+// record's first slot in row k0. Lists of 4 (the common ranking length) in full groups are
+// inlined; everything else is a call.
+template <typename A, typename T>
+__device__ __forceinline__ bool group_loglik(const T* __restrict__ p, const T* __restrict__ ref,
+                                             int64_t M, const Record& rec, int kc, A c, A* out,
+                                             int stride) {
+  const int m = rec.m, L = rec.L;
+#if defined(EMDPO_CUDA_PROBE_M) && !defined(EMDPO_CUDA_PROBE_EXACT)
+#define EMDPO_CUDA_PROBE_EXACT true
+#endif
+#if defined(EMDPO_CUDA_PROBE_M)
+  // Instruction-count probe (benchmarks/sass_count.py): only the path of lists of this
+  // length in full groups is compiled. Never defined in a real build.
+  return group_loglik_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT, kGroupTypes>(
+      p, ref, M, m, L, kc, c, out, stride);
+#endif
+  if (kc == kGroupTypes) {
+    if (m == 4) return group_loglik_short<4, true, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
+    if (m == 2) return group_loglik_call<2, true, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
+    if (m == 3) return group_loglik_call<3, true, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
+    if (m <= kShortMax)
+      return group_loglik_call<kShortMax, false, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
+  } else {
+    if (m == 4) return group_loglik_call<4, true, 0>(p, ref, M, m, L, kc, c, out, stride);
+    if (m == 2) return group_loglik_call<2, true, 0>(p, ref, M, m, L, kc, c, out, stride);
+    if (m == 3) return group_loglik_call<3, true, 0>(p, ref, M, m, L, kc, c, out, stride);
+    if (m <= kShortMax)
+      return group_loglik_call<kShortMax, false, 0>(p, ref, M, m, L, kc, c, out, stride);
+  }
+  return group_loglik_long<A>(p, ref, M, m, L, kc, c, out, stride);
+}
+
+// ---------------------------------------------------------------------------------------
 // listwise_loglik: out[i, k] = ll_ik.
 
+// Bounds as for e_step_tiles_kernel (the same per-record code).
 template <typename T>
-__global__ void __launch_bounds__(kTile)
+__global__ void __launch_bounds__(kTile, sizeof(T) == sizeof(float) ? 2 : 1)
     listwise_loglik_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
                            const int64_t* __restrict__ offsets,
                            const int64_t* __restrict__ n_ranked, int64_t N, int64_t M,
                            int64_t K, double beta, T* __restrict__ out,
                            unsigned long long* first_bad) {
   using A = typename compute_type<T>::type;
-  __shared__ T stage[kTile * kTypeChunk];
+  __shared__ T stage[kTile * kStageStride];
   const int64_t lo = int64_t(blockIdx.x) * kTile;
   const int n_in = int(min(int64_t(kTile), N - lo));
   const int r = threadIdx.x;
   const bool active = r < n_in;
   const int64_t i = lo + r;
   const Record rec = active ? load_record(offsets, n_ranked, i) : Record{0, 0, 0};
+  const A c = A(beta * base2::kLog2e);
   bool finite = true;
-  for (int64_t k0 = 0; k0 < K; k0 += kTypeChunk) {
-    const int kc = int(min(int64_t(kTypeChunk), K - k0));
-    if (active) {
-      for (int c = 0; c < kc; ++c) {
-        const T* p = policy + (k0 + c) * M + rec.off;
-        stage[r * kTypeChunk + c] =
-            T(record_loglik<A>(p, ref + rec.off, rec.m, rec.L, A(beta), finite));
-      }
-    }
+  for (int64_t k0 = 0; k0 < K; k0 += kGroupTypes) {
+    const int kc = int(min(int64_t(kGroupTypes), K - k0));
+    if (active)
+      finite &= group_loglik(policy + k0 * M + rec.off, ref + rec.off, M, rec, kc, c,
+                             stage + r * kStageStride, 1);
     __syncthreads();
     store_staged(stage, n_in, kc, out + lo * K + k0, K);
-    __syncthreads();  // the stage is rewritten by the next chunk
+    __syncthreads();  // the stage is rewritten by the next group
   }
   if (active && !finite) flag_non_finite(first_bad, i);
 }
@@ -226,47 +374,226 @@ __global__ void __launch_bounds__(kTile)
 // E-step
 
 struct EStepScratch {
-  double* S;              // (H, K) per-annotator sums
+  double* S;              // (H, K) per-annotator sums; only when K > kGroupTypes
   double* first_part;     // (K, n_tiles) in-tile sum of the annotator crossing the left edge
   double* last_part;      // (K, n_tiles) in-tile sum of the annotator crossing the right edge
   double* group_sum;      // (K, n_groups) sums of first_part over groups of kGroup tiles
   int64_t* tile_owner;    // (n_tiles,) annotator of each tile's last record
-  double* lse_part;       // (n_finish_blocks,) block sums of the annotators' lse
-  int64_t n_tiles, n_groups, n_finish_blocks;
+  double* lse_part;       // (n_parts,) sums of v_h * lse_h, one per tile or finish block
+  double* tot_part;       // (K, n_parts) sums of v_h * g_hk
+  int64_t n_tiles, n_groups, n_parts;
+  bool fused;             // K <= kGroupTypes: annotators finished in the tile/cross kernels
 };
+
+constexpr int kFinishAnnotators = kSumThreads;  // annotators per finish block (K > 8)
 
 EStepScratch carve_e_step(void* workspace, int64_t N, int64_t H, int64_t K, size_t* bytes) {
   EStepScratch s;
+  s.fused = K <= kGroupTypes;
   s.n_tiles = ceil_div(N, kTile);
   s.n_groups = ceil_div(s.n_tiles, kGroup);
-  s.n_finish_blocks = ceil_div(H, kSumThreads);
+  s.n_parts = s.fused ? (s.n_tiles > 0 ? s.n_tiles : 1) : ceil_div(H, kFinishAnnotators);
   Carver c{static_cast<char*>(workspace)};
-  s.S = c.take<double>(H * K);
+  s.S = s.fused ? nullptr : c.take<double>(H * K);
   s.first_part = c.take<double>(K * s.n_tiles);
   s.last_part = c.take<double>(K * s.n_tiles);
   s.group_sum = c.take<double>(K * s.n_groups);
   s.tile_owner = c.take<int64_t>(s.n_tiles);
-  s.lse_part = c.take<double>(s.n_finish_blocks);
+  s.lse_part = c.take<double>(s.n_parts);
+  s.tot_part = c.take<double>(K * s.n_parts);
   *bytes = c.used;
   return s;
 }
 
-// At least 4 resident blocks (<= 64 registers): left to itself, ptxas picks 48 registers
-// for the double version on sm_90 and spills.
+// Finish one annotator from its per-type sums S[k * stride] (k < K <= kGroupTypes):
+// log g_k = log eta_k + S_k - lse, lse = logsumexp_j (log eta_j + S_j). Writes the rows,
+// adds v * lse to lse_acc and v * g_k to tot[k]. The offsets log eta_k + S_k - max are
+// formed in double; float outputs then take the exponentials and the log through the
+// base-2 approximations (relative error ~1e-6 for every g_k above 1e-30), double outputs
+// through the accurate exp/log. EMPTY: an annotator with no records (S = 0, the posterior
+// is the prior; S is not read).
+template <typename T, bool EMPTY>
+__device__ __forceinline__ void finish_annotator(const double* S, int stride,
+                                                 const double* __restrict__ lw, int K,
+                                                 double v, T* __restrict__ resp_row,
+                                                 T* __restrict__ annot_row, double& lse_acc,
+                                                 double (&tot)[kGroupTypes], bool want_totals) {
+  const bool full = K == kGroupTypes;  // the common case: no per-type guards
+  double x[kGroupTypes];
+  double mx = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kGroupTypes; ++k) {
+    x[k] = -INFINITY;
+    if (full || k < K) {
+      x[k] = lw[k] + (EMPTY ? 0.0 : S[k * stride]);
+      mx = x[k] > mx ? x[k] : mx;
+    }
+  }
+  constexpr bool kFloat = sizeof(T) == sizeof(float);
+  double lse;
+  T g[kGroupTypes];
+  if (kFloat) {
+    // g_k = 2^((x_k - mx) log2 e) / z: one exp2 per type, one log2 and one reciprocal.
+    float e[kGroupTypes], z = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) {
+      e[k] = 0.0f;
+      if (full || k < K) e[k] = base2::ex2(float(x[k] - mx) * float(base2::kLog2e));
+      z += e[k];
+    }
+    lse = mx + base2::kLn2 * double(base2::lg2(z));
+    const float inv_z = base2::rcp(z);
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) g[k] = T(e[k] * inv_z);
+  } else {
+    double z = 0.0;
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k)
+      if (full || k < K) z += exp(x[k] - mx);
+    lse = mx + log(z);
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) g[k] = T((full || k < K) ? exp(x[k] - lse) : 0.0);
+  }
+  if (want_totals) {
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) tot[k] += v * double(g[k]);  // g = 0 for k >= K
+  }
+  T a[kGroupTypes];
+#pragma unroll
+  for (int k = 0; k < kGroupTypes; ++k) a[k] = T(EMPTY || !(full || k < K) ? 0.0 : S[k * stride]);
+  if (kFloat && full &&
+      ((reinterpret_cast<uintptr_t>(resp_row) | reinterpret_cast<uintptr_t>(annot_row)) & 15) == 0) {
+    // Rows of 8 floats are 32 bytes: two 16-byte stores each.
+    float4* rr = reinterpret_cast<float4*>(resp_row);
+    float4* ar = reinterpret_cast<float4*>(annot_row);
+    rr[0] = make_float4(float(g[0]), float(g[1]), float(g[2]), float(g[3]));
+    rr[1] = make_float4(float(g[4]), float(g[5]), float(g[6]), float(g[7]));
+    ar[0] = make_float4(float(a[0]), float(a[1]), float(a[2]), float(a[3]));
+    ar[1] = make_float4(float(a[4]), float(a[5]), float(a[6]), float(a[7]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) {
+      if (full || k < K) {
+        resp_row[k] = g[k];
+        annot_row[k] = a[k];
+      }
+    }
+  }
+  lse_acc += v * lse;
+}
+
+// Tile sums of v*g_k (k < K <= kGroupTypes) over the block's threads into
+// tot_part[k * n_parts + part]: a transpose through shared memory, then warp k sums
+// column k (rows lane, lane+32, ... in order, then a shuffle tree). Fixed order.
+__device__ __forceinline__ void block_type_totals(const double (&tot)[kGroupTypes], int K,
+                                                  double* s_tot, double* tot_part,
+                                                  int64_t n_parts, int64_t part) {
+  static_assert(kWarps == kGroupTypes, "one warp per type column");
+  const int r = threadIdx.x, lane = r & 31, warp = r >> 5;
+#pragma unroll
+  for (int k = 0; k < kGroupTypes; ++k) s_tot[k * kTile + r] = tot[k];
+  __syncthreads();
+  if (warp < K) {
+    double x = 0.0;
+    for (int j = lane; j < kTile; j += 32) x += s_tot[warp * kTile + j];
+    x = warp_sum(x);
+    if (lane == 0) tot_part[warp * n_parts + part] = x;
+  }
+}
+
+// Segment kinds and the bits of the tile kernel's packed per-thread layout state.
+enum : unsigned { kInTile = 0, kFirst = 1, kLast = 2 };
+enum : unsigned {
+  kStHead = 1u,        // the thread's record starts a segment (annotator run) of the tile
+  kStZeroFirst = 2u,   // thread 0, whose annotator starts at the tile: first_part = 0
+  kStStarts = 4u,      // the head's annotator starts at this record
+  kStKindShift = 3,    // 2 bits: kInTile, kFirst, kLast
+  kStFollowShift = 5,  // 4 bits: following warps whose first record is the same annotator
+  kStAddShift = 9,     // 5 bits: the suffix scan's add mask
+};
+// Read off the packed state where used (not kept in registers of their own).
+__device__ __forceinline__ bool st_head(unsigned st) { return st & kStHead; }
+__device__ __forceinline__ unsigned st_kind(unsigned st) { return (st >> kStKindShift) & 3u; }
+__device__ __forceinline__ int st_follow(unsigned st) { return int((st >> kStFollowShift) & 15u); }
+
+// The packed layout state of thread r once s_owner holds every record's annotator (-1 for
+// inactive threads). Warp suffix scan: at step b a lane adds lane (lane + 2^b)'s partial
+// when it is in the same annotator, so that after 5 steps each lane holds the sum from
+// itself to the end of its annotator or of its warp, whichever comes first.
+__device__ __forceinline__ unsigned layout_state(const int64_t* s_owner,
+                                                 const int64_t* __restrict__ aoff, int r,
+                                                 bool active, int64_t lo, int64_t hi) {
+  const int lane = r & 31, warp = r >> 5;
+  const int64_t h = s_owner[r];
+  unsigned st = 0, add_mask = 0;
+  if (active) {
+#pragma unroll
+    for (int b = 0; b < 5; ++b)
+      if (lane + (1 << b) < 32 && s_owner[r + (1 << b)] == h) add_mask |= 1u << b;
+  }
+  st |= add_mask << kStAddShift;
+  if (active && (r == 0 || s_owner[r - 1] != h)) {  // a segment head
+    int n_follow = 0;  // following warps whose first record still belongs to h
+    while (warp + n_follow + 1 < kWarps && s_owner[(warp + n_follow + 1) * 32] == h) ++n_follow;
+    const int64_t a_h = aoff[h], b_h = aoff[h + 1];
+    const unsigned kind = (a_h >= lo && b_h <= hi) ? kInTile : (a_h < lo ? kFirst : kLast);
+    st |= kStHead | (kind << kStKindShift) | (unsigned(n_follow) << kStFollowShift);
+    if (r == 0 && a_h >= lo) st |= kStZeroFirst;
+    if (a_h >= lo) st |= kStStarts;
+  }
+  return st;
+}
+
+// Per type of a group (FULL: all kGroupTypes, known at compile time): x = c_i * ll, the
+// warp's segmented suffix scan (skipped when no two records of the warp share an
+// annotator), the warp's first lane's partial to s_head_warp[c * kWarps], and a segment
+// head's partial to S[c * kTile] (read back after the barrier, so that no double array
+// lives in registers across it). ll: the thread's row of the stage.
+template <bool FULL, typename A>
+__device__ __forceinline__ void scan_group(const A* ll, double cw, int kc, bool scan, unsigned st,
+                                           bool head, int lane, double* s_head_warp, double* S) {
+#pragma unroll
+  for (int c = 0; c < kGroupTypes; ++c) {
+    if (FULL || c < kc) {
+      double x = cw * double(ll[c]);
+      if (scan) {
+#pragma unroll
+        for (int b = 0; b < 5; ++b) {
+          const double y = __shfl_down_sync(kFull, x, 1 << b);
+          if (st & (1u << (kStAddShift + b))) x += y;
+        }
+      }
+      if (lane == 0) s_head_warp[c * kWarps] = x;
+      if (head) S[c * kTile] = x;
+    }
+  }
+}
+
+// float: at least 2 resident blocks (<= 128 registers); double gets the registers it needs.
 template <typename T>
-__global__ void __launch_bounds__(kTile, 4)
+__global__ void __launch_bounds__(kTile, sizeof(T) == sizeof(float) ? 2 : 1)
     e_step_tiles_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
                         const int64_t* __restrict__ offsets,
                         const int64_t* __restrict__ n_ranked,
                         const T* __restrict__ record_weights,
-                        const int64_t* __restrict__ aoff, int64_t N, int64_t M, int64_t K,
-                        int64_t H, double beta, T* __restrict__ record_ll,
-                        unsigned long long* first_bad, EStepScratch ws) {
+                        const int64_t* __restrict__ aoff, const double* __restrict__ log_weights,
+                        const double* __restrict__ annotator_weights, int64_t N, int64_t M,
+                        int64_t K, int64_t H, double beta, T* __restrict__ responsibilities,
+                        T* __restrict__ annotator_loglik, T* __restrict__ record_ll,
+                        bool want_totals, unsigned long long* first_bad, EStepScratch ws) {
   using A = typename compute_type<T>::type;
   __shared__ int64_t s_owner[kTile];
   __shared__ int64_t s_edge[2];
-  __shared__ double s_head[2][kWarps];
-  __shared__ T stage[kTile * kTypeChunk];
+  __shared__ double s_head[2][kGroupTypes][kWarps];
+  __shared__ double s_lw[kGroupTypes];
+  __shared__ double s_sum[2][kSumThreads / 32];
+  // Each thread's partial sums of the current group, at s_S[k * kTile + r]; in fused mode
+  // they end as each in-tile head's sums S_k (registers would cost 16 of them). After the
+  // finish, the type-total transpose.
+  __shared__ double s_S[kGroupTypes * kTile];
+  // Each thread's ll of the current group, row r at r * kStageStride: also the record_ll
+  // stage.
+  __shared__ A s_ll[kTile * kStageStride];
 
   const int64_t t = blockIdx.x;
   const int64_t lo = t * kTile;
@@ -275,88 +602,148 @@ __global__ void __launch_bounds__(kTile, 4)
   const int r = threadIdx.x, lane = r & 31, warp = r >> 5;
   const bool active = r < n_in;
   const int64_t i = lo + r;
-
-  // Annotators of the tile's first and last records bound every search in the tile.
-  if (r == 0) s_edge[0] = owner(aoff, 0, H - 1, lo);
-  if (r == 32) s_edge[1] = owner(aoff, 0, H - 1, hi - 1);
-  __syncthreads();
-  const int64_t h = active ? owner(aoff, s_edge[0], s_edge[1], i) : -1;
-  s_owner[r] = h;
-  if (r == 0) ws.tile_owner[t] = s_edge[1];
-  __syncthreads();
-
-  // Layout facts, the same for every type.
-  // Warp suffix scan: at step b, add lane (lane + 2^b)'s partial when it is in the same
-  // annotator. After the 5 steps each lane holds the sum from itself to the end of its
-  // annotator or of its warp, whichever comes first.
-  unsigned add_mask = 0;
-  if (active) {
-#pragma unroll
-    for (int b = 0; b < 5; ++b)
-      if (lane + (1 << b) < 32 && s_owner[r + (1 << b)] == h) add_mask |= 1u << b;
-  }
-  const bool seg_start = active && (r == 0 || s_owner[r - 1] != h);
-  int n_follow = 0;  // following warps whose first record still belongs to h
-  double* dst = nullptr;
-  int64_t dst_stride = 0;  // dst[k * dst_stride] receives type k's sum
-  bool zero_first = false;
-  if (seg_start) {
-    while (warp + n_follow + 1 < kWarps && s_owner[(warp + n_follow + 1) * 32] == h) ++n_follow;
-    const int64_t a = aoff[h], b = aoff[h + 1];
-    if (a >= lo && b <= hi) {
-      dst = ws.S + h * K;
-      dst_stride = 1;
-    } else if (a < lo) {  // crosses the left edge: only the tile's first segment
-      dst = ws.first_part + t;
-      dst_stride = ws.n_tiles;
-    } else {  // starts here, crosses the right edge
-      dst = ws.last_part + t;
-      dst_stride = ws.n_tiles;
-    }
-    zero_first = (r == 0) && a >= lo;
-  }
+  const int Kc = int(min(K, int64_t(kGroupTypes)));  // types finished in registers
 
   Record rec{0, 0, 0};
-  double c_i = 0.0;
-  if (active) {
-    rec = load_record(offsets, n_ranked, i);
-    c_i = record_weights ? double(record_weights[i]) : 1.0;
-  }
+  if (active) rec = load_record(offsets, n_ranked, i);
+  const A c2 = A(beta * base2::kLog2e);
+  const double cw = (record_weights && active) ? double(record_weights[i]) : 1.0;
   bool finite = true;
+  unsigned st = 0;    // packed layout state, set up in the first pass
+  bool scan = false;  // warp-uniform: some records of the warp share an annotator
   int buf = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += kTypeChunk) {
-    const int kc = int(min(int64_t(kTypeChunk), K - k0));
-    for (int c = 0; c < kc; ++c) {
-      const int64_t k = k0 + c;
-      double x = 0.0;
-      if (active) {
-        const T* p = policy + k * M + rec.off;
-        const A ll = record_loglik<A>(p, ref + rec.off, rec.m, rec.L, A(beta), finite);
-        if (record_ll) stage[r * kTypeChunk + c] = T(ll);
-        x = c_i * double(ll);
-      }
-#pragma unroll
-      for (int b = 0; b < 5; ++b) {
-        const double y = __shfl_down_sync(kFull, x, 1 << b);
-        if (add_mask & (1u << b)) x += y;
-      }
-      if (lane == 0) s_head[buf][warp] = x;
+  for (int64_t k0 = 0; k0 < K; k0 += kGroupTypes) {
+    const int kc = int(min(int64_t(kGroupTypes), K - k0));
+    if (active)
+      finite &= group_loglik(policy + k0 * M + rec.off, ref + rec.off, M, rec, kc, c2,
+                             s_ll + r * kStageStride, 1);
+    else
+      for (int c = 0; c < kGroupTypes; ++c) s_ll[r * kStageStride + c] = A(0);
+    if (k0 == 0) {
+      // The layout is set up once the first group's loads are issued, so that the latency
+      // of the annotator searches overlaps theirs (a block-uniform branch).
+      // Annotators of the tile's first and last records bound every search in the tile;
+      // the searches start where the annotators would be if records were spread evenly.
+      const double per_record = double(H) / double(N);
+      if (r == 0) s_edge[0] = owner_from(aoff, 0, H - 1, lo, int64_t(double(lo) * per_record));
+      if (r == 32)
+        s_edge[1] = owner_from(aoff, 0, H - 1, hi - 1, int64_t(double(hi - 1) * per_record));
+      if (ws.fused && r < K) s_lw[r] = log_weights[r];
       __syncthreads();
-      if (seg_start) {
-        double total = x;
-        for (int j = 1; j <= n_follow; ++j) total += s_head[buf][warp + j];
-        dst[k * dst_stride] = total;
+      const int64_t e0 = s_edge[0], e1 = s_edge[1];
+      // Within the tile the guess spreads the tile's records evenly over [e0, e1].
+      const int64_t g = e0 + (e1 - e0) * r / (n_in > 1 ? n_in - 1 : 1);
+      s_owner[r] = active ? owner_from(aoff, e0, e1, i, g) : -1;
+      if (r == 0) ws.tile_owner[t] = e1;
+      __syncthreads();
+      st = layout_state(s_owner, aoff, r, active, lo, hi);
+      scan = __any_sync(kFull, (st >> kStAddShift) != 0);
+    }
+    scan_group<false>(s_ll + r * kStageStride, cw, kc, scan, st, st_head(st), lane,
+                      s_head[buf][0] + warp, s_S + r);
+    __syncthreads();
+    // A fused in-tile annotator that ends inside its head's warp is complete in s_S already.
+    if (st_head(st) && !(ws.fused && st_kind(st) == kInTile && st_follow(st) == 0)) {
+#pragma unroll
+      for (int c = 0; c < kGroupTypes; ++c) {
+        if (c < kc) {
+          double total = s_S[c * kTile + r];
+          for (int j = 1; j <= st_follow(st); ++j) total += s_head[buf][c][warp + j];
+          const int64_t k = k0 + c;
+          if (st_kind(st) == kInTile) {
+            if (ws.fused)
+              s_S[c * kTile + r] = total;  // this thread's own slot
+            else
+              ws.S[s_owner[r] * K + k] = total;
+          } else if (st_kind(st) == kFirst) {
+            ws.first_part[k * ws.n_tiles + t] = total;
+          } else {
+            ws.last_part[k * ws.n_tiles + t] = total;
+          }
+        }
       }
-      if (zero_first) ws.first_part[k * ws.n_tiles + t] = 0.0;
-      buf ^= 1;
+    }
+    if (st & kStZeroFirst) {
+#pragma unroll
+      for (int c = 0; c < kGroupTypes; ++c)
+        if (c < kc) ws.first_part[(k0 + c) * ws.n_tiles + t] = 0.0;
     }
     if (record_ll) {
-      // Every stage write of this chunk precedes the last barrier above.
-      store_staged(stage, n_in, kc, record_ll + lo * K + k0, K);
-      __syncthreads();  // before the next chunk rewrites the stage
+      // Every stage write of this group precedes the barrier above.
+      store_staged(s_ll, n_in, kc, record_ll + lo * K + k0, K);
+      __syncthreads();  // before the next group rewrites the stage
+    }
+    buf ^= 1;
+  }
+  if (active && !finite) flag_non_finite(first_bad, lo + r);
+  if (!ws.fused) return;  // block-uniform; the finish kernel does the rest
+
+  // Finish: annotators inside the tile (their head thread), empty annotators just before an
+  // annotator that starts in the tile (its head) or after the last record (thread 0 of the
+  // last tile). Each thread accumulates v * lse and v * g; then one block sum.
+  double lse_acc = 0.0, tot[kGroupTypes];
+#pragma unroll
+  for (int k = 0; k < kGroupTypes; ++k) tot[k] = 0.0;
+  const int64_t h = s_owner[r];
+  if (st_head(st) && st_kind(st) == kInTile)
+    finish_annotator<T, false>(s_S + r, kTile, s_lw, Kc, annotator_weights ? annotator_weights[h] : 1.0,
+                        responsibilities + h * K, annotator_loglik + h * K, lse_acc, tot, want_totals);
+  if (st & kStStarts) {  // empties just before h all sit at offset aoff[h] = i
+    for (int64_t e = h - 1; e >= 0 && aoff[e] == lo + r; --e)
+      finish_annotator<T, true>(nullptr, 0, s_lw, Kc, annotator_weights ? annotator_weights[e] : 1.0,
+                          responsibilities + e * K, annotator_loglik + e * K, lse_acc, tot, want_totals);
+  }
+  if (r == 0 && hi == N) {  // empties after the last record
+    for (int64_t e = H - 1; e >= 0 && aoff[e] == N; --e)
+      finish_annotator<T, true>(nullptr, 0, s_lw, Kc, annotator_weights ? annotator_weights[e] : 1.0,
+                          responsibilities + e * K, annotator_loglik + e * K, lse_acc, tot, want_totals);
+  }
+  const double s = block_sum(lse_acc, s_sum[0]);
+  if (r == 0) ws.lse_part[t] = s;
+  // The transpose reuses s_S: block_sum's barrier above orders it after every finish.
+  if (want_totals) block_type_totals(tot, Kc, s_S, ws.tot_part, ws.n_parts, t);
+}
+
+// E-step with no records (N == 0, fused mode): every annotator is empty, so every
+// posterior is the prior: thread 0 finishes annotator 0, the block copies its row to the
+// others and adds up the annotator weights V = sum_h v_h (thread j takes j, j+kSumThreads,
+// ... in order); loglik = V * lse_0, type_totals = V * g_0.
+template <typename T>
+__global__ void __launch_bounds__(kSumThreads, 1)
+    e_step_empty_kernel(const double* __restrict__ log_weights,
+                        const double* __restrict__ annotator_weights, int64_t K, int64_t H,
+                        T* __restrict__ responsibilities, T* __restrict__ annotator_loglik,
+                        bool want_totals, EStepScratch ws) {
+  __shared__ double s_sum[2][kSumThreads / 32];
+  __shared__ double s_g[kGroupTypes + 1];
+  const int Kc = int(K);
+  if (threadIdx.x == 0) {
+    double lse = 0.0, g[kGroupTypes];
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) g[k] = 0.0;
+    finish_annotator<T, true>(nullptr, 0, log_weights, Kc, 1.0, responsibilities,
+                              annotator_loglik, lse, g, true);
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) s_g[k] = g[k];
+    s_g[kGroupTypes] = lse;
+  }
+  __syncthreads();
+  double V = 0.0;
+  for (int64_t e = threadIdx.x; e < H; e += kSumThreads) {
+    V += annotator_weights ? annotator_weights[e] : 1.0;
+    if (e > 0) {
+      for (int k = 0; k < Kc; ++k) {
+        responsibilities[e * K + k] = responsibilities[k];
+        annotator_loglik[e * K + k] = T(0);
+      }
     }
   }
-  if (active && !finite) flag_non_finite(first_bad, i);
+  V = block_sum(V, s_sum[0]);
+  if (threadIdx.x == 0) {
+    ws.lse_part[0] = V * s_g[kGroupTypes];
+    if (want_totals)
+      for (int k = 0; k < Kc; ++k) ws.tot_part[k * ws.n_parts] = V * s_g[k];
+  }
 }
 
 // group_sum[k][g] = sum over the tiles of group g of first_part[k][tile]; one block per group.
@@ -374,10 +761,15 @@ __global__ void __launch_bounds__(kSumThreads)
 }
 
 // One warp per tile t0: if an annotator starts in t0 and ends in a later tile t1, its sum is
-// last_part[t0] + first_part[t0+1 .. t1] (whole groups taken from group_sum).
+// last_part[t0] + first_part[t0+1 .. t1] (whole groups taken from group_sum). Fused mode:
+// lane 0 then finishes it and adds v*lse, v*g into tile t0's parts (after the tile's own
+// sums: a fixed order). Otherwise its row of S is written for the finish kernel.
+template <typename T>
 __global__ void __launch_bounds__(kTile)
-    e_step_cross_kernel(const int64_t* __restrict__ aoff, int64_t N, int64_t K,
-                        EStepScratch ws) {
+    e_step_cross_kernel(const int64_t* __restrict__ aoff, const double* __restrict__ log_weights,
+                        const double* __restrict__ annotator_weights, int64_t N, int64_t K,
+                        T* __restrict__ responsibilities, T* __restrict__ annotator_loglik,
+                        bool want_totals, EStepScratch ws) {
   const int lane = threadIdx.x & 31;
   const int64_t t0 = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (t0 >= ws.n_tiles - 1) return;  // warp-uniform; the last tile has nothing after it
@@ -392,57 +784,271 @@ __global__ void __launch_bounds__(kTile)
   const int64_t head_end = groups ? ga * kGroup : last + 1;
   const int64_t tail_begin = groups ? gb * kGroup : last + 1;
   const int64_t nt = ws.n_tiles, ng = ws.n_groups;
-  for (int64_t k0 = 0; k0 < K; k0 += kTypeChunk) {
-    const int kc = int(min(int64_t(kTypeChunk), K - k0));
-    double acc[kTypeChunk];
+  double S_keep[kGroupTypes];  // fused mode: K <= kGroupTypes, one pass
+  for (int64_t k0 = 0; k0 < K; k0 += kGroupTypes) {
+    const int kc = int(min(int64_t(kGroupTypes), K - k0));
+    double acc[kGroupTypes];
 #pragma unroll
-    for (int c = 0; c < kTypeChunk; ++c) acc[c] = 0.0;
+    for (int c = 0; c < kGroupTypes; ++c) acc[c] = 0.0;
     for (int64_t tt = first + lane; tt < head_end; tt += 32) {
 #pragma unroll
-      for (int c = 0; c < kTypeChunk; ++c)
+      for (int c = 0; c < kGroupTypes; ++c)
         if (c < kc) acc[c] += ws.first_part[(k0 + c) * nt + tt];
     }
     if (groups) {
       for (int64_t g = ga + lane; g < gb; g += 32) {
 #pragma unroll
-        for (int c = 0; c < kTypeChunk; ++c)
+        for (int c = 0; c < kGroupTypes; ++c)
           if (c < kc) acc[c] += ws.group_sum[(k0 + c) * ng + g];
       }
       for (int64_t tt = tail_begin + lane; tt <= last; tt += 32) {
 #pragma unroll
-        for (int c = 0; c < kTypeChunk; ++c)
+        for (int c = 0; c < kGroupTypes; ++c)
           if (c < kc) acc[c] += ws.first_part[(k0 + c) * nt + tt];
       }
     }
 #pragma unroll
-    for (int c = 0; c < kTypeChunk; ++c) {
+    for (int c = 0; c < kGroupTypes; ++c) {
       if (c < kc) {
-        const double s = warp_sum(acc[c]);
-        if (lane == 0) ws.S[h * K + k0 + c] = ws.last_part[(k0 + c) * nt + t0] + s;
+        const double s = ws.last_part[(k0 + c) * nt + t0] + warp_sum(acc[c]);
+        if (ws.fused)
+          S_keep[c] = s;
+        else if (lane == 0)
+          ws.S[h * K + k0 + c] = s;
       }
+    }
+  }
+  if (ws.fused && lane == 0) {
+    const int Kc = int(K);
+    double lse_acc = 0.0, tot[kGroupTypes];
+#pragma unroll
+    for (int k = 0; k < kGroupTypes; ++k) tot[k] = 0.0;
+    finish_annotator<T, false>(S_keep, 1, log_weights, Kc, annotator_weights ? annotator_weights[h] : 1.0,
+                        responsibilities + h * K, annotator_loglik + h * K, lse_acc, tot, want_totals);
+    ws.lse_part[t0] += lse_acc;
+    if (want_totals) {
+#pragma unroll
+      for (int k = 0; k < kGroupTypes; ++k)
+        if (k < Kc) ws.tot_part[k * ws.n_parts + t0] += tot[k];
     }
   }
 }
 
-// One thread per annotator: posterior and per-annotator log-likelihood from S; then the
-// block's sum of the annotators' log-normalisers into lse_part.
+// K > kGroupTypes: one warp per annotator, lanes over the types (rows read and written
+// coalesced). Block b finishes annotators [b*kFinishAnnotators, ...), warp w every
+// kWarps-th of them in order; the block's sums go to lse_part[b], tot_part[k][b].
 template <typename T>
 __global__ void __launch_bounds__(kSumThreads)
     e_step_finish_kernel(const int64_t* __restrict__ aoff, const double* __restrict__ log_weights,
-                         int64_t H, int64_t K, T* __restrict__ responsibilities,
-                         T* __restrict__ annotator_loglik, EStepScratch ws) {
-  __shared__ double scratch[kSumThreads / 32];
-  const int64_t h = int64_t(blockIdx.x) * kSumThreads + threadIdx.x;
-  double lse = 0.0;
-  if (h < H) {
+                         const double* __restrict__ annotator_weights, int64_t H, int64_t K,
+                         T* __restrict__ responsibilities, T* __restrict__ annotator_loglik,
+                         bool want_totals, EStepScratch ws) {
+  constexpr int kWarpsF = kSumThreads / 32;
+  __shared__ double s_lse[kWarpsF];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t h0 = int64_t(blockIdx.x) * kFinishAnnotators;
+  const int64_t h1 = min(H, h0 + kFinishAnnotators);
+  double lse_acc = 0.0;  // lane 0's, in order of the warp's annotators
+  for (int64_t h = h0 + warp; h < h1; h += kWarpsF) {
+    const bool empty = aoff[h] == aoff[h + 1];
     double* S = ws.S + h * K;
-    if (aoff[h] == aoff[h + 1])  // no records: the posterior is the prior
-      for (int64_t k = 0; k < K; ++k) S[k] = 0.0;
-    lse = finish_annotator<T>(S, log_weights, K, responsibilities + h * K,
-                              annotator_loglik + h * K);
+    double mx = -INFINITY;
+    for (int64_t k = lane; k < K; k += 32) {
+      const double v = log_weights[k] + (empty ? 0.0 : S[k]);
+      mx = v > mx ? v : mx;
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+      const double o = __shfl_xor_sync(kFull, mx, s);
+      mx = o > mx ? o : mx;
+    }
+    double z = 0.0;
+    for (int64_t k = lane; k < K; k += 32)
+      z += exp(log_weights[k] + (empty ? 0.0 : S[k]) - mx);
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) z += __shfl_xor_sync(kFull, z, s);  // same in all lanes
+    const double lse = mx + log(z);
+    const double v = annotator_weights ? annotator_weights[h] : 1.0;
+    for (int64_t k = lane; k < K; k += 32) {
+      const double Sk = empty ? 0.0 : S[k];
+      const double gk = exp(log_weights[k] + Sk - lse);
+      responsibilities[h * K + k] = T(gk);
+      annotator_loglik[h * K + k] = T(Sk);
+      if (want_totals) S[k] = v * gk;  // the row is finished: reuse it for the totals
+    }
+    lse_acc += v * lse;
   }
-  const double s = block_sum(lse, scratch);
-  if (threadIdx.x == 0) ws.lse_part[blockIdx.x] = s;
+  if (lane == 0) s_lse[warp] = lse_acc;
+  __syncthreads();  // also orders the S rows rewritten above before the column sums
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int w = 0; w < kWarpsF; ++w) s += s_lse[w];
+    ws.lse_part[blockIdx.x] = s;
+  }
+  if (want_totals) {
+    // Column sums over the block's annotators in index order; threads over the types.
+    for (int64_t k = threadIdx.x; k < K; k += kSumThreads) {
+      double s = 0.0;
+      for (int64_t h = h0; h < h1; ++h) s += ws.S[h * K + k];
+      ws.tot_part[k * ws.n_parts + blockIdx.x] = s;
+    }
+  }
+}
+
+// One block: loglik = sum of lse_part, type_totals[k] = sum of tot_part[k] (thread j adds
+// parts j, j + kSumThreads, ... in order, then the block tree).
+__global__ void __launch_bounds__(kSumThreads)
+    e_step_sum_kernel(int64_t K, double* loglik, double* type_totals, EStepScratch ws) {
+  __shared__ double scratch[2][kSumThreads / 32];
+  const int64_t n = ws.n_parts;
+  double x = 0.0;
+  for (int64_t j = threadIdx.x; j < n; j += kSumThreads) x += ws.lse_part[j];
+  const double s = block_sum(x, scratch[0]);
+  if (threadIdx.x == 0) *loglik = s;
+  if (type_totals == nullptr) return;  // block-uniform
+  for (int64_t k = 0; k < K; ++k) {
+    double y = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += kSumThreads) y += ws.tot_part[k * n + j];
+    const double sk = block_sum(y, scratch[(k + 1) & 1]);
+    if (threadIdx.x == 0) type_totals[k] = sk;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss and gradient: grad[k, slots of i] = -scale_k w_ki d ll_ki / d logpi; the tile's
+// sum_k scale_k sum_i w_ki (-ll_ki) goes to tile_part[tile]. Each thread adds its record's
+// terms over the types in order; one block reduction per tile.
+
+// One record over all K types. Returns a status: bit 0 set when a reward was not finite,
+// bits 1.. the first type whose weight is not finite, plus one (0: none); stores the
+// record's sum_k scale_k w_ki (-ll_ki) in *acc_out. Lists of 4 are inlined, the other
+// shapes are calls (loss_record_call), for the reason given at group_loglik_call.
+__device__ __forceinline__ int loss_status(bool finite, int64_t bad_k) {
+  return (finite ? 0 : 1) | (bad_k < 0 ? 0 : int(bad_k + 1) << 1);
+}
+
+template <int MM, bool EXACT, typename A, typename T>
+__device__ __forceinline__ int loss_record_short(const T* __restrict__ p, const T* __restrict__ ref,
+                                                 int64_t M, int m, int L, const T* __restrict__ w,
+                                                 int64_t N, const double* __restrict__ scale,
+                                                 int64_t K, A c, A beta, T* __restrict__ g_out,
+                                                 T* __restrict__ rec_loss, double* acc_out) {
+  bool finite = true;
+  int64_t bad_k = -1;
+  double acc = 0.0;
+  A rf[MM];
+#pragma unroll
+  for (int j = 0; j < MM; ++j)
+    if (EXACT || j < m) rf[j] = A(ref[j]);
+#pragma unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    A r[MM], g[MM];
+    base2::load_rewards<MM, EXACT>(p, rf, m, c, r, finite);
+    const A w_k = w ? A(w[0]) : A(1);
+    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
+    const double sc = scale[k];
+    const A ll = base2::short_loglik_grad<MM, EXACT>(r, m, L, A(-sc) * w_k * beta, g);
+#pragma unroll
+    for (int j = 0; j < MM; ++j)
+      if (EXACT || j < m) g_out[j] = T(g[j]);
+    const double l = -double(w_k) * double(ll);
+    if (rec_loss) rec_loss[0] = T(l);
+    acc += sc * l;
+    p += M;
+    g_out += M;
+    if (w) w += N;
+    if (rec_loss) rec_loss += N;
+  }
+  *acc_out = acc;
+  return loss_status(finite, bad_k);
+}
+
+template <int MM, bool EXACT, typename A, typename T>
+__device__ __noinline__ int loss_record_call(const T* __restrict__ p, const T* __restrict__ ref,
+                                             int64_t M, int m, int L, const T* __restrict__ w,
+                                             int64_t N, const double* __restrict__ scale,
+                                             int64_t K, A c, A beta, T* __restrict__ g_out,
+                                             T* __restrict__ rec_loss, double* acc_out) {
+  return loss_record_short<MM, EXACT>(p, ref, M, m, L, w, N, scale, K, c, beta, g_out, rec_loss,
+                                      acc_out);
+}
+
+template <typename A, typename T>
+__device__ __noinline__ int loss_record_long(const T* __restrict__ p, const T* __restrict__ ref,
+                                             int64_t M, int m, int L, const T* __restrict__ w,
+                                             int64_t N, const double* __restrict__ scale,
+                                             int64_t K, A c, A beta, T* __restrict__ g,
+                                             T* __restrict__ rec_loss, double* acc_out) {
+  bool finite = true;
+  int64_t bad_k = -1;
+  double acc = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const A w_k = w ? A(w[k * N]) : A(1);
+    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
+    const double sc = scale[k];
+    const A ll = base2::long_loglik_grad<A>(p + k * M, ref, m, L, c, A(-sc) * w_k * beta,
+                                            g + k * M, finite);
+    const double l = -double(w_k) * double(ll);
+    if (rec_loss) rec_loss[k * N] = T(l);
+    acc += sc * l;
+  }
+  *acc_out = acc;
+  return loss_status(finite, bad_k);
+}
+
+// A record whose rewards or weights are not finite makes the tile's sum (hence the loss)
+// NaN, so that a caller that reads the flags late (the torch layer, to avoid a host sync)
+// still never gets a plausible value; first_bad and bad_weight name the first offender.
+template <typename T>
+__global__ void __launch_bounds__(kTile)
+    loss_tiles_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
+                      const int64_t* __restrict__ offsets, const int64_t* __restrict__ n_ranked,
+                      const T* __restrict__ weights, const double* __restrict__ scale,
+                      int64_t N, int64_t M, int64_t K, double beta, T* __restrict__ grad,
+                      T* __restrict__ record_loss, unsigned long long* first_bad,
+                      unsigned long long* bad_weight, double* __restrict__ tile_part) {
+  using A = typename compute_type<T>::type;
+  __shared__ double scratch[kSumThreads / 32];
+  __shared__ double s_acc[kTile];
+  const int64_t lo = int64_t(blockIdx.x) * kTile;
+  const int n_in = int(min(int64_t(kTile), N - lo));
+  const int r = threadIdx.x;
+  const int64_t i = lo + r;
+  int status = 0;
+  s_acc[r] = 0.0;
+  if (r < n_in) {
+    const Record rec = load_record(offsets, n_ranked, i);
+    const A c = A(beta * base2::kLog2e);
+    const T* p = policy + rec.off;
+    const T* rf = ref + rec.off;
+    T* g = grad + rec.off;
+    const T* w = weights ? weights + i : nullptr;
+    T* rl = record_loss ? record_loss + i : nullptr;
+    const int m = rec.m, L = rec.L;
+    double* acc = s_acc + r;
+#if defined(EMDPO_CUDA_PROBE_M)
+    status = loss_record_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT>(
+        p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+#else
+    if (m == 4)
+      status = loss_record_short<4, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+    else if (m == 2)
+      status = loss_record_call<2, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+    else if (m == 3)
+      status = loss_record_call<3, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+    else if (m <= kShortMax)
+      status = loss_record_call<kShortMax, false>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g,
+                                                  rl, acc);
+    else
+      status = loss_record_long<A>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+#endif
+    if (status != 0) s_acc[r] = nan("");  // this thread's own slot
+  }
+  const double s = block_sum(s_acc[r], scratch);
+  if (r == 0) tile_part[blockIdx.x] = s;
+  if (status & 1) flag_non_finite(first_bad, i);
+  if ((status >> 1) && bad_weight)
+    atomicMin(bad_weight, static_cast<unsigned long long>(int64_t((status >> 1) - 1) * N + i));
 }
 
 // One block: *out = sum of parts[0..n) (thread j adds j, j + kSumThreads, ... in order).
@@ -455,46 +1061,6 @@ __global__ void __launch_bounds__(kSumThreads)
   if (threadIdx.x == 0) *out = s;
 }
 
-// ---------------------------------------------------------------------------------------
-// Loss and gradient: grad[k, slots of i] = -scale_k w_ki d ll_ki / d logpi; the tile's
-// sum_k scale_k sum_i w_ki (-ll_ki) goes to tile_part[tile].
-
-template <typename T>
-__global__ void __launch_bounds__(kTile)
-    loss_tiles_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
-                      const int64_t* __restrict__ offsets, const int64_t* __restrict__ n_ranked,
-                      const T* __restrict__ weights, const double* __restrict__ scale,
-                      int64_t N, int64_t M, int64_t K, double beta, T* __restrict__ grad,
-                      T* __restrict__ record_loss, unsigned long long* first_bad,
-                      double* __restrict__ tile_part) {
-  static_assert(kTile == kSumThreads, "block_sum assumes kSumThreads threads");
-  using A = typename compute_type<T>::type;
-  __shared__ double scratch[2][kSumThreads / 32];
-  const int64_t lo = int64_t(blockIdx.x) * kTile;
-  const int n_in = int(min(int64_t(kTile), N - lo));
-  const int r = threadIdx.x;
-  const bool active = r < n_in;
-  const int64_t i = lo + r;
-  const Record rec = active ? load_record(offsets, n_ranked, i) : Record{0, 0, 0};
-  bool finite = true;
-  double tile_total = 0.0;  // meaningful in thread 0
-  for (int64_t k = 0; k < K; ++k) {
-    double l_i = 0.0;
-    if (active) {
-      const A w_i = weights ? A(weights[k * N + i]) : A(1);
-      const A ll = record_loglik_grad<A>(policy + k * M + rec.off, ref + rec.off, rec.m, rec.L,
-                                         A(beta), A(-scale[k]) * w_i, grad + k * M + rec.off,
-                                         finite);
-      l_i = -double(w_i) * double(ll);
-      if (record_loss) record_loss[k * N + i] = T(l_i);
-    }
-    const double s = block_sum(l_i, scratch[k & 1]);
-    if (r == 0) tile_total += scale[k] * s;
-  }
-  if (r == 0) tile_part[blockIdx.x] = tile_total;
-  if (active && !finite) flag_non_finite(first_bad, i);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -505,7 +1071,7 @@ void listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
                      const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
                      T* out, unsigned long long* first_bad, void* stream) {
   check_size(N, "N");
-  check_size(M, "M");
+  check_slots(M);
   check_size(K, "K");
   if (N == 0 || K == 0) return;
   check_ptr(policy, "policy_logps");
@@ -534,16 +1100,19 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
             const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
             T* responsibilities, T* annotator_loglik, double* loglik, T* record_ll,
             unsigned long long* first_bad, void* workspace, size_t workspace_bytes,
-            void* stream) {
+            void* stream, const double* annotator_weights, double* type_totals) {
   check_size(N, "N");
-  check_size(M, "M");
+  check_slots(M);
   check_size(H, "H");
   if (K < 1)
     throw std::invalid_argument("K: expected at least one type, got " + std::to_string(K));
   check_ptr(loglik, "loglik");
   const cudaStream_t s = as_stream(stream);
-  if (H == 0) {  // an empty sum
+  if (H == 0) {  // empty sums
     check_call(cudaMemsetAsync(loglik, 0, sizeof(double), s), "cudaMemsetAsync(loglik)");
+    if (type_totals)
+      check_call(cudaMemsetAsync(type_totals, 0, size_t(K) * sizeof(double), s),
+                 "cudaMemsetAsync(type_totals)");
     return;
   }
   check_ptr(annotator_offsets, "annotator_offsets");
@@ -553,6 +1122,7 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
   size_t need = 0;
   const EStepScratch ws = carve_e_step(workspace, N, H, K, &need);
   check_workspace(workspace, workspace_bytes, need, "e_step");
+  const bool totals = type_totals != nullptr;
 
   if (N > 0) {
     check_ptr(policy, "policy_logps");
@@ -560,9 +1130,10 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
     check_ptr(offsets, "offsets");
     check_ptr(first_bad, "first_bad");
     const unsigned tiles = grid_size(ws.n_tiles, "e_step_tiles");
-    e_step_tiles_kernel<T><<<tiles, kTile, 0, s>>>(policy, ref, offsets, n_ranked,
-                                                    record_weights, annotator_offsets, N, M,
-                                                    K, H, beta, record_ll, first_bad, ws);
+    e_step_tiles_kernel<T><<<tiles, kTile, 0, s>>>(
+        policy, ref, offsets, n_ranked, record_weights, annotator_offsets, log_weights,
+        annotator_weights, N, M, K, H, beta, responsibilities, annotator_loglik, record_ll,
+        totals, first_bad, ws);
     check_launch("e_step_tiles");
     if (ws.n_tiles > 1) {
       if (ws.n_groups > 1) {  // group 0 never lies inside a span starting after tile 0
@@ -571,15 +1142,24 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
         check_launch("e_step_group_sums");
       }
       const unsigned warps_blocks = grid_size(ceil_div(ws.n_tiles - 1, kWarps), "e_step_cross");
-      e_step_cross_kernel<<<warps_blocks, kTile, 0, s>>>(annotator_offsets, N, K, ws);
+      e_step_cross_kernel<T><<<warps_blocks, kTile, 0, s>>>(
+          annotator_offsets, log_weights, annotator_weights, N, K, responsibilities,
+          annotator_loglik, totals, ws);
       check_launch("e_step_cross");
     }
+  } else if (ws.fused) {
+    e_step_empty_kernel<T><<<1, kSumThreads, 0, s>>>(log_weights, annotator_weights, K, H,
+                                                     responsibilities, annotator_loglik,
+                                                     totals, ws);
+    check_launch("e_step_empty");
   }
-  e_step_finish_kernel<T><<<grid_size(ws.n_finish_blocks, "e_step_finish"), kSumThreads, 0,
-                            s>>>(annotator_offsets, log_weights, H, K, responsibilities,
-                                 annotator_loglik, ws);
-  check_launch("e_step_finish");
-  sum_parts_kernel<<<1, kSumThreads, 0, s>>>(ws.lse_part, ws.n_finish_blocks, loglik);
+  if (!ws.fused) {
+    e_step_finish_kernel<T><<<grid_size(ws.n_parts, "e_step_finish"), kSumThreads, 0, s>>>(
+        annotator_offsets, log_weights, annotator_weights, H, K, responsibilities,
+        annotator_loglik, totals, ws);
+    check_launch("e_step_finish");
+  }
+  e_step_sum_kernel<<<1, kSumThreads, 0, s>>>(K, loglik, type_totals, ws);
   check_launch("e_step_sum");
 }
 
@@ -594,9 +1174,10 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
                                 const int64_t* n_ranked, const T* weights, const double* scale,
                                 int64_t N, int64_t M, int64_t K, double beta, double* loss,
                                 T* grad, T* record_loss, unsigned long long* first_bad,
-                                void* workspace, size_t workspace_bytes, void* stream) {
+                                void* workspace, size_t workspace_bytes, void* stream,
+                                unsigned long long* bad_weight) {
   check_size(N, "N");
-  check_size(M, "M");
+  check_slots(M);
   check_size(K, "K");
   check_ptr(loss, "loss");
   const cudaStream_t s = as_stream(stream);
@@ -616,7 +1197,7 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
   const int64_t n_tiles = ceil_div(N, kTile);
   loss_tiles_kernel<T><<<grid_size(n_tiles, "listwise_dpo_loss_and_grad"), kTile, 0, s>>>(
       policy, ref, offsets, n_ranked, weights, scale, N, M, K, beta, grad, record_loss,
-      first_bad, tile_part);
+      first_bad, bad_weight, tile_part);
   check_launch("listwise_dpo_loss_and_grad");
   sum_parts_kernel<<<1, kSumThreads, 0, s>>>(tile_part, n_tiles, loss);
   check_launch("listwise_dpo_loss_sum");
@@ -629,11 +1210,12 @@ void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* of
   template void e_step<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,       \
                           const int64_t*, const double*, int64_t, int64_t, int64_t, int64_t,  \
                           double, T*, T*, double*, T*, unsigned long long*, void*, size_t,    \
-                          void*);                                                              \
+                          void*, const double*, double*);                                      \
   template void listwise_dpo_loss_and_grad<T>(const T*, const T*, const int64_t*,             \
                                               const int64_t*, const T*, const double*,        \
                                               int64_t, int64_t, int64_t, double, double*, T*, \
-                                              T*, unsigned long long*, void*, size_t, void*);
+                                              T*, unsigned long long*, void*, size_t, void*,  \
+                                              unsigned long long*);
 EMDPO_CUDA_INSTANTIATE(float)
 EMDPO_CUDA_INSTANTIATE(double)
 

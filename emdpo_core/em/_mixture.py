@@ -32,6 +32,19 @@ def expand_record_weights(responsibilities, annotator_offsets, record_weight, an
 
 
 @numba.njit(cache=True, nogil=True)
+def type_totals(responsibilities, annotator_weight):
+    """(K,) sum_h v_h g_hk: each type's share of the annotators (a sum over annotators: the
+    shards of a distributed fit add theirs), summed in annotator order as the kernel does."""
+    H, K = responsibilities.shape
+    totals = np.zeros(K, dtype=np.float64)
+    for h in range(H):
+        v = annotator_weight[h]
+        for k in range(K):
+            totals[k] += v * responsibilities[h, k]
+    return totals
+
+
+@numba.njit(cache=True, nogil=True)
 def mixture_weights(responsibilities, annotator_weight, alpha):
     """MAP mixture weights under a symmetric Dirichlet(alpha) prior, alpha >= 1:
     eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1)).

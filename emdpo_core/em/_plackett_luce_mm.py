@@ -82,13 +82,11 @@ def pl_wins(items, offsets, n_ranked, weights, n_items):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pl_mm_one(items, offsets, n_ranked, w, wins, theta, pseudo_count, m_max, out):
-    """One MM step for one type (see pl_mm_step). Writes the new log-worths into out."""
-    n_items = theta.shape[0]
+def _pl_mm_denominators_one(items, offsets, n_ranked, w, theta, m_max, denom):
+    """Adds one type's MM denominators (see pl_mm_step) to ``denom``, on the scale of worths
+    divided by the largest, exp(theta - max theta)."""
     top = theta.max()
     gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
-    dummy = np.exp(-top)                 # the pseudo-count dummy item (worth 1) on that scale
-    denom = np.zeros(n_items, dtype=np.float64)
     suffix = np.empty(m_max, dtype=np.float64)
     N = offsets.shape[0] - 1
     for r in range(N):
@@ -107,9 +105,18 @@ def _pl_mm_one(items, offsets, n_ranked, w, wins, theta, pseudo_count, m_max, ou
             if j < L:
                 run += wr / suffix[j]
             denom[items[a + j]] += run
+
+
+@numba.njit(cache=True, nogil=True)
+def _pl_mm_update_one(wins, denom, theta, pseudo_count, out):
+    """The MM update of one type from its wins and denominators (see pl_mm_step)."""
+    n_items = theta.shape[0]
+    top = theta.max()
+    dummy = np.exp(-top)                 # the pseudo-count dummy item (worth 1) on that scale
     for i in range(n_items):
+        gamma = np.exp(theta[i] - top)
         num = wins[i] + pseudo_count
-        den = denom[i] + 2.0 * pseudo_count / (gamma[i] + dummy)
+        den = denom[i] + 2.0 * pseudo_count / (gamma + dummy)
         if den > 0.0 and num > 0.0:
             out[i] = np.log(num) - np.log(den) + top
         elif den > 0.0:
@@ -119,6 +126,29 @@ def _pl_mm_one(items, offsets, n_ranked, w, wins, theta, pseudo_count, m_max, ou
 
 
 @_over_types
+def pl_mm_denominators(items, offsets, n_ranked, weights, log_worths, m_max):
+    """(K, n_items) the MM denominators of pl_mm_step without the pseudo-count term:
+    sum_r w_kr sum_{t < L_r, i in R_rt} 1 / sum_{s in R_rt} gamma_s, with worths scaled by
+    the type's largest (gamma = exp(theta - max theta)). A sum over records: the shards of
+    a distributed fit add theirs. One type per thread, each in its own row."""
+    K, n_items = log_worths.shape
+    denom = np.zeros((K, n_items), dtype=np.float64)
+    for k in numba.prange(K):
+        _pl_mm_denominators_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                denom[k])
+    return denom
+
+
+@_over_types
+def pl_mm_update(wins, denom, log_worths, pseudo_count):
+    """(K, n_items) new log-worths of one MM step from the (summed) wins and denominators."""
+    K, n_items = log_worths.shape
+    out = np.empty_like(log_worths)
+    for k in numba.prange(K):
+        _pl_mm_update_one(wins[k], denom[k], log_worths[k], pseudo_count, out[k])
+    return out
+
+
 def pl_mm_step(items, offsets, n_ranked, weights, wins, log_worths, pseudo_count, m_max):
     """One monotone MM update of the K Plackett-Luce log-worth vectors (Hunter 2004).
 
@@ -129,15 +159,12 @@ def pl_mm_step(items, offsets, n_ranked, weights, wins, log_worths, pseudo_count
     c = pseudo_count: c virtual wins and c virtual losses of each item against a dummy item of
     fixed worth 1. This is exactly Hunter's MM on the data plus the virtual comparisons, so it
     never decreases  sum_r w_r ll_r(theta) + c * sum_i (theta_i - 2 log(1 + exp theta_i)).
-    Types are independent: the loop over types runs in parallel, each in its own row, so the
-    result does not depend on the thread count.
+    The record sums (wins, :func:`pl_mm_denominators`) and the update (:func:`pl_mm_update`)
+    are separate so that a distributed fit can sum the records' part over its ranks. Types
+    are independent, each in its own row: the result does not depend on the thread count.
     """
-    K, n_items = log_worths.shape
-    out = np.empty_like(log_worths)
-    for k in numba.prange(K):
-        _pl_mm_one(items, offsets, n_ranked, weights[k], wins[k], log_worths[k], pseudo_count,
-                   m_max, out[k])
-    return out
+    denom = pl_mm_denominators(items, offsets, n_ranked, weights, log_worths, m_max)
+    return pl_mm_update(wins, denom, log_worths, pseudo_count)
 
 
 @_over_types

@@ -37,7 +37,9 @@ import numpy as np
 from . import _initialization, _mixture
 from .. import _checks
 from ..diagnostics import IdentifiabilityWarning
+from ..distributed import LocalComm, check_same
 from ..ops.listwise import e_step
+from ._shards import EMShards
 from .family import CollapsedComponentWarning, ConvergenceWarning, PolicyFamily
 from .persistence import Persistence, _Run
 
@@ -228,7 +230,7 @@ class EMEstimator(Persistence, abc.ABC):
 
     def _min_weight(self, g) -> float:
         if isinstance(self.min_weight, str):
-            return 0.5 / g.annotator_total
+            return 0.5 / self._shards.annotator_total(g)
         return float(self.min_weight)
 
     def _check_fitted(self):
@@ -249,11 +251,15 @@ class EMEstimator(Persistence, abc.ABC):
                      beta=lp.beta, n_ranked=g.n_ranked,
                      record_weights=None if g.unit_record_weight else g.record_weight,
                      annotator_weights=None if g.unit_annotator_weight else g.annotator_weight)
-        resp = np.ascontiguousarray(_to_numpy(res.responsibilities), dtype=np.float64)
-        out = (resp, res.loglik, _to_numpy(res.type_totals))
+        # Distributed fits: the partial sums of annotators on several ranks are added, the
+        # log-likelihood and type totals summed over the ranks (one process: as they are).
+        resp, loglik, totals, S = self._shards.combine(
+            _to_numpy(res.responsibilities), _to_numpy(res.annotator_loglik), res.loglik,
+            _to_numpy(res.type_totals), log_weights, g.annotator_weight)
+        out = (resp, loglik, totals)
         if per_annotator:
-            _, per = _mixture.weighted_loglik(_to_numpy(res.annotator_loglik), log_weights,
-                                              g.annotator_weight)
+            _, per = _mixture.weighted_loglik(np.ascontiguousarray(S, dtype=np.float64),
+                                              log_weights, g.annotator_weight)
             out += (per,)
         t2 = time.perf_counter()
         self.timings_["logps"] += t1 - t0
@@ -269,10 +275,10 @@ class EMEstimator(Persistence, abc.ABC):
 
     def _weights_and_drops(self, g, resp, components, totals=None):
         """Mixture weights from the E-step's type totals sum_h v_h g_hk (from resp when they
-        are not at hand); drop types below min_weight. Returns (eta, resp, keep) with keep
-        None when nothing is dropped."""
+        are not at hand; summed over the ranks of a distributed fit); drop types below
+        min_weight. Returns (eta, resp, keep) with keep None when nothing is dropped."""
         if totals is None:
-            eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+            eta = self._shards.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         else:
             eta = _mixture.weights_from_totals(totals, float(self.alpha))
         before = eta
@@ -287,7 +293,7 @@ class EMEstimator(Persistence, abc.ABC):
         resp /= np.where(empty[:, None], 1.0, rows)
         if empty.any():
             resp[empty] = eta[keep] / eta[keep].sum()
-        eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
+        eta = self._shards.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         for k in np.flatnonzero(low):
             warnings.warn(
                 f"{type(self).__name__}: type {int(components[k])} collapsed (weight "
@@ -297,7 +303,12 @@ class EMEstimator(Persistence, abc.ABC):
         return eta, resp, keep
 
     def _initial_resp(self, g, K, rng):
-        H = g.n_annotators
+        """(H_local, K) initial responsibilities. In a distributed fit they are drawn for all
+        H annotators of the union (the same draws on every rank, so the one-process ones) and
+        each rank keeps its rows."""
+        sh = self._shards
+        H = sh.n_annotators(g)
+        rows = np.arange(H) if sh.layout is None else sh.layout.global_index
         init = self.init_params
         if not isinstance(init, str):
             r = np.asarray(init, dtype=np.float64)
@@ -309,71 +320,110 @@ class EMEstimator(Persistence, abc.ABC):
             if bad.size:
                 raise ValueError(f"init_params: row {bad[0]} must be finite, >= 0 and not all 0, "
                                  f"got {r[bad[0]].tolist()}")
+            r = r[rows]
             return r / r.sum(axis=1, keepdims=True)
         if init == "dirichlet":
-            return rng.dirichlet(np.ones(K), size=H)
+            return rng.dirichlet(np.ones(K), size=H)[rows]
         if init == "random":
-            labels = rng.integers(0, K, size=H)
+            labels = rng.integers(0, K, size=H)[rows]
         else:
             X = np.ascontiguousarray(self.family_.annotator_features(g), dtype=np.float64)
-            if X.ndim != 2 or X.shape[0] != H:
+            if X.ndim != 2 or X.shape[0] != g.n_annotators:
                 raise ValueError(f"{type(self.family_).__name__}.annotator_features: expected "
-                                 f"shape ({H}, D), got {X.shape}")
-            centers = _initialization.kmeans_plus_plus(X, g.annotator_weight, K, rng)
-            labels, _, _ = _initialization.kmeans_lloyd(X, g.annotator_weight, centers, 100)
-        resp = np.full((H, K), INIT_SMOOTHING / K)
-        resp[np.arange(H), labels] += 1.0 - INIT_SMOOTHING
+                                 f"shape ({g.n_annotators}, D), got {X.shape}")
+            X, weight = sh.gather_rows(X, g.annotator_weight)
+            centers = _initialization.kmeans_plus_plus(X, weight, K, rng)
+            labels, _, _ = _initialization.kmeans_lloyd(X, weight, centers, 100)
+            labels = labels[rows]
+        resp = np.full((rows.shape[0], K), INIT_SMOOTHING / K)
+        resp[np.arange(rows.shape[0]), labels] += 1.0 - INIT_SMOOTHING
         return resp
 
     # ------------------------------------------------------------------------------------
     # Fit
 
-    def fit(self, data, *, callback=None):
+    _shards = EMShards()      # one process; a fit sets its own (see fit)
+
+    def fit(self, data, *, callback=None, process_group=None):
         """Fit the mixture by EM; returns self.
 
         Args:
-            data: the data (for :class:`PlackettLuceMixture`: a RankingData).
+            data: the data (for :class:`PlackettLuceMixture`: a RankingData). With a process
+                group: this rank's shard; the fit is the fit of the union of the shards.
             callback: optional ``callback(info)`` called after every E-step with a dict
                 (restart, iteration, objective, lower_bound, change, weights). An exception it
                 raises stops the fit (after writing the checkpoint when one is set).
+            process_group: a torch.distributed process group; None = the default group when
+                torch.distributed is initialised with several ranks, else this process alone
+                (``emdpo_core.distributed.LocalComm()``: this process alone in any case). Every
+                rank of the group calls ``fit`` with its own records. Every rank ends with the
+                same weights, policies, log-likelihood, trace and convergence;
+                ``responsibilities_`` holds this rank's annotators (row h: annotator h of its
+                data). Checkpoints are written by rank 0 and read by every rank; they hold no
+                responsibilities (an E-step recomputes them on resume). See
+                :mod:`emdpo_core.distributed` and docs/distributed.md.
         """
         self._check_params()
         data = self._as_data(data)
         g = data.grouped()
-        if self.n_components > g.n_annotators and self._pending is None and not \
+        shards = EMShards.for_data(data, g, process_group)
+        self._shards = shards
+        try:
+            return self._fit(data, g, shards, callback)
+        finally:
+            del self._shards           # back to the class's one-process default
+            if getattr(self, "family_", None) is not None:
+                self.family_.comm = LocalComm()
+
+    def _fit(self, data, g, shards, callback):
+        check_same(shards.comm, "n_components", int(self.n_components), "n_components")
+        H = shards.n_annotators(g)
+        if self.n_components > H and self._pending is None and not \
                 (self.warm_start and getattr(self, "family_", None) is not None):
             raise ValueError(f"n_components={self.n_components} exceeds the number of annotators "
-                             f"H={g.n_annotators}")
+                             f"H={H}")
         for msg in self._data_warnings(data):
-            warnings.warn(msg, IdentifiabilityWarning, stacklevel=2)
+            warnings.warn(msg, IdentifiabilityWarning, stacklevel=3)
         if self.verbose >= 1:
             for msg in self._data_notes(data):
                 print(f"note: {msg}", file=sys.stderr)
         self.timings_ = dict.fromkeys(
             ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
-        total_weight = g.total_weight
+        total_weight = shards.total_weight(g)
+        self._fingerprint = shards.fingerprint(g)
         pending, self._pending = self._pending, None
         warm = (pending is None and self.warm_start and
                 getattr(self, "family_", None) is not None and hasattr(self, "weights_"))
+        if shards.distributed and not self._family_supports_groups():
+            raise TypeError(f"process_group: {type(self._make_family()).__name__} does not "
+                            f"support distributed fits (its M-step would see only this rank's "
+                            f"records); see PolicyFamily.supports_process_group")
         if pending is not None:
-            if pending["fingerprint"] != g.fingerprint():
+            if pending["fingerprint"] != self._fingerprint:
                 raise ValueError("fit: the checkpoint was written for different data (the "
-                                 "fingerprints of the grouped records differ)")
+                                 "fingerprints of the grouped records differ"
+                                 f"{', or another number of ranks' if shards.distributed else ''})")
             seed, best, run = pending["seed"], pending["best"], pending["run"]
             n_runs, first = pending["n_runs"], pending["next_restart"]
             summaries = list(pending["summaries"])
+            self.family_.comm = shards.comm
             if pending["run_family"] is not None:
                 self.family_.load_state_dict(pending["run_family"])
+            if run is not None and run.resp.shape[0] != g.n_annotators:
+                # Checkpoints of distributed fits hold no responsibilities: the E-step of the
+                # saved policies and weights gives them again, bit for bit.
+                run.resp, _, run.totals = self._e_step(g, run.log_weights)
         else:
             if not warm:
                 self.family_ = self._make_family()
-            seed = self._seed()
+            seed = shards.broadcast_seed(self._seed())
             best, run, first, summaries = None, None, 0, []
             n_runs = 1 if warm else int(self.n_init)
+        self.family_.comm = shards.comm
         self.family_.check_data(g, fitting=True)
         self._fit_seed = seed
         bar = None
-        if self.verbose >= 1:
+        if self.verbose >= 1 and shards.is_writer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=(n_runs - first) * self.max_iter, desc=type(self).__name__,
@@ -407,18 +457,28 @@ class EMEstimator(Persistence, abc.ABC):
                 bar.close()
         self._set_fitted(best, summaries, g)
         self._on_fitted(data)
-        if not self.converged_:
+        if not self.converged_ and shards.is_writer:
             warnings.warn(
                 f"{type(self).__name__}: the best of {n_runs} run(s) did not converge in "
                 f"max_iter={self.max_iter} iterations (last change of the objective per record "
                 f"{self._last_change(best['run']):.3g} >= tol={self.tol:g}). Remedies: increase "
                 f"max_iter, loosen tol, {self._m_step_remedy} or continue from this fit with "
-                f"warm_start=True", ConvergenceWarning, stacklevel=2)
+                f"warm_start=True", ConvergenceWarning, stacklevel=3)
         if self.checkpoint is not None:
             t0 = time.perf_counter()
-            self.save(self.checkpoint)
+            if shards.is_writer:
+                meta, arrays = self._fitted_state()
+                if shards.distributed:       # this rank's rows only: not saved
+                    arrays.pop("responsibilities", None)
+                self._write(self.checkpoint, "fitted", {"fitted": meta}, arrays)
             self.timings_["checkpoint"] += time.perf_counter() - t0
         return self
+
+    def _family_supports_groups(self) -> bool:
+        fam = getattr(self, "family_", None)
+        if fam is None or self._pending is not None:
+            fam = self._make_family()
+        return bool(getattr(fam, "supports_process_group", False))
 
     _m_step_remedy = "do more work per M-step,"
 
@@ -520,6 +580,8 @@ class EMEstimator(Persistence, abc.ABC):
     def _set_fitted(self, best, summaries, g):
         run = best["run"]
         self.family_.load_state_dict(best["family"])
+        if run.resp.shape[0] != g.n_annotators:   # resumed from a distributed checkpoint
+            run.resp = self._e_step(g, run.log_weights)[0]
         self.weights_ = np.exp(run.log_weights)
         self.responsibilities_ = run.resp
         self.loglik_ = float(run.loglik)
@@ -532,7 +594,7 @@ class EMEstimator(Persistence, abc.ABC):
         self.n_components_ = int(run.log_weights.shape[0])
         self.dropped_components_ = [list(x) for x in run.dropped]
         self.restarts_ = list(summaries)
-        self._n_annotators_fit = float(g.annotator_total)
+        self._n_annotators_fit = float(self._shards.annotator_total(g))
 
     # ------------------------------------------------------------------------------------
     # Using the fit

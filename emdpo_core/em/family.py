@@ -9,6 +9,8 @@ from typing import Any, Dict, NamedTuple
 
 import numpy as np
 
+from ..distributed import LocalComm
+
 __all__ = ["ConvergenceWarning", "CollapsedComponentWarning", "PolicyLogps", "PolicyFamily",
            "PolicySamples"]
 
@@ -47,6 +49,14 @@ class PolicyFamily(abc.ABC):
       ``state_dict()`` / ``load_state_dict(state)`` for restarts (keep the best),
       checkpoints and save/load.
 
+    Distributed fits (``fit(..., process_group=...)``): each rank's family sees only that
+    rank's records, so every sum over records in ``initialize`` and ``m_step`` must be summed
+    over the ranks with ``self.comm`` (a :class:`~emdpo_core.distributed.LocalComm` that does
+    nothing in one process; the engine sets the fit's communicator), e.g.
+    ``self.comm.sum(local_gradient)``, so that every rank gets the same result. A family that
+    does this sets ``supports_process_group = True``; the engine refuses the others on a
+    group.
+
     ``data`` is the grouped data: what the user's data object's ``grouped()`` returns, a
     :class:`~emdpo_core.data.GroupedRecords` subclass (records sorted by annotator; e.g.
     :class:`~emdpo_core.data.GroupedRankings` for tabular rankings). Every per-record or
@@ -54,6 +64,9 @@ class PolicyFamily(abc.ABC):
     w[k, i] = c_i v_{a_i} g_{a_i k}: record i's weight for type k (its count times its
     annotator's count times the annotator's posterior).
     """
+
+    supports_process_group = False
+    comm = LocalComm()       # the engine sets the fit's communicator on the instance
 
     @property
     @abc.abstractmethod

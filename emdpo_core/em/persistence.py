@@ -80,9 +80,12 @@ class Persistence:
         meta["n_annotators_fit"] = getattr(self, "_n_annotators_fit", None)
         return meta, arrays
 
-    @staticmethod
-    def _run_arrays(prefix, run: _Run):
-        return {f"{prefix}/log_weights": run.log_weights, f"{prefix}/resp": run.resp,
+    def _run_arrays(self, prefix, run: _Run):
+        # A distributed fit's responsibilities are spread over the ranks: not saved (resume
+        # recomputes them with an E-step).
+        shards = getattr(self, "_shards", None)
+        resp = run.resp[:0] if shards is not None and shards.distributed else run.resp
+        return {f"{prefix}/log_weights": run.log_weights, f"{prefix}/resp": resp,
                 f"{prefix}/trace": np.asarray(run.trace), f"{prefix}/components": run.components}
 
     @staticmethod
@@ -113,10 +116,12 @@ class Persistence:
     def _save_checkpoint(self, g, best, summaries, run, next_restart, n_runs, run_family=None):
         """In-progress state: the best finished run so far, the restart summaries, and the
         current run (None between restarts) with its family state."""
-        if self.checkpoint is None:
-            return
+        shards = getattr(self, "_shards", None)
+        if self.checkpoint is None or (shards is not None and not shards.is_writer):
+            return                     # distributed fits: rank 0 writes
         t0 = time.perf_counter()
-        meta = {"seed": self._fit_seed, "fingerprint": g.fingerprint(), "n_runs": n_runs,
+        fingerprint = getattr(self, "_fingerprint", None) or g.fingerprint()
+        meta = {"seed": self._fit_seed, "fingerprint": fingerprint, "n_runs": n_runs,
                 "next_restart": next_restart, "summaries": summaries, "best": None,
                 "run": None}
         arrays = {}

@@ -41,7 +41,8 @@ class ModelSelection:
 
 
 def select_n_components(data, n_components_range, *, criterion: str = "bic",
-                        estimator=PlackettLuceMixture, **params) -> ModelSelection:
+                        estimator=PlackettLuceMixture, process_group=None,
+                        **params) -> ModelSelection:
     """Fit one model per K in ``n_components_range`` and compare them by BIC or AIC.
 
     Args:
@@ -49,6 +50,8 @@ def select_n_components(data, n_components_range, *, criterion: str = "bic",
         n_components_range: iterable of K >= 1.
         criterion: "bic" (default) or "aic"; lower is better.
         estimator: the estimator class (default PlackettLuceMixture).
+        process_group: passed to every ``fit`` (each rank passes its shard as ``data``; the
+            criteria are those of the union, so every rank picks the same K).
         params: passed to the estimator (max_iter, n_init, random_state, ...).
 
     Returns:
@@ -69,7 +72,7 @@ def select_n_components(data, n_components_range, *, criterion: str = "bic",
         raise ValueError("n_components_range: expected at least one K, got none")
     rows, models = [], {}
     for k in ks:
-        model = estimator(k, **params).fit(data)
+        model = estimator(k, **params).fit(data, process_group=process_group)
         models[k] = model
         rows.append({"n_components": k, "n_components_fitted": model.n_components_,
                      "loglik": model.loglik_, "n_parameters": model.n_parameters(),

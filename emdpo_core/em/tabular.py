@@ -11,6 +11,7 @@ from . import _initialization
 from . import _plackett_luce_mm as bk
 from .. import _checks, diagnostics
 from ..data import GroupedRankings, RankingData
+from ..distributed import Statistics, check_same
 from .engine import EMEstimator
 from .family import PolicyFamily, PolicyLogps, PolicySamples
 
@@ -83,6 +84,8 @@ class TabularPolicies(PolicyFamily):
             MM step by a safeguarded Newton step (above).
     """
 
+    supports_process_group = True
+
     def __init__(self, pseudo_count: float = 0.01, mm_iter: int = 1, init_mm_iter: int = 100,
                  newton="auto"):
         self.pseudo_count = float(pseudo_count)
@@ -109,6 +112,8 @@ class TabularPolicies(PolicyFamily):
         if self.log_worths is not None and data.n_items > self.n_items:
             raise ValueError(f"data: has n_items={data.n_items} but the model was fitted on "
                              f"{self.n_items} items")
+        if fitting:
+            check_same(self.comm, "data", int(data.n_items), "n_items")
         if fitting and self.log_worths is None:
             # one worth per item id and type: ids far beyond what the data holds would make
             # the fit's cost grow with the largest id (RankingData itself keeps sparse ids)
@@ -125,10 +130,9 @@ class TabularPolicies(PolicyFamily):
                              f"items: give the data n_items={self.n_items} (RankingData(..., "
                              f"n_items={self.n_items}))")
         if fitting and self.pseudo_count == 0.0:
-            chosen = np.zeros(data.n_items, dtype=bool)
             first = np.repeat(data.offsets[:-1], data.n_ranked) + \
                 _ranges(data.n_ranked)
-            chosen[data.items[first]] = True
+            chosen = self.comm.sum(np.bincount(data.items[first], minlength=data.n_items)) > 0
             never = np.flatnonzero(~chosen)
             if never.size:
                 raise ValueError(
@@ -141,7 +145,7 @@ class TabularPolicies(PolicyFamily):
         """Mean normalized position of each item per annotator (see
         ``em._initialization.position_features``), over the ``max_features`` most shown
         items."""
-        shown = np.bincount(data.items, minlength=data.n_items)
+        shown = self.comm.sum(np.bincount(data.items, minlength=data.n_items))
         cols = np.argsort(-shown, kind="stable")[:max_features]
         cols = cols[shown[cols] > 0]
         column_of = np.full(data.n_items, -1, dtype=np.int64)
@@ -158,9 +162,15 @@ class TabularPolicies(PolicyFamily):
         return theta
 
     def _mm(self, data, weights, wins):
-        new = bk.pl_mm_step(data.items, data.offsets, data.n_ranked, weights, wins,
-                            self.log_worths, self.pseudo_count, data.m_max)
-        return self._anchor(new)
+        # The record sums (denominators; wins are given) are added over the ranks of a
+        # distributed fit before the update, which every rank then makes alike.
+        denom = self.comm.sum(bk.pl_mm_denominators(data.items, data.offsets, data.n_ranked,
+                                                    weights, self.log_worths, data.m_max))
+        return self._anchor(bk.pl_mm_update(wins, denom, self.log_worths, self.pseudo_count))
+
+    def _wins(self, data, weights):
+        return self.comm.sum(bk.pl_wins(data.items, data.offsets, data.n_ranked, weights,
+                                        data.n_items))
 
     def _uses_newton(self) -> bool:
         if isinstance(self.newton, str):
@@ -176,14 +186,18 @@ class TabularPolicies(PolicyFamily):
 
     def _m_objective(self, data, weights, theta):
         """(K,) Q_k(theta_k) = sum_r w_kr ll_r(theta_k) + the pseudo-count log prior."""
-        return bk.pl_scaled_loglik(data.items, data.offsets, data.n_ranked, weights, theta,
-                                   data.m_max) + self._log_prior_rows(theta)
+        return self.comm.sum(bk.pl_scaled_loglik(data.items, data.offsets, data.n_ranked,
+                                                 weights, theta, data.m_max)) + \
+            self._log_prior_rows(theta)
 
     def _newton(self, data, weights, theta):
         """theta after one safeguarded Newton step on Q_k per type (see the class
         docstring); a type whose step does not increase Q_k keeps its theta."""
         q0, grad, hess = bk.pl_grad_hess(data.items, data.offsets, data.n_ranked, weights,
                                          theta, data.m_max)
+        if self.comm.world_size > 1:      # sums over records: add the ranks' in one reduction
+            st = Statistics().add("q", q0).add("grad", grad).add("hess", hess).sync(self.comm)
+            q0, grad, hess = st["q"], st["grad"], st["hess"]
         q0 = q0 + self._log_prior_rows(theta)
         c = self.pseudo_count
         if c != 0.0:
@@ -215,7 +229,7 @@ class TabularPolicies(PolicyFamily):
 
     def initialize(self, data, weights, rng) -> None:
         self.log_worths = np.zeros((weights.shape[0], data.n_items))
-        wins = bk.pl_wins(data.items, data.offsets, data.n_ranked, weights, data.n_items)
+        wins = self._wins(data, weights)
         for _ in range(self.init_mm_iter):
             new = self._mm(data, weights, wins)
             done = np.max(np.abs(new - self.log_worths)) < 1e-6
@@ -228,7 +242,7 @@ class TabularPolicies(PolicyFamily):
         return PolicyLogps(policy, np.zeros(data.items.shape[0]), 1.0)
 
     def m_step(self, data, weights) -> None:
-        wins = bk.pl_wins(data.items, data.offsets, data.n_ranked, weights, data.n_items)
+        wins = self._wins(data, weights)
         newton = self._uses_newton()
         for _ in range(self.mm_iter):
             new = self._mm(data, weights, wins)

@@ -104,6 +104,8 @@ class TorchPolicies(PolicyFamily):
         (60, 2)
     """
 
+    supports_process_group = True
+
     def __init__(self, policy, *, beta: float = 0.1, logp_fn: Optional[Callable] = None,
                  reference=None, sample_fn: Optional[Callable] = None, optimizer="adam",
                  lr: Optional[float] = None, steps: Optional[int] = None,
@@ -317,6 +319,9 @@ class TorchPolicies(PolicyFamily):
     def initialize(self, data, weights, rng) -> None:
         K = weights.shape[0]
         self.modules = [self._make(k) for k in range(K)]
+        # Distributed: every rank starts from rank 0's modules (as DDP does).
+        self.comm.broadcast_tensors([t for m in self.modules
+                                     for t in list(m.parameters()) + list(m.buffers())])
         self._initial = [self._state_of(m) for m in self.modules] if self.reset else []
         self._seed = int(rng.integers(0, 2 ** 62))
         self._m_steps = 0
@@ -354,12 +359,20 @@ class TorchPolicies(PolicyFamily):
 
     def _batches(self, N, steps, epochs):
         """Record index arrays of the minibatches of one M-step (None = full batch): ``steps``
-        minibatches, or ``epochs`` passes over the N records."""
-        if self.batch_size is None or self.batch_size >= N:
-            return [None] * (steps if epochs is None else epochs)
-        rng = np.random.default_rng([self._seed, self._m_steps])
-        per_epoch = math.ceil(N / self.batch_size)
-        n = steps if epochs is None else epochs * per_epoch
+        minibatches, or ``epochs`` passes over the N records. In a distributed fit each rank
+        draws minibatches of its own records and every rank takes as many steps as the rank
+        with the most (its ``epochs`` passes)."""
+        full = self.batch_size is None or self.batch_size >= N
+        if epochs is None:
+            n = steps
+        else:
+            n = epochs * (1 if full else math.ceil(N / self.batch_size))
+            if self.comm.world_size > 1:
+                n = int(self.comm.max(np.float64(n)))
+        if full:
+            return [None] * n
+        key = [self._seed, self._m_steps] + ([self.comm.rank] if self.comm.world_size > 1 else [])
+        rng = np.random.default_rng(key)
         out = []
         while len(out) < n:
             perm = rng.permutation(N)
@@ -384,7 +397,11 @@ class TorchPolicies(PolicyFamily):
         """(T (K,), N): each type's total weight over all records of the M-step, and the
         number of records; the normalisers of every minibatch loss. Computed here, once per
         M-step: with records sharded across processes, both are sums over the shards."""
-        return W.sum(dim=1), float(W.shape[1])
+        T, N = W.sum(dim=1), float(W.shape[1])
+        if self.comm.world_size > 1:
+            T = self.comm.sum_tensor(T)
+            N = float(self.comm.sum(np.float64(N)))
+        return T, N
 
     def _optimize(self, g, weights, *, steps, epochs, reset):
         from .. import torch as et
@@ -394,6 +411,7 @@ class TorchPolicies(PolicyFamily):
             for m, state in zip(self.modules, self._initial):
                 m.load_state_dict(state)
         t = self._tensors(g)
+        comm = self.comm
         W = torch.as_tensor(weights, device=self.device).to(self.dtype)
         totals, n_total = self._type_totals(W)
         # A type without weight has a zero loss; any positive divisor keeps it zero.
@@ -412,7 +430,8 @@ class TorchPolicies(PolicyFamily):
             for idx in batches:
                 inputs, ref, offsets, n_ranked = self._batch(t, g, idx)
                 w = W[grp] if idx is None else W[grp][:, torch.as_tensor(idx, device=W.device)]
-                # T_k |B| / N: type k's expected weight in a minibatch of |B| records.
+                # T_k |B| / N: type k's expected weight in a minibatch of |B| records
+                # (distributed: T and N over every rank's records, see _type_totals).
                 total = totals[grp] * (1.0 if idx is None else len(idx) / n_total)
                 B = int(ref.shape[0])
 
@@ -430,6 +449,17 @@ class TorchPolicies(PolicyFamily):
                                                     reduction="weighted_mean",
                                                     total_weight=total[0])
                     loss.backward()
+                    if comm.world_size > 1:
+                        # The ranks' losses are sums over their records: add the gradients
+                        # and the value over the ranks (rank order: the same bits everywhere).
+                        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                                 for p in params]
+                        flat = comm.sum_tensor(torch.cat([x.reshape(-1) for x in grads]))
+                        start = 0
+                        for p, x in zip(params, grads):
+                            p.grad = flat[start:start + x.numel()].view_as(p).clone()
+                            start += x.numel()
+                        loss = comm.sum_tensor(loss.detach().reshape(1))[0]
                     return loss
 
                 opt.step(closure)

@@ -41,8 +41,13 @@ class EMDPOConfig(TrainingArguments):
         logps_batch_size: ranked rows per no-grad forward (reference caching, E-steps,
             evaluation); default ``per_device_eval_batch_size``.
         prefix_sharing: collate each ranked list as one sequence with the prompt encoded
-            once (see :class:`RankedListCollator`; for models where
-            ``supports_prefix_sharing(model)``).
+            once (see :class:`RankedListCollator`). ``None`` (default): on wherever
+            ``supports_prefix_sharing(model)``, the padded layout otherwise; the trainer says
+            which in ``trainer.layout_`` and its log.
+        ddp_static_graph: default True here: an M-step batch runs one forward pass per type
+            through the model, and DDP (``accelerate launch`` / ``torchrun``) accepts several
+            forward passes before one backward pass only with a static graph. On CPU, DDP
+            also needs ``use_cpu=True`` (a transformers rule). See docs/distributed.md.
     """
 
     n_types: int = field(default=2, metadata={"help": "K, the number of latent types."})
@@ -64,8 +69,11 @@ class EMDPOConfig(TrainingArguments):
     mixture_alpha: float = field(default=1.0, metadata={"help": "Dirichlet prior, >= 1."})
     logps_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Rows per no-grad forward."})
-    prefix_sharing: bool = field(
-        default=False, metadata={"help": "Encode each prompt once per ranked list."})
+    prefix_sharing: Optional[bool] = field(
+        default=None, metadata={"help": "Encode each prompt once per ranked list (default: "
+                                        "wherever the model supports it)."})
+    ddp_static_graph: Optional[bool] = field(
+        default=True, metadata={"help": "DDP static graph (K forward passes per step)."})
 
     def __post_init__(self):
         def positive_int(name, value, allow_none=False):
@@ -91,6 +99,9 @@ class EMDPOConfig(TrainingArguments):
         if not (math.isfinite(self.mixture_alpha) and self.mixture_alpha >= 1):
             raise ValueError(f"mixture_alpha: expected a number >= 1, got "
                              f"{self.mixture_alpha!r}")
+        if self.prefix_sharing is not None and not isinstance(self.prefix_sharing, bool):
+            raise TypeError(f"prefix_sharing: expected None, True or False, got "
+                            f"{self.prefix_sharing!r}")
         if self.max_steps is not None and self.max_steps > 0:
             raise ValueError(f"max_steps: EMDPOConfig sets the length of training with "
                              f"em_iterations and e_step_every; got max_steps={self.max_steps}")

@@ -23,6 +23,7 @@ See docs/hf.md.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .. import e_step as _e_step_kernel
+from .. import distributed
+from ..distributed import LocalComm
+from ..distributed import e_step as _e_step_kernel
 from .. import group_by_annotator, listwise_dpo_loss_and_grad
 from ..torch import mixture_dpo_loss
 from . import RankedListCollator, sequence_logps, validate_ranked_rows
@@ -43,6 +46,8 @@ from .logps import _unpack_shared
 from ._types import FullParameterTypes, _FullTypes, _LoraTypes
 from .aggregate import aggregate_types
 from .config import EMDPOConfig
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
 
@@ -334,9 +339,17 @@ class EMDPOTrainer(Trainer):
         self._types = self._make_types(model, peft_config, args)
 
         if data_collator is None:
-            data_collator = RankedListCollator(tokenizer, max_length=args.max_length,
-                                               max_prompt_length=args.max_prompt_length,
-                                               prefix_sharing=args.prefix_sharing)
+            # prefix_sharing=None (the default): the prompt is encoded once per ranked list
+            # wherever the model supports it (supports_prefix_sharing), else the padded layout.
+            data_collator = RankedListCollator.for_model(
+                tokenizer, self._types.model, max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                **({} if args.prefix_sharing is None else {"prefix_sharing": args.prefix_sharing}))
+        # Which layout the trainer's own passes take ("prefix_shared" or "padded"), said once.
+        self.layout_ = getattr(data_collator, "layout", "custom collator")
+        _logger.info("EMDPOTrainer: %s layout (%s)", self.layout_,
+                     "the prompt encoded once per ranked list" if self.layout_ == "prefix_shared"
+                     else "one padded sequence per response")
         self._eval_rows = eval_dataset
         pretokenize = data_collator if isinstance(data_collator, RankedListCollator) else None
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
@@ -410,11 +423,14 @@ class EMDPOTrainer(Trainer):
     def _logps_batch_size(self) -> int:
         return self.args.logps_batch_size or self.args.per_device_eval_batch_size
 
-    def _fixed_batches(self, rows, layout: _Layout, key: str):
+    def _fixed_batches(self, rows, layout: _Layout, key: str, part=(0, 1)):
         """Collated batches of all rows (longest first, so padding is small), kept on the
-        host and reused by every no-grad pass over the same data."""
+        host and reused by every no-grad pass over the same data. ``part=(r, P)``: only every
+        P-th row from the r-th (process r's share)."""
+        if part != (0, 1):
+            key = (key, part)
         if key not in self._batches_cache:
-            order = np.argsort(-layout.lengths, kind="stable")
+            order = np.argsort(-layout.lengths, kind="stable")[part[0]::part[1]]
             bs = self._logps_batch_size()
             indexed = rows if isinstance(rows, _IndexedRows) else _IndexedRows(
                 rows, self.train_dataset.tokenizer)
@@ -450,14 +466,27 @@ class EMDPOTrainer(Trainer):
         finally:
             model.train(was_training)
 
-    def _pass_logps(self, rows, layout: _Layout, key: str, reference: bool) -> torch.Tensor:
+    def _comm(self):
+        """The communicator of the training processes (DDP under accelerate / torchrun):
+        :class:`~emdpo_core.distributed.LocalComm` for one process."""
+        if self.args.world_size > 1:
+            return distributed.resolve_comm(None)
+        return LocalComm()
+
+    def _pass_logps(self, rows, layout: _Layout, key: str, reference: bool,
+                    share: bool = False) -> torch.Tensor:
         """(M,) reference or (K, M) type log-probabilities of every slot, float32 on the
-        training device."""
+        training device. ``share``: with several processes, each computes the slots of its
+        share of the batches (every P-th, from its rank), the others stay 0; see
+        :meth:`_my_rows`."""
         K = len(self._types.names)
-        out = torch.empty((1 if reference else K, layout.n_slots), dtype=torch.float32,
+        out = torch.zeros((1 if reference else K, layout.n_slots), dtype=torch.float32,
                           device=self.args.device)
+        comm = self._comm()
+        part = (comm.rank, comm.world_size) if share else (0, 1)
+        batches = self._fixed_batches(rows, layout, key, part)
         with self._no_grad_pass():
-            for batch, slots in self._fixed_batches(rows, layout, key):
+            for batch, slots in batches:
                 b = self._prepare_inputs(batch)
                 slots = slots.to(out.device)
                 if reference:
@@ -514,9 +543,21 @@ class EMDPOTrainer(Trainer):
         resp[np.arange(H), labels] += 1.0 - INIT_SMOOTHING
         return resp
 
+    def _my_rows(self, rows, layout: _Layout, key: str) -> np.ndarray:
+        """Rows whose slots this process computes in a shared pass (all rows for one)."""
+        comm = self._comm()
+        if layout.n_rows < comm.world_size:
+            raise ValueError(f"train_dataset: {layout.n_rows} rows for {comm.world_size} "
+                             f"processes; every process needs at least one")
+        return np.argsort(-layout.lengths, kind="stable")[comm.rank::comm.world_size]
+
     def _initialize_em(self):
-        self._ref_logps = self._pass_logps(self.train_dataset, self._layout, "train",
-                                           reference=True)
+        # Each process computes its share of the reference log-probabilities; their sum over
+        # the processes is exact (every slot is computed by one of them, 0 elsewhere), and
+        # every process keeps all of them (its M-step batches can hold any row).
+        ref = self._pass_logps(self.train_dataset, self._layout, "train", reference=True,
+                               share=True)
+        self._ref_logps = self._comm().sum_tensor(ref)
         resp = self._initial_responsibilities()
         self._em = _EMState(responsibilities=resp, log_weights=self._mixture_log_weights(resp))
         self._set_record_weights()
@@ -529,18 +570,23 @@ class EMDPOTrainer(Trainer):
         return np.log(np.maximum(eta, 1e-300))
 
     # ------------------------------------------------------------------------------------
-    # E-step and M-step weights. Cross-rank points (for distributed training): the slot
-    # log-probabilities of an E-step (_gather_slot_logps) and the per-type totals
-    # (_type_totals); every process holds all posteriors, so nothing else needs a reduction.
+    # E-step and M-step weights. Several processes (DDP under accelerate launch / torchrun):
+    # each computes the log-probabilities of its share of the rows (_pass_logps(share=True));
+    # the E-step adds the processes' per-annotator sums S_hk (emdpo_core.e_step on the
+    # process group), so every process holds all posteriors, and with them the global
+    # per-type totals T_k of the M-step (_type_totals); the reference log-probabilities are
+    # summed once. The M-step's gradients are averaged by DDP as usual.
 
     def _gather_slot_logps(self, logps: torch.Tensor) -> torch.Tensor:
-        """Hook for distributed runs: the (K, M) slot log-probabilities of the whole data
-        set. One process computes all slots, so this is the identity."""
+        """Hook on the (K, M) slot log-probabilities of an E-step pass (this process's share
+        of the slots; 0 elsewhere). The identity: the E-step reduces per-annotator sums,
+        not log-probabilities."""
         return logps
 
     def _type_totals(self, record_resp: np.ndarray) -> np.ndarray:
-        """(K,) T_k = sum over all training records of g_{a_i k} (one process holds them
-        all)."""
+        """(K,) T_k = sum over all training records of c_i g_{a_i k}: every process holds all
+        posteriors after the E-step's reduction, so this is the global normaliser on every
+        process, bitwise alike."""
         return record_resp.sum(0)
 
     def _set_record_weights(self):
@@ -561,14 +607,32 @@ class EMDPOTrainer(Trainer):
 
     def _e_step(self, log: bool = True) -> dict:
         lay = self._layout
+        comm = self._comm()
         logps = self._gather_slot_logps(
-            self._pass_logps(self.train_dataset, lay, "train", reference=False))
-        policy = logps.double().cpu().numpy()[:, lay.grouped_slots]
-        ref = self._ref_logps.double().cpu().numpy()[lay.grouped_slots]
-        res = _e_step_kernel(policy, ref, lay.grouped_offsets, lay.annotator_offsets,
-                             self._em.log_weights, beta=self.args.beta,
-                             n_ranked=lay.n_ranked[lay.order],
-                             record_weights=lay.record_weights[lay.order])
+            self._pass_logps(self.train_dataset, lay, "train", reference=False,
+                             share=True))
+        if comm.world_size == 1:
+            rows, ao = lay.order, lay.annotator_offsets
+        else:
+            # This process's rows, grouped by annotator, against all H annotators (empty
+            # ranges for the others): the E-step adds the (H, K) partial sums S_hk of the
+            # processes and every process gets all posteriors (sharding "record").
+            mine = np.zeros(lay.n_rows, dtype=bool)
+            mine[self._my_rows(self.train_dataset, lay, "train")] = True
+            rows = lay.order[mine[lay.order]]
+            ao = np.zeros(lay.n_annotators + 1, dtype=np.int64)
+            np.cumsum(np.bincount(lay.annotator[rows], minlength=lay.n_annotators),
+                      out=ao[1:])
+        lengths = np.diff(lay.offsets)[rows]
+        offsets = np.zeros(rows.shape[0] + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        slots = (np.repeat(lay.offsets[rows] - offsets[:-1], lengths)
+                 + np.arange(int(offsets[-1])))
+        policy = logps.double().cpu().numpy()[:, slots]
+        ref = self._ref_logps.double().cpu().numpy()[slots]
+        res = _e_step_kernel(policy, ref, offsets, ao, self._em.log_weights,
+                             beta=self.args.beta, n_ranked=lay.n_ranked[rows],
+                             record_weights=lay.record_weights[rows], process_group=comm)
         resp = np.asarray(res.responsibilities, dtype=np.float64)
         em = self._em
         em.responsibilities = resp
@@ -713,7 +777,8 @@ class EMDPOTrainer(Trainer):
                              ref.double().cpu().numpy()[lay.grouped_slots], lay.grouped_offsets,
                              lay.annotator_offsets, log_weights, beta=self.args.beta,
                              n_ranked=lay.n_ranked[lay.order],
-                             record_weights=lay.record_weights[lay.order])
+                             record_weights=lay.record_weights[lay.order],
+                             process_group=LocalComm())   # every process has every eval row
         metrics[f"{metric_key_prefix}_loglik"] = float(res.loglik) / lay.n_rows
         for k in range(K):
             metrics[f"{metric_key_prefix}_weight_{k}"] = float(np.exp(log_weights[k]))
@@ -731,7 +796,8 @@ class EMDPOTrainer(Trainer):
 
         folder = os.path.join(self._get_output_dir(trial=trial),
                               f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.save_em_state(folder)
+        if self.args.should_save:          # one writer under DDP; every process resumes
+            self.save_em_state(folder)
 
     def save_em_state(self, folder: str) -> None:
         """Write the EM state (posteriors, mixture weights, iteration, history, cached

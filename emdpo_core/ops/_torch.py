@@ -6,7 +6,7 @@ Imported only when a torch tensor is passed in, so the NumPy path never imports 
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 import torch
@@ -50,6 +50,12 @@ def _index_tensor(x, name, device):
     if x.dtype != torch.int64 and not x.dtype.is_signed and x.element_size() == 8 and x.numel():
         _checks.as_int64(x.cpu().numpy(), name)     # uint64 beyond int64: the real value
     return x.to(torch.int64).contiguous()
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype} on {x.device}"
+    return type(x).__name__
 
 
 def _numpy(x):
@@ -141,6 +147,54 @@ def _dtype_name(t):
     return "float32" if t.dtype == torch.float32 else "float64"
 
 
+# ----------------------------------------------------------------------------------------
+# Error flags of the CUDA kernels without host synchronisation.
+#
+# The kernels report invalid inputs through small device flags (the first record whose
+# rewards are not finite, the first non-finite weight, ...). Reading them right after the
+# launch would make the host wait for the GPU on every call. Calls that return tensors
+# (the loss with return_tensors=True, which the autograd Function uses) instead queue a copy
+# of the flags to pinned host memory behind the kernel and read it once it has landed: at a
+# later call, without waiting, or on request with check_errors(). Meanwhile the loss they
+# returned is NaN (the kernel makes it so), so no result looks valid. Calls that return
+# Python floats synchronise anyway and read their flags in the same transfer as the value.
+
+_pending: "deque[_Flags]" = deque()
+_MAX_PENDING = 64  # past this many unread calls, the oldest is waited for
+
+
+class _Flags:
+    """Device flags of one call, copied to pinned memory; `report(values)` raises."""
+
+    def __init__(self, flags, report):
+        self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        self.host.copy_(flags, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(flags.device))
+        self.report = report
+
+
+def check_errors(wait=True):
+    """Raise the first error that earlier CUDA calls flagged. With wait=False only calls whose
+    flags have already reached the host are looked at (no synchronisation)."""
+    while _pending:
+        f = _pending[0]
+        if not wait and not f.event.query():
+            return
+        f.event.synchronize()
+        _pending.popleft()
+        f.report(f.host.tolist())
+
+
+def _defer(flags, report):
+    check_errors(wait=False)
+    _pending.append(_Flags(flags, report))
+    if len(_pending) > _MAX_PENDING:
+        f = _pending.popleft()
+        f.event.synchronize()
+        f.report(f.host.tolist())
+
+
 def _weight_tensor(x, name, device, dtype, dims=(1,)):
     """Real-valued weights as a contiguous tensor of the compute dtype (integers accepted,
     as on the NumPy path)."""
@@ -224,51 +278,96 @@ def _record_weights(record_weights, N, device, dtype):
     return cw
 
 
+def _log_weights_on(log_weights, K, device):
+    """log eta (K,) float64 on the device. A CUDA tensor stays on the device (its checks run
+    there and are read with the E-step's result); anything else is checked on the host and
+    copied through pinned memory without blocking the host."""
+    if (device.type == "cuda" and isinstance(log_weights, torch.Tensor)
+            and log_weights.device == device):
+        lw = log_weights.detach()
+        if lw.dim() != 1 or lw.shape[0] != K:
+            raise ValueError(f"log_weights: expected shape ({K},) (one per type), got "
+                             f"{tuple(lw.shape)}")
+        return lw.to(torch.float64).contiguous(), True
+    lw_host = _checks.check_log_weights(
+        _numpy(log_weights) if isinstance(log_weights, torch.Tensor) else log_weights, K)
+    if device.type == "cpu":
+        return torch.from_numpy(lw_host), False
+    return torch.from_numpy(lw_host).pin_memory().to(device, non_blocking=True), False
+
+
+def _annotator_weights_on(annotator_weights, H, device):
+    """Annotator weights v (H,) float64 on the device, or None. A CUDA tensor stays on the
+    device (checked there, read with the E-step's result); anything else is checked on the
+    host and copied through pinned memory without blocking the host."""
+    if annotator_weights is None:
+        return None, False
+    if isinstance(annotator_weights, torch.Tensor) and annotator_weights.device == device:
+        v = _weight_tensor(annotator_weights, "annotator_weights", device, torch.float64)
+        if tuple(v.shape) != (H,):
+            raise ValueError(f"annotator_weights: expected shape ({H},), got {tuple(v.shape)}")
+        return v, True
+    v_host = _checks.check_annotator_weights(
+        _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+        else annotator_weights, H)
+    return torch.from_numpy(v_host).pin_memory().to(device, non_blocking=True), False
+
+
 def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, beta,
            n_ranked=None, record_weights=None, annotator_weights=None,
            return_record_loglik=False):
+    """As emdpo_core.e_step. On CUDA the kernel weighs the annotators and forms the type
+    totals itself, and the call synchronises once, to return loglik as a float (the flags
+    of invalid inputs travel with it)."""
     p, ref, _, device, beta, offsets, nr = _inputs(policy_logps, ref_logps, beta, offsets,
                                                    n_ranked)
     K, M = p.shape
     N = offsets.shape[0] - 1
     ao = _annotator_offsets(annotator_offsets, N, device)
     H = ao.shape[0] - 1
-    lw_host = _checks.check_log_weights(
-        _numpy(log_weights) if isinstance(log_weights, torch.Tensor) else log_weights, K)
+    lw, lw_on_device = _log_weights_on(log_weights, K, device)
     cw = _record_weights(record_weights, N, device, p.dtype)
-    v_host = _checks.check_annotator_weights(
-        _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
-        else annotator_weights, H)
     if device.type == "cpu":
+        v_host = _checks.check_annotator_weights(
+            _numpy(annotator_weights) if isinstance(annotator_weights, torch.Tensor)
+            else annotator_weights, H)
         r = _cpu.e_step(p.numpy(), ref.numpy(), offsets.numpy(), _numpy(nr), ao.numpy(),
-                        lw_host, _numpy(cw), v_host, beta, return_record_loglik)
+                        lw.numpy(), _numpy(cw), v_host, beta, return_record_loglik)
         resp, annot_ll, rec, totals = _as_tensors(r.responsibilities, r.annotator_loglik,
                                                   r.record_loglik, r.type_totals)
         return _cpu.EStepResult(resp, r.loglik, annot_ll, rec, totals)
-    lw = torch.from_numpy(lw_host).to(device)
+    v, v_on_device = _annotator_weights_on(annotator_weights, H, device)
     resp = torch.empty((H, K), dtype=p.dtype, device=device)
     annot_ll = torch.empty((H, K), dtype=p.dtype, device=device)
     rec = torch.empty((N, K), dtype=p.dtype, device=device) if return_record_loglik else None
-    loglik = torch.empty((1,), dtype=torch.float64, device=device)
+    totals = torch.empty((K,), dtype=torch.float64, device=device)
+    # One float64 vector read once at the end: [loglik, first bad record, log-weight checks
+    # (a NaN or +inf entry, all entries -inf), annotator-weight check (a negative or
+    # non-finite entry)].
+    out = torch.full((5,), -1.0, dtype=torch.float64, device=device)
     first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
+    if lw_on_device:
+        out[2] = (torch.isnan(lw) | (lw == float("inf"))).any().to(torch.float64)
+        out[3] = (lw == float("-inf")).all().to(torch.float64)
+    if v_on_device:
+        out[4] = (~(torch.isfinite(v) & (v >= 0))).any().to(torch.float64)
     ws_bytes = _core.cuda_e_step_workspace_bytes(N, H, K)
     ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
     with torch.cuda.device(device):
         _core.cuda_e_step(_dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(),
                           _ptr(nr), _ptr(cw), ao.data_ptr(), lw.data_ptr(), N, M, K, H, beta,
-                          resp.data_ptr(), annot_ll.data_ptr(), loglik.data_ptr(), _ptr(rec),
-                          first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
-    _raise_if_bad(first_bad, p, ref, offsets, beta)
-    # The CUDA kernel has no annotator weights yet: weight its per-annotator terms here, on
-    # the device (O(H K) work, K numbers and one scalar leave it).
-    g = resp.to(torch.float64)
-    if v_host is None:
-        totals = g.sum(dim=0)
-    else:
-        v = torch.from_numpy(v_host).to(device)
-        totals = (v[:, None] * g).sum(dim=0)
-        loglik = (v * torch.logsumexp(lw[None, :] + annot_ll.to(torch.float64), dim=1)).sum()
-    return _cpu.EStepResult(resp, float(loglik.item()), annot_ll, rec, totals)
+                          resp.data_ptr(), annot_ll.data_ptr(), out[0:1].data_ptr(), _ptr(rec),
+                          first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device),
+                          annotator_weights_ptr=_ptr(v), type_totals_ptr=totals.data_ptr())
+    out[1] = first_bad[0].to(torch.float64)
+    loglik, bad, lw_bad, lw_zero, v_bad = out.tolist()  # the one synchronisation
+    if bad >= 0:
+        _raise_if_bad(first_bad, p, ref, offsets, beta)
+    if lw_bad > 0 or lw_zero > 0:
+        _checks.check_log_weights(lw.cpu().numpy(), K)  # raises with the message
+    if v_bad > 0:
+        _checks.check_annotator_weights(v.cpu().numpy(), H)  # raises with the message
+    return _cpu.EStepResult(resp, loglik, annot_ll, rec, totals)
 
 
 def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *, beta,
@@ -297,8 +396,10 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
             raise ValueError(f"weights: expected shape {' or '.join(map(str, want))}, got "
                              f"{tuple(w.shape)}")
         w = w.reshape(K, N).contiguous()
-        if not bool(torch.isfinite(w).all()):  # as the CPU path: name the first bad weight
-            _checks.check_loss_weights(w.cpu().numpy(), K, N, _dtype_name(w), one)
+    # Flags, all on the device: [first record with non-finite rewards, first non-finite
+    # weight (flat index k * N + i; the kernel checks the weights as it reads them), first
+    # type whose weights do not sum to a positive total (weighted_mean)].
+    flags = torch.full((3,), -1, dtype=torch.int64, device=device)
     if reduction in ("sum", "none"):
         scale = torch.ones(K, dtype=torch.float64, device=device)
     elif reduction == "mean":
@@ -307,29 +408,62 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         scale = torch.full((K,), 1.0 / N, dtype=torch.float64, device=device)
     else:
         # As _cpu.weighted_mean_weights: each type's weights divided by their largest
-        # magnitude first, so 1 / sum stays finite for tiny weights.
-        if not bool((w.sum(dim=1, dtype=torch.float64) > 0).all()):
-            _cpu.weighted_mean_weights(w.cpu().numpy(), K, N)  # raises with the message
+        # magnitude first, so 1 / sum stays finite for tiny weights. A type whose weights do
+        # not sum to a positive total is flagged on the device (read with the other flags).
+        w_given = w
+        totals = w.sum(dim=1, dtype=torch.float64)
+        first = torch.where(totals > 0, K, torch.arange(K, device=device)).min()
+        flags[2] = torch.where(first < K, first, -1)
         top = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
+        top = torch.where(top > 0, top, torch.ones_like(top))  # an all-zero type stays zero
         w = (w.to(torch.float64) / top).to(p.dtype).contiguous()
         scale = 1.0 / w.sum(dim=1, dtype=torch.float64)
     grad = torch.empty((K, M), dtype=p.dtype, device=device)
     rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
     loss = torch.empty((), dtype=torch.float64, device=device)
-    first_bad = torch.full((1,), -1, dtype=torch.int64, device=device)
     ws_bytes = _core.cuda_loss_workspace_bytes(N, K)
     ws = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=device)
     with torch.cuda.device(device):
         _core.cuda_listwise_dpo_loss_and_grad(
             _dtype_name(p), p.data_ptr(), ref.data_ptr(), offsets.data_ptr(), _ptr(nr), _ptr(w),
             scale.data_ptr(), N, M, K, beta, loss.data_ptr(), grad.data_ptr(), _ptr(rec),
-            first_bad.data_ptr(), ws.data_ptr(), ws_bytes, _stream(device))
-    _raise_if_bad(first_bad, p, ref, offsets, beta)
+            flags[0:1].data_ptr(), ws.data_ptr(), ws_bytes, _stream(device),
+            bad_weight_ptr=0 if w is None else flags[1:2].data_ptr())
     if one:
         grad = grad[0]
-    if reduction == "none":
-        return (rec[0] if one else rec), grad
-    return (loss if return_tensors else float(loss.item())), grad
+    if return_tensors or reduction == "none":
+        # No host synchronisation: the flags are read later (see _Flags).
+        _defer(flags, lambda v: _raise_loss_flags(v, N, one))
+        if reduction == "none":
+            return (rec[0] if one else rec), grad
+        return loss, grad
+    # A Python float is asked for: one transfer brings the value and the flags.
+    values = torch.cat([flags.to(torch.float64), loss.view(1)]).tolist()
+    bad = [int(v) for v in values[:3]]
+    if bad[0] >= 0:
+        _raise_if_bad(flags[0:1], p, ref, offsets, beta)
+    if bad[1] >= 0 or bad[2] >= 0:
+        w_host = (w_given if reduction == "weighted_mean" else w).cpu().numpy()
+        _checks.check_loss_weights(w_host, K, N, w_host.dtype, one)  # raises for bad[1]
+        _cpu.loss_scale(reduction, w_host, K, N)  # raises for bad[2]
+    return values[3], grad
+
+
+def _raise_loss_flags(v, N, one):
+    """The deferred form of the loss call's checks (the inputs are no longer at hand)."""
+    if v[0] >= 0:
+        raise ValueError(
+            f"policy_logps/ref_logps: non-finite reward in record {v[0]} (a NaN or infinite "
+            f"log-probability, or an overflowing beta * (logpi - logpi_ref)); found after an "
+            f"earlier loss call returned, whose loss is NaN")
+    if v[1] >= 0:
+        k, i = divmod(v[1], N)
+        raise ValueError(f"weights: expected finite values, got a non-finite weight at index "
+                         f"{i if one else (k, i)} (in an earlier loss call, whose loss is NaN)")
+    if v[2] >= 0:
+        raise ValueError(
+            f"weights: reduction='weighted_mean' needs a positive sum of weights for every "
+            f"type; type {v[2]} has none (in an earlier loss call)")
 
 
 def regret_matrix(sample_logps, sample_ref_logps, source_offsets, *, beta, kind,
