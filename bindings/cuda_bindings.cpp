@@ -1,6 +1,6 @@
 // Bindings for the CUDA kernels: device pointers arrive as integers (torch's data_ptr()),
 // the stream as an integer (torch.cuda.current_stream().cuda_stream). The Python layer
-// (emdpo_core/kernels.py) checks devices, dtypes, shapes and layouts before calling.
+// (emdpo_core/ops/_torch.py) checks devices, dtypes, shapes and layouts before calling.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

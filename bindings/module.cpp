@@ -1,6 +1,6 @@
 // pybind11 bindings: the private module emdpo_core._core.
 //
-// The Python layer (emdpo_core/kernels.py) validates arguments and converts dtypes before it
+// The Python layer (emdpo_core/ops/ with emdpo_core/_checks.py) validates arguments and converts dtypes before it
 // calls in here; these functions re-check what they rely on for memory safety (dtype,
 // contiguity, sizes) so that a direct call with bad buffers raises instead of crashing.
 #include <pybind11/numpy.h>
@@ -114,7 +114,7 @@ void check_sizes(int64_t N, int64_t M, int64_t K) {
 }
 
 void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) {
-  // Memory safety of the kernels rests on these; kernels.py checks them first with better
+  // Memory safety of the kernels rests on these; emdpo_core/_checks.py checks them first with better
   // messages, this is the last line of defence for direct callers.
   const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   if (emdpo::cpu::first_bad_offset(o, N + 1, M, 2) >= 0)

@@ -1,6 +1,6 @@
 // Bindings of the MMRA regret-matrix kernels (CPU always, CUDA when built).
 //
-// The Python layer (emdpo_core/mmra.py) validates arguments and converts dtypes before it
+// The Python layer (emdpo_core/ops/regret.py) validates arguments and converts dtypes before it
 // calls in here; the CPU binding re-checks what memory safety rests on (dtypes, contiguity,
 // sizes, source_offsets) so that a direct call with bad buffers raises instead of crashing.
 // CUDA pointers arrive as integers (torch's data_ptr()) with the stream as an integer.

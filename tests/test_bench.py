@@ -266,6 +266,10 @@ def test_benchmark_scripts_import_no_private_module_of_the_package():
     modules (emdpo_core.bench.*), so a refactoring inside the package cannot break them."""
     import ast
 
+    # The one exception: the GPU script times the bare compiled launches (no Python
+    # validation, preallocated outputs) next to the public functions, and only the compiled
+    # module _core has those.
+    allowed = {("device_kernels.py", "emdpo_core._core")}
     bad = []
     for path in sorted(BENCH_DIR.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -277,6 +281,7 @@ def test_benchmark_scripts_import_no_private_module_of_the_package():
                 continue
             for name in names:
                 parts = name.split(".")
-                if parts[0] == "emdpo_core" and any(p.startswith("_") for p in parts[1:]):
+                if (parts[0] == "emdpo_core" and any(p.startswith("_") for p in parts[1:])
+                        and (path.name, name) not in allowed):
                     bad.append(f"{path.name}:{node.lineno} {name}")
     assert bad == []

@@ -1,6 +1,6 @@
 // Per-record Plackett-Luce math, written once for the CPU loops and the CUDA kernels.
 //
-// Record layout (DESIGN.md section 1): the m responses of a record sit best first in
+// Record layout (docs/math.md): the m responses of a record sit best first in
 // consecutive slots; the first L positions are ranked (1 <= L <= m-1). With the implicit
 // rewards r_j = beta * (logpi(y_j) - logpi_ref(y_j)) the record's log-likelihood is
 //     ll = sum_{t<L} (r_t - LSE_t),   LSE_t = logsumexp_{s>=t} r_s,

@@ -1,5 +1,5 @@
 // Per-sample and per-entry math of the MMRA regret matrices, written once for the CPU loop
-// and the CUDA kernel (DESIGN.md section 1, MMRA).
+// and the CUDA kernel (docs/math.md, MMRA).
 //
 // Samples s of source policy j occupy source_offsets[j] .. source_offsets[j+1]-1, with
 // lp[k, s] = log pi_k(y_s | x_s) for every type k and ref[s] = log pi_ref(y_s | x_s).
