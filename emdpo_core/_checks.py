@@ -186,18 +186,7 @@ def check_annotator_offsets(annotator_offsets, N: int) -> np.ndarray:
 
 
 def check_log_weights(log_weights, K: int) -> np.ndarray:
-    refuse_sparse(log_weights, "log_weights")
-    if is_torch(log_weights):
-        log_weights = log_weights.detach().cpu().numpy()
-    a = np.asarray(log_weights)
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"log_weights: expected ({K},) real numbers, got "
-                        f"{clip(log_weights) if a.dtype.kind in 'OUSV' else describe(a)}")
-    if a.ndim > 1:
-        raise ValueError(f"log_weights: expected shape ({K},), got {a.shape}")
-    lw = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
-    if lw.shape[0] != K:
-        raise ValueError(f"log_weights: expected shape ({K},) (one per type), got {lw.shape}")
+    lw = real_vector(log_weights, "log_weights", K, "type")
     bad = np.flatnonzero(np.isnan(lw) | (lw == np.inf))
     if bad.size:
         raise ValueError(
