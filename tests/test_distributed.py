@@ -332,7 +332,6 @@ def test_docs_example_runs_under_torchrun(tmp_path, group):
     import sys
     from pathlib import Path
 
-    from _dist_harness import free_port
     from conftest import SUBPROCESS_CWD
 
     P, _ = group
@@ -351,8 +350,8 @@ def test_docs_example_runs_under_torchrun(tmp_path, group):
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        # --standalone: torchrun binds its own free rendezvous port (see the trainer test).
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(tmp_path / "fit_shards.py"), str(tmp_path / "r.jsonl"), str(tmp_path / "f.npz")],
         cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -377,7 +376,6 @@ def test_emdpo_trainer_under_ddp_equals_one_process(tmp_path, group):
 
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from _dist_harness import free_port
     from conftest import SUBPROCESS_CWD
 
     P, _ = group
@@ -386,11 +384,14 @@ def test_emdpo_trainer_under_ddp_equals_one_process(tmp_path, group):
     script = Path(__file__).resolve().parent / "_ddp_trainer.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
-         str(tmp_path)], cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True,
-        timeout=400)
-    assert out.returncode == 0, out.stderr[-4000:]
+        # --standalone: torchrun binds its own free rendezvous port, so no port picked here
+        # can be taken meanwhile by the gloo group of the `group` fixture (a CI run failed so).
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path)], cwd=SUBPROCESS_CWD, env=env, capture_output=True,
+        text=True, timeout=400)
+    # The children's warnings fill stderr; show the lines that say what failed.
+    errors = [ln for ln in out.stderr.splitlines() if "Warning" not in ln and "warn" not in ln]
+    assert out.returncode == 0, "\n".join(errors[-60:])
     got = json.loads((tmp_path / "result.json").read_text())
     assert got["world_size"] == 2
     import _ddp_trainer as ddp
