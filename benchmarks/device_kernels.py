@@ -36,7 +36,7 @@ import torch
 
 import emdpo_core as ec
 from emdpo_core import _core
-from emdpo_core.bench import torch_baseline as tb
+from emdpo_core.bench import routines, torch_baseline as tb
 
 F4, I8 = 4, 8
 
@@ -301,6 +301,10 @@ def main(argv=None):
             t = timer(lambda: ec.e_step(policy, ref, offsets, annotator_offsets(N, N, dev), log_w,
                                         beta=beta), reps=reps)
             rep.add("api: e_step (cpu)", f"N={N} K={K} H=N", t, bytes_e_step(N, M, K, N))
+            w = torch.rand(K, N, device=dev)
+            t = timer(lambda: routines.torch_loss_and_grad(
+                policy, ref, offsets, w, beta=beta, return_tensors=True), reps=reps)
+            rep.add("api: loss_and_grad (cpu)", f"N={N} K={K}", t, bytes_loss(N, M, K))
             return
         shape = f"N={N:.0e} m={m} K={K}".replace("+0", "")
         for H in H_list:
@@ -324,7 +328,7 @@ def main(argv=None):
         rep.add("listwise_loglik", shape, timer(run, reps=reps), bytes_loglik(N, M, K))
         # The public functions (validation cached after the first call; loss returned as a
         # tensor, so no host sync; the E-step returns loglik as a float: one sync).
-        rep.add("api: loss_and_grad", shape, timer(lambda: ec.listwise_dpo_loss_and_grad(
+        rep.add("api: loss_and_grad", shape, timer(lambda: routines.torch_loss_and_grad(
             policy, ref, offsets, w, beta=beta, return_tensors=True), reps=10),
             bytes_loss(N, M, K), None, "incl. Python")
         ao = annotator_offsets(N, N, dev)

@@ -326,8 +326,8 @@ def test_padded_with_full_rows_needs_no_gather(device):
     p1, p2 = policy.clone().requires_grad_(), policy.clone().requires_grad_()
     lengths = torch.full((8,), 4, device=device)
     loss_p = et.padded_listwise_dpo_loss(p1, ref, lengths, beta=0.5)
-    loss = et.listwise_dpo_loss(p2.reshape(-1), ref.reshape(-1), torch.arange(0, 33, 4),
-                                beta=0.5)
+    loss = et.listwise_dpo_loss(p2.reshape(-1), ref.reshape(-1),
+                                torch.arange(0, 33, 4, device=device), beta=0.5)
     loss_p.backward()
     loss.backward()
     torch.testing.assert_close(loss_p, loss, rtol=0, atol=0)
