@@ -61,8 +61,8 @@ void register_cuda(py::module_& m) {
             using T = decltype(t);
             cuda::e_step<T>(
                 records<T>(policy, ref, offsets, n_ranked, N, M, K, beta),
-                {dev_ptr<T>(record_weights), dev_ptr<int64_t>(annotator_offsets),
-                 dev_ptr<double>(log_weights), dev_ptr<double>(annotator_weights), H},
+                {H, dev_ptr<int64_t>(annotator_offsets), dev_ptr<T>(record_weights),
+                 dev_ptr<double>(log_weights), dev_ptr<double>(annotator_weights)},
                 {dev_ptr<T>(resp), dev_ptr<T>(annot_ll), dev_ptr<double>(loglik),
                  dev_ptr<T>(record_ll), dev_ptr<double>(type_totals)},
                 {dev_ptr<unsigned long long>(first_bad), dev_ptr<void>(workspace),

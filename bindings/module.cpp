@@ -45,10 +45,9 @@ py::tuple e_step_impl(const emdpo::Records<T>& rec, py::object record_weights,
                       py::object annotator_weights, py::object type_totals) {
   const int64_t N = rec.N, K = rec.K;
   // Checked in argument order, so a call with several bad buffers names the first one.
-  emdpo::Annotators<T> ann{
-      opt_in_ptr<T>(record_weights, "record_weights", N),
-      in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H")),
-      in_ptr<double>(log_weights, "log_weights", K), nullptr, H};
+  emdpo::Annotators<T> ann{H, nullptr, opt_in_ptr<T>(record_weights, "record_weights", N)};
+  ann.offsets = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
+  ann.log_weights = in_ptr<double>(log_weights, "log_weights", K);
   double loglik = 0.0;
   emdpo::EStepOut<T> out{
       out_ptr<T>(resp, "responsibilities", size_product(H, K, "H * K")),

@@ -22,16 +22,16 @@ struct Records {
   double beta;
 };
 
-// E-step inputs besides the records: record_weights (N,) c_i or null (all ones); offsets
-// (H+1,) grouping consecutive records by annotator; log_weights (K,) log eta_k; weights (H,)
-// v_h or null (all ones).
+// E-step inputs besides the records: H annotators, offsets (H+1,) grouping consecutive
+// records by annotator; record_weights (N,) c_i or null (all ones); log_weights (K,)
+// log eta_k; weights (H,) v_h or null (all ones).
 template <typename T>
 struct Annotators {
-  const T* record_weights;
+  int64_t H;
   const int64_t* offsets;
+  const T* record_weights;
   const double* log_weights;
   const double* weights;
-  int64_t H;
 };
 
 // E-step outputs: responsibilities (H, K); annotator_loglik (H, K), the sums S_hk; loglik

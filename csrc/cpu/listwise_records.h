@@ -77,10 +77,11 @@ EMDPO_ALWAYS_INLINE int64_t records_loglik_grad(const T* p, const T* ref, const 
         // Lists the lanes could hold take the same formulation as the lanes; longer ones the
         // general one (LSE kept in the output buffer between the passes).
         const int64_t L = ranked_of(n_ranked, i, m);
+        const A scale = coef[l] * beta;
         ll_out[i - lo] = m <= kShortList
                              ? record_loglik_grad_short<A>(p + off, ref + off, m, L, beta,
-                                                           coef[l], g + off, finite)
-                             : record_loglik_grad<A>(p + off, ref + off, m, L, beta, coef[l],
+                                                           scale, g + off, finite)
+                             : record_loglik_grad<A>(p + off, ref + off, m, L, beta, scale,
                                                      g + off, finite);
         if (!finite) first_bad = std::min(first_bad, i);
       }
