@@ -141,11 +141,13 @@ struct needs_flush {
   static constexpr bool value = W == Walk::runtime;
 };
 
-// Log-likelihood of one record: the backward pass over the slots keeping the running
-// (max, scaled sum) pair, one exp per slot. `reward(t)` gives slot t's reward (t < m);
-// MM only matters for the compile-time walks.
-template <typename Base, int MM, Walk W, typename A, typename I, typename Reward>
-EMDPO_HD A walk_loglik(const Reward& reward, I m, I L, bool& finite) {
+// The backward pass over a record's slots t = m-1 .. 0, keeping the running (max, scaled
+// sum) pair, one exp per slot; returns the record's log-likelihood. `reward(t)` gives slot
+// t's reward (t < m); MM only matters for the compile-time walks. After each step,
+// on_step(t, e, up, z) sees the step's exponential, its direction and the running sum
+// (walk_loglik_grad keeps them for its forward pass).
+template <typename Base, int MM, Walk W, typename A, typename I, typename Reward, typename OnStep>
+EMDPO_HD A backward_pass(const Reward& reward, I m, I L, bool& finite, OnStep&& on_step) {
   constexpr bool kPadded = W == Walk::padded;
   const I n = W == Walk::runtime ? m : I(MM);
   A mx = kPadded ? A(-INFINITY) : reward(n - 1);
@@ -158,13 +160,24 @@ EMDPO_HD A walk_loglik(const Reward& reward, I m, I L, bool& finite) {
       const A r = reward(t);
       ok = ok && (!Reward::kCheck || finite_(r));
       bool up;
-      push_reward<Base>(r, mx, z, up);
+      const A e = push_reward<Base>(r, mx, z, up);
+      on_step(t, e, up, z);
       if (t < L) ll.add_ranked(r, mx, z);
       ll.flush();
     }
   }
   finite = finite && ok;
   return ll.value();
+}
+
+struct NoStep {
+  template <typename... X> EMDPO_HD void operator()(X...) const {}
+};
+
+// Log-likelihood of one record (see backward_pass).
+template <typename Base, int MM, Walk W, typename A, typename I, typename Reward>
+EMDPO_HD A walk_loglik(const Reward& reward, I m, I L, bool& finite) {
+  return backward_pass<Base, MM, W, A>(reward, m, L, finite, NoStep{});
 }
 
 // Log-likelihood and gradient of one record with no exponential in the forward pass: the
@@ -184,29 +197,15 @@ EMDPO_HD A walk_loglik_grad(const Reward& reward, I m, I L, A scale, G* g, bool&
   constexpr bool kPadded = W == Walk::padded;
   const I n = W == Walk::runtime ? m : I(MM);
   A a[MM], b[MM], zt[MM];
-  A mx = kPadded ? A(-INFINITY) : reward(n - 1);
-  bool ok = !Reward::kCheck || finite_(mx);
-  A z = kPadded ? A(0) : A(1);
   a[n - 1] = A(1);
   b[n - 1] = A(1);
   zt[n - 1] = A(1);
-  LoglikSum<A, Base, needs_flush<MM, W>::value> ll;
-  EMDPO_UNROLL
-  for (I t = n - (kPadded ? 1 : 2); t >= 0; --t) {
-    if (!kPadded || t < m) {
-      const A r = reward(t);
-      ok = ok && (!Reward::kCheck || finite_(r));
-      bool up;
-      const A e = push_reward<Base>(r, mx, z, up);
-      // Padded, at t = m-1: up, e = 0, so a = 1, z = 1 (b is never read there).
-      a[t] = up ? A(1) : e;
-      b[t] = up ? e : A(1);
-      zt[t] = z;
-      if (t < L) ll.add_ranked(r, mx, z);
-      ll.flush();
-    }
-  }
-  finite = finite && ok;
+  const A ll = backward_pass<Base, MM, W, A>(reward, m, L, finite, [&](I t, A e, bool up, A z) {
+    // Padded, at t = m-1: up, e = 0, so a = 1, z = 1 (b is never read there).
+    a[t] = up ? A(1) : e;
+    b[t] = up ? e : A(1);
+    zt[t] = z;
+  });
   A q = A(1), inv_prev = A(1), P = A(1);
   EMDPO_UNROLL
   for (I j = 0; j < n; ++j) {
@@ -225,7 +224,7 @@ EMDPO_HD A walk_loglik_grad(const Reward& reward, I m, I L, A scale, G* g, bool&
       }
     }
   }
-  return ll.value();
+  return ll;
 }
 
 // Log-likelihood of one record under one type (any length). `p` and `ref` point at the
