@@ -70,7 +70,7 @@ template <int MM, bool EXACT, typename A, typename T>
 EMDPO_B2 void load_rewards(const T* __restrict__ p, const A (&ref)[MM], int m, A c, A (&r)[MM],
                            bool& finite) {
   bool ok = true;
-#pragma unroll
+  EMDPO_UNROLL
   for (int j = 0; j < MM; ++j) {
     if (EXACT || j < m) {
       r[j] = c * (A(p[j]) - ref[j]);
