@@ -49,9 +49,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ._checks import to_numpy
-from .ops.listwise import EStepResult
-from .ops.listwise import e_step as _kernel_e_step
+from .._checks import to_numpy
+from ..ops.listwise import EStepResult
+from ..ops.listwise import e_step as _kernel_e_step
 
 __all__ = [
     "LocalComm",
@@ -671,8 +671,8 @@ def load_shard(source, *, rank=None, world_size=None, process_group=None, format
         rank, world_size: this rank and the number of ranks (default: the process group's).
         format: "jsonl", "preflib", "parquet" or "dataset" (default: from the suffix / type).
     """
-    from .data import RankingData
-    from .data.io import json_objects
+    from ..data import RankingData
+    from ..data.io import json_objects
 
     r, P = _rank_and_size(rank, world_size, process_group)
     fmt = format or _guess_format(source)
@@ -713,7 +713,7 @@ def _guess_format(source) -> str:
 
 
 def _rows_shard(rows, r, P, acol, rcol, icol, wcol, n_items, item_names, where):
-    from .data import RankingData
+    from ..data import RankingData
 
     names: Dict[Any, int] = {} if item_names is None else \
         {str(x): i for i, x in enumerate(item_names)}
@@ -772,7 +772,7 @@ def _rows_shard(rows, r, P, acol, rcol, icol, wcol, n_items, item_names, where):
 def take_records(data, rows):
     """A RankingData or PreferenceData of the records ``rows`` (int indices, in that order):
     their slots, depths, annotator ids (the original ids), weights and per-slot arrays."""
-    from .data import PreferenceData, RankingData
+    from ..data import PreferenceData, RankingData
 
     rows = np.asarray(rows, dtype=np.int64)
     lengths = np.diff(data.offsets)[rows]
