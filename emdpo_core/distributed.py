@@ -42,7 +42,6 @@ See docs/distributed.md for launching, the communication volume and measured sca
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ._checks import to_numpy
 from .ops.listwise import EStepResult
 from .ops.listwise import e_step as _kernel_e_step
 
@@ -457,14 +457,6 @@ def check_same(comm, name: str, value, what: str) -> None:
 # Combining the E-step of the shards
 
 
-def _numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def posteriors(S, log_weights):
     """(responsibilities, per-row log-likelihood) from partial sums S (R, K)."""
     z = S + log_weights[None, :]
@@ -482,8 +474,8 @@ def combine_annotator_loglik(layout: ShardLayout, S_local, log_weights, annotato
     loglik = sum over owned annotators of v_h logsumexp_k (log eta_k + S_hk), summed over
     ranks). Collective."""
     comm = layout.comm
-    S = np.array(_numpy(S_local), dtype=np.float64, copy=True)
-    lw = np.asarray(_numpy(log_weights), dtype=np.float64).reshape(-1)
+    S = np.array(to_numpy(S_local), dtype=np.float64, copy=True)
+    lw = np.asarray(to_numpy(log_weights), dtype=np.float64).reshape(-1)
     if layout.n_shared:
         table = np.zeros((layout.n_shared, S.shape[1]))
         table[layout.shared_slot] = S[layout.shared_rows]
@@ -549,7 +541,7 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         return res
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding: expected one of {SHARDINGS}, got {sharding!r}")
-    S_local = _numpy(res.annotator_loglik)
+    S_local = to_numpy(res.annotator_loglik)
     H, K = S_local.shape
     check_same(comm, "log_weights", int(K), "K")
     if annotator_ids is not None:
@@ -580,14 +572,14 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
         layout = ShardLayout(comm, "record", H, np.arange(H, dtype=np.int64),
                              np.full(H, first), np.arange(H, dtype=np.int64),
                              np.arange(H, dtype=np.int64), H)
-    out_resp = np.array(_numpy(res.responsibilities), dtype=np.float64)
-    v = None if annotator_weights is None else np.asarray(_numpy(annotator_weights),
+    out_resp = np.array(to_numpy(res.responsibilities), dtype=np.float64)
+    v = None if annotator_weights is None else np.asarray(to_numpy(annotator_weights),
                                                           dtype=np.float64)
     if layout.mode == "annotator":
         # Local posteriors are final: keep the kernel's values bit for bit; only the
         # log-likelihood and the type totals are summed over ranks.
         S, resp = np.array(S_local, dtype=np.float64), out_resp
-        st = Statistics().add("loglik", res.loglik).add("totals", _numpy(res.type_totals))
+        st = Statistics().add("loglik", res.loglik).add("totals", to_numpy(res.type_totals))
         st.sync(comm)
         loglik, totals = float(st["loglik"]), st["totals"]
     else:
@@ -680,6 +672,7 @@ def load_shard(source, *, rank=None, world_size=None, process_group=None, format
         format: "jsonl", "preflib", "parquet" or "dataset" (default: from the suffix / type).
     """
     from .data import RankingData
+    from .data.io import json_objects
 
     r, P = _rank_and_size(rank, world_size, process_group)
     fmt = format or _guess_format(source)
@@ -687,7 +680,7 @@ def load_shard(source, *, rank=None, world_size=None, process_group=None, format
         full = RankingData.from_preflib(source)
         return shard(full, rank=r, world_size=P)
     if fmt == "jsonl":
-        rows = _jsonl_rows(os.fspath(source))
+        rows = (rec for _, rec in json_objects(source))
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -717,21 +710,6 @@ def _guess_format(source) -> str:
         return "parquet"
     raise ValueError(f"source: cannot tell the format of {os.fspath(source)!r} from its suffix; "
                      f"pass format='jsonl', 'preflib' or 'parquet'")
-
-
-def _jsonl_rows(path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
-            yield rec
 
 
 def _rows_shard(rows, r, P, acol, rcol, icol, wcol, n_items, item_names, where):
