@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..distributed import _numpy
+from .._checks import to_numpy
 
 __all__ = ["Scoring"]
 
@@ -25,7 +25,7 @@ class Scoring:
         if not hasattr(self, "timings_"):
             self._reset_timings()
         resp, loglik, _, per = self._e_step(g, np.log(self.weights_), per_annotator=True)
-        return _numpy(resp), loglik, per, g
+        return to_numpy(resp), loglik, per, g
 
     def predict_proba(self, data=None) -> np.ndarray:
         """(H, K) posterior of each annotator over the types: the fitted responsibilities for

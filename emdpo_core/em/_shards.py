@@ -11,8 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..distributed import (LocalComm, ShardLayout, _numpy, posteriors, resolve_comm,
-                           shard_layout)
+from .._checks import to_numpy
+from ..distributed import LocalComm, ShardLayout, posteriors, resolve_comm, shard_layout
 from . import _mixture, _responsibilities
 
 __all__ = ["EMShards"]
@@ -62,14 +62,14 @@ class EMShards:
         another rank: then their rows are summed or dropped on the host. Only the K type
         totals and the log-likelihood go to the host otherwise (and, with several processes,
         through one collective). One process: the kernel's values as they are."""
-        totals = np.asarray(_numpy(totals), dtype=np.float64)
+        totals = np.asarray(to_numpy(totals), dtype=np.float64)
         lay = self.layout
         if not self.distributed or (lay.all_owned and not lay.n_shared):
             resp = _responsibilities.as_float64(resp)
             if not self.distributed:
                 return resp, float(loglik), totals, S
         else:
-            resp, S = _responsibilities.as_float64(_numpy(resp)), _numpy(S)
+            resp, S = _responsibilities.as_float64(to_numpy(resp)), to_numpy(S)
             lw = np.asarray(log_weights, dtype=np.float64)
             if lay.n_shared:
                 S = np.array(S, dtype=np.float64)

@@ -37,12 +37,13 @@ import numpy as np
 from . import _initialization, _mixture, _responsibilities
 from .. import _checks
 from ..diagnostics import IdentifiabilityWarning
-from ..distributed import LocalComm, _numpy, check_same
+from .._checks import to_numpy
+from ..distributed import LocalComm, check_same
 from ..ops.listwise import e_step
 from ._initialization import INIT_PARAMS, INIT_SMOOTHING  # noqa: F401  (emdpo_core.em)
+from ._scoring import Scoring
 from ._shards import EMShards
 from .family import CollapsedComponentWarning, ConvergenceWarning, PolicyFamily
-from ._scoring import Scoring
 from .persistence import Persistence, _Run
 
 __all__ = ["EMEstimator"]
@@ -232,7 +233,7 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
         """(K, N) M-step weights w_ki = c_i v_{a_i} g_{a_i k}, where resp is (NumPy on the
         host, or a tensor on the policies' device; see _responsibilities)."""
         if not getattr(self.family_, "tensor_weights", False):
-            resp = _numpy(resp)           # the family takes NumPy weights: built on the host
+            resp = to_numpy(resp)           # the family takes NumPy weights: built on the host
         rw = self.__dict__.get("_record_weights_of")
         if rw is None or rw.grouped is not g:
             rw = self._record_weights_of = _responsibilities.RecordWeights(g)
@@ -271,7 +272,7 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
             log_weights, g.annotator_weight)
         out = (resp, loglik, totals)
         if per_annotator:
-            _, per = _mixture.weighted_loglik(np.ascontiguousarray(_numpy(S), dtype=np.float64),
+            _, per = _mixture.weighted_loglik(np.ascontiguousarray(to_numpy(S), dtype=np.float64),
                                               log_weights, g.annotator_weight)
             out += (per,)
         t2 = time.perf_counter()
@@ -556,7 +557,7 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
         if run.resp.shape[0] != g.n_annotators:   # resumed from a distributed checkpoint
             run.resp = self._e_step(g, run.log_weights)[0]
         self.weights_ = np.exp(run.log_weights)
-        self.responsibilities_ = _numpy(run.resp)    # the one (H, K) copy to the host
+        self.responsibilities_ = to_numpy(run.resp)    # the one (H, K) copy to the host
         self.loglik_ = float(run.loglik)
         self.objective_ = float(run.objective)
         self.log_prior_ = float(run.objective - run.loglik)
