@@ -72,6 +72,23 @@ def test_every_old_module_path_still_imports_its_names(module):
     assert missing == []
 
 
+# Names of emdpo_core.distributed while it was one module (at dd80a27): its __all__ and the
+# names other modules import from it. It is a package now; each keeps its path.
+OLD_DISTRIBUTED_NAMES = ["GATHER_MAX", "SHARDINGS", "LocalComm", "TorchComm", "Statistics",
+                         "ShardLayout", "resolve_comm", "shard_layout", "check_same",
+                         "posteriors", "combine_annotator_loglik", "e_step", "shard_of",
+                         "shard", "take_records", "load_shard"]
+
+
+def test_distributed_names_keep_their_path():
+    from emdpo_core import distributed
+
+    missing = [n for n in OLD_DISTRIBUTED_NAMES if not hasattr(distributed, n)]
+    assert missing == []
+    assert set(distributed.__all__) <= set(OLD_DISTRIBUTED_NAMES)
+    assert distributed.e_step is ec.e_step
+
+
 def test_old_module_objects_are_the_new_ones():
     """A shim re-exports the object itself, so isinstance checks and monkeypatching across old
     and new paths see one class."""
