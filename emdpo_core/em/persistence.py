@@ -15,6 +15,7 @@ import numpy as np
 
 from .._checks import clip, clip_message, describe
 from .._io import atomic_write
+from .._checks import to_numpy
 
 _FORMAT_VERSION = 1
 
@@ -85,6 +86,7 @@ class Persistence:
         # recomputes them with an E-step).
         shards = getattr(self, "_shards", None)
         resp = run.resp[:0] if shards is not None and shards.distributed else run.resp
+        resp = to_numpy(resp)        # a torch family's run keeps them on its device
         return {f"{prefix}/log_weights": run.log_weights, f"{prefix}/resp": resp,
                 f"{prefix}/trace": np.asarray(run.trace), f"{prefix}/components": run.components}
 

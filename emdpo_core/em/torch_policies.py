@@ -105,6 +105,7 @@ class TorchPolicies(PolicyFamily):
     """
 
     supports_process_group = True
+    tensor_weights = True     # the engine's (K, N) weights arrive on self.device
 
     def __init__(self, policy, *, beta: float = 0.1, logp_fn: Optional[Callable] = None,
                  reference=None, sample_fn: Optional[Callable] = None, optimizer="adam",
