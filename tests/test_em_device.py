@@ -6,24 +6,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 import emdpo_core as ec
 from emdpo_core.em import _responsibilities
 
 torch = pytest.importorskip("torch", reason="the torch policy family needs torch")
 
-
-def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device visible to torch"
-    if not ec.build_info()["cuda"]:
-        return "emdpo_core was built without CUDA"
-    return None
-
-
-_CUDA_REASON = _cuda_skip_reason()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    _CUDA_REASON is not None, reason=_CUDA_REASON or "")])]
 
 pytestmark = pytest.mark.filterwarnings("ignore::emdpo_core.ConvergenceWarning")
 
@@ -139,7 +128,6 @@ def test_device_path_fits_exactly_like_the_host_path_on_cpu_tensors(weighted):
     np.testing.assert_array_equal(device.score_samples(pop.data), host.score_samples(pop.data))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_path_on_each_device_matches_the_host_path(device):
     pop = population(2)
