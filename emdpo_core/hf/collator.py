@@ -104,6 +104,8 @@ class RankedListCollator:
         if overlap:
             raise ValueError(f"columns {sorted(overlap)} cannot be both passed through and "
                              f"ignored or consumed")
+        # Checked above, stored below (a run of assignments alike in shape to RankingData's
+        # constructor; the two share no logic).
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
