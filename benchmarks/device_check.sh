@@ -89,11 +89,17 @@ DRYFLAG=()
   --out "$OUT" "${DRYFLAG[@]}")
 outcome kernels $? "ok (table below)"
 
-step "tests (CUDA, torch, kernel math; slow tests skipped)"
-TESTS=("$REPO/tests/test_cuda.py" "$REPO/tests/test_cuda_math.py")
-[ -f "$REPO/tests/test_torch.py" ] && TESTS+=("$REPO/tests/test_torch.py")
-(cd /tmp && run_step tests "$T_TESTS" "$PY" -m pytest "${TESTS[@]}" -q -rs -m "not slow" \
-  -p no:cacheprovider --rootdir "$REPO")
+step "tests (every CUDA test, the CUDA-only file and the kernel math; slow tests skipped)"
+# -k cuda selects by keyword over the whole tests/ folder: every test marked cuda (the "cuda"
+# entry of the one devices list in tests/conftest.py, in whichever file), every test of a
+# file named for CUDA (test_cuda.py: what only CUDA has and the build's own checks;
+# test_cuda_math.py: the kernels' math on the host) and every test named for it. The CPU
+# entries are not rerun here. The float64 references run on the host, so four workers when
+# pytest-xdist is installed.
+XDIST=()
+"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 4)
+(cd /tmp && run_step tests "$T_TESTS" "$PY" -m pytest "$REPO/tests" -k cuda -m "not slow" -q -rs \
+  "${XDIST[@]}" -p no:cacheprovider --rootdir "$REPO")
 RC=$?
 LINE="$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 1 | sed -E 's/=+//g; s/^ +| +$//g')"
 outcome tests "$RC" "$LINE"

@@ -34,6 +34,14 @@ def describe(x) -> str:
     return f"{type(x).__name__}"
 
 
+def to_numpy(x) -> np.ndarray:
+    """x as a NumPy array: an array as it is, a torch tensor (or subclass) detached and copied
+    to the host, anything else through ``np.asarray``."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer)):
         raise TypeError(f"beta: expected a positive real number, got {type(beta).__name__}")
@@ -70,7 +78,7 @@ def index_array(x, name: str, *, host_tensors: bool = False) -> np.ndarray:
         refuse_sparse(x, name)
         if not host_tensors:
             raise TypeError(f"{name}: got a {describe(x)}; mix of torch and NumPy inputs")
-        x = x.detach().cpu().numpy()
+        x = to_numpy(x)
     refuse_sparse(x, name)
     a = np.asarray(x)
     if a.ndim != 1:
@@ -201,7 +209,7 @@ def real_vector(x, name: str, size: int, per: str, dtype=np.float64) -> np.ndarr
     TypeError/ValueError naming the argument otherwise. Value checks stay with the caller."""
     refuse_sparse(x, name)
     if is_torch(x):
-        x = x.detach().cpu().numpy()
+        x = to_numpy(x)
     a = np.asarray(x)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"{name}: expected real numbers, got "
@@ -245,6 +253,11 @@ def check_int(name, x, minimum):
     if x < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
     return int(x)
+
+
+def check_optional_int(name, x, minimum):
+    """None, or :func:`check_int`'s int."""
+    return None if x is None else check_int(name, x, minimum)
 
 
 def check_float(name, x, minimum, *, strict=False):
@@ -391,7 +404,7 @@ def real_array(x, name: str, what: str) -> np.ndarray:
     """float64 C-contiguous values of any shape (a torch tensor is copied to the host);
     TypeError naming the argument and ``what`` was expected for other dtypes."""
     if is_torch(x):
-        x = x.detach().cpu().numpy()
+        x = to_numpy(x)
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected {what}, got dtype {a.dtype}")

@@ -72,6 +72,52 @@ def test_every_old_module_path_still_imports_its_names(module):
     assert missing == []
 
 
+# Names of emdpo_core.distributed while it was one module (at dd80a27): its __all__ and the
+# names other modules import from it. It is a package now; each keeps its path.
+OLD_DISTRIBUTED_NAMES = ["GATHER_MAX", "SHARDINGS", "LocalComm", "TorchComm", "Statistics",
+                         "ShardLayout", "resolve_comm", "shard_layout", "check_same",
+                         "posteriors", "combine_annotator_loglik", "e_step", "shard_of",
+                         "shard", "take_records", "load_shard"]
+
+
+def test_distributed_names_keep_their_path():
+    from emdpo_core import distributed
+
+    missing = [n for n in OLD_DISTRIBUTED_NAMES if not hasattr(distributed, n)]
+    assert missing == []
+    assert set(distributed.__all__) <= set(OLD_DISTRIBUTED_NAMES)
+    assert distributed.e_step is ec.e_step
+
+
+# Names of the modules cut into pieces after dd80a27 that other code imports from them (their
+# __all__ and the names of their own that tests, benchmarks and the package use); each keeps
+# its path. hf.trainer.sequence_logps: benchmarks/bench_hf_trainer.py times it there.
+SPLIT_MODULE_NAMES = {
+    "torch": ["listwise_dpo_loss", "ListwiseDPOLoss", "pairwise_dpo_loss",
+              "padded_listwise_dpo_loss", "mixture_dpo_loss", "check_errors"],
+    "bench.cases": ["add_parser", "run", "CASES", "FIELDS", "BETA", "QUICK", "Layout", "Sizes",
+                    "make_layout"],
+    "hf.trainer": ["EMDPOTrainer", "EMDPOConfig", "STATE_FILE", "TYPES_FILE", "sequence_logps"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(SPLIT_MODULE_NAMES))
+def test_split_module_names_keep_their_path(module):
+    if module == "torch":
+        pytest.importorskip("torch")
+    if module == "hf.trainer":
+        for dep in ("transformers", "peft"):
+            pytest.importorskip(dep)
+    mod = importlib.import_module(f"emdpo_core.{module}")
+    missing = [n for n in SPLIT_MODULE_NAMES[module] if not hasattr(mod, n)]
+    assert missing == []
+    if module == "hf.trainer":
+        import emdpo_core.hf as hf
+
+        assert hf.EMDPOTrainer is mod.EMDPOTrainer and hf.EMDPOConfig is mod.EMDPOConfig
+        assert mod.sequence_logps is hf.sequence_logps
+
+
 def test_old_module_objects_are_the_new_ones():
     """A shim re-exports the object itself, so isinstance checks and monkeypatching across old
     and new paths see one class."""

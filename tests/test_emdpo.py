@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CUDA_ONLY
 
 import emdpo_core as ec
 from emdpo_core import PlackettLuceMixture, PreferenceData, RankingData
@@ -454,15 +455,11 @@ def test_import_emdpo_core_does_not_import_torch():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.cuda
-def test_torch_family_on_cuda_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if not ec.build_info()["cuda"]:
-        pytest.skip("emdpo_core was built without CUDA")
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_torch_family_on_cuda_matches_cpu(device):
     pop = small_population(14)
     cpu = ec.EMDPO(2, lbfgs_family(pop), max_iter=5, random_state=0).fit(pop.data)
-    gpu_family = ec.TorchPolicies(pop.policy_module().cuda(), beta=1.0, optimizer="lbfgs",
+    gpu_family = ec.TorchPolicies(pop.policy_module().to(device), beta=1.0, optimizer="lbfgs",
                                   lr=1.0, steps=1, init_steps=3)
     gpu = ec.EMDPO(2, gpu_family, max_iter=5, random_state=0).fit(pop.data)
     # Same float64 math on another device: reductions in another order (1e-9 relative).

@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import CUDA_ONLY
 
 import emdpo_core as ec
 from emdpo_core.ops import _reference as ref_impl
@@ -288,25 +289,16 @@ def test_regret_matrix_torch_tensors_off_cpu_go_through_the_device_check():
                          beta=1.0)
 
 
-def _cuda_available():
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and ec.build_info()["cuda"]
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device and a CUDA build")
+@pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_regret_matrix_cuda_matches_cpu(dtype):
+def test_regret_matrix_cuda_matches_cpu(device, dtype):
     import torch
 
     rng = np.random.default_rng(17)
     so = np.array([0, 3, 20000, 20001, 45000], dtype=np.int64)
     lp, ref = random_samples(rng, 4, int(so[-1]), dtype)
     w = rng.uniform(0.0, 1.0, size=int(so[-1])).astype(dtype)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     for kind in ("reward", "kl"):
         for weights in (None, w):
             cpu = ec.regret_matrix(lp, ref, so, beta=1.3, kind=kind, sample_weights=weights)

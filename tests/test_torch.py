@@ -1,7 +1,8 @@
 """The PyTorch layer (emdpo_core.torch) against the float64 NumPy reference.
 
-Every case runs on CPU; the CUDA parametrization skips with a reason when there is no device
-or the build has no CUDA kernels.
+Every case runs on CPU; the "cuda" entry of the one devices list (conftest.DEVICES) skips with
+a reason when there is no device or the build has no CUDA kernels. What only CUDA has (streams,
+the validation cache, a build without CUDA refusing CUDA tensors) is in test_cuda.py.
 """
 
 from __future__ import annotations
@@ -12,27 +13,16 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import DEVICES
+
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-import emdpo_core  # noqa: E402
 import emdpo_core.torch as et  # noqa: E402
 from emdpo_core.ops import _reference as ref_impl  # noqa: E402
 from emdpo_core.ops import _torch as _torch_dispatch  # noqa: E402
 
 
-def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device visible to torch"
-    if not emdpo_core.build_info()["cuda"]:
-        return "emdpo_core was built without CUDA (EMDPO_WITH_CUDA=OFF or no nvcc)"
-    return None
-
-
-_CUDA_REASON = _cuda_skip_reason()
-_CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(_CUDA_REASON is not None,
-                                                   reason=_CUDA_REASON or "")]
-DEVICES = ["cpu", pytest.param("cuda", marks=_CUDA_ONLY)]
 REDUCTIONS = ["sum", "mean", "weighted_mean", "none"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
@@ -450,58 +440,6 @@ def test_tensors_on_different_devices_raise():
         et.listwise_dpo_loss(p, r, o, torch.ones(2, device="meta"), beta=1.0)
     with pytest.raises(ValueError, match="policy_logps: expected a CPU or CUDA tensor"):
         et.listwise_dpo_loss(p.to("meta"), r.to("meta"), o.to("meta"), beta=1.0)
-
-
-def test_cuda_tensor_on_cpu_only_build_says_how_to_rebuild(monkeypatch):
-    if torch.cuda.is_available() and not emdpo_core.build_info()["cuda"]:
-        p, r, o = (x.cuda() for x in _small())
-        with pytest.raises(RuntimeError, match="EMDPO_WITH_CUDA=ON"):
-            et.listwise_dpo_loss(p, r, o, beta=1.0)
-        return
-    # No CUDA tensor can be made here: check the message the dispatch raises for one.
-    monkeypatch.setattr(_torch_dispatch._core, "cuda", False, raising=False)
-    with pytest.raises(RuntimeError, match="built without CUDA.*EMDPO_WITH_CUDA=ON"):
-        _torch_dispatch._require_cuda_build(torch.device("cuda"))
-
-
-def test_layout_cache_does_not_trust_a_reused_pointer():
-    # The CUDA layout check is cached; a new tensor that happens to get a freed tensor's
-    # memory (same pointer, size and version) must be checked again.
-    checks = []
-    a, b = torch.arange(3), torch.arange(3)
-    key = ("test-layout", 123)
-    _torch_dispatch._check_cached(key, lambda: checks.append("a"), (a,))
-    _torch_dispatch._check_cached(key, lambda: checks.append("a again"), (a,))
-    _torch_dispatch._check_cached(key, lambda: checks.append("b"), (b,))
-    assert checks == ["a", "b"]
-
-
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_CUDA_ONLY)])
-def test_cuda_bad_offsets_in_a_reused_block_are_still_caught(device):
-    p, r, _ = (x.to(device) for x in _small())
-    good = torch.tensor([0, 3, 5], device=device)
-    et.listwise_dpo_loss(p, r, good, beta=1.0)
-    del good  # its block goes back to the caching allocator ...
-    bad = torch.tensor([0, 3, 500], device=device)  # ... and most likely comes back here
-    with pytest.raises(ValueError, match="offsets"):
-        et.listwise_dpo_loss(p, r, bad, beta=1.0)
-
-
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_CUDA_ONLY)])
-def test_cuda_runs_on_the_current_stream(device):
-    t, _ = _problem(20, N=2000, K=2, device=device)
-    expected = et.listwise_dpo_loss(t["policy"], t["ref"], t["offsets"], t["weights"], beta=0.5,
-                                    n_ranked=t["n_ranked"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        policy = t["policy"].clone().requires_grad_()
-        loss = et.listwise_dpo_loss(policy, t["ref"], t["offsets"], t["weights"], beta=0.5,
-                                    n_ranked=t["n_ranked"])
-        loss.backward()
-    side.synchronize()
-    torch.testing.assert_close(loss, expected, rtol=0, atol=0)  # deterministic reductions
-    assert torch.isfinite(policy.grad).all()
 
 
 def test_import_emdpo_core_does_not_import_torch():

@@ -8,11 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import emdpo_core._torch_small_batch as small_batch  # noqa: E402
 import emdpo_core.torch as et  # noqa: E402
 
 
 def _general(monkeypatch):
-    monkeypatch.setattr(et, "_small_cpu", lambda *t: False)
+    # The listwise and pairwise small paths ask small_cpu whether they apply.
+    monkeypatch.setattr(small_batch, "small_cpu", lambda *t: False)
 
 
 def _run(fn, *leaves):
@@ -36,7 +38,7 @@ def test_pairwise_small_path_matches_general(rng, monkeypatch, dtype, reduction,
         return et.pairwise_dpo_loss(pc, pr, cols[2], cols[3], beta=0.7, weights=w,
                                     reduction=reduction)
 
-    assert et._small_cpu(pc, pr, cols[2], cols[3])
+    assert small_batch.small_cpu(pc, pr, cols[2], cols[3])
     fast = _run(loss, pc, pr)
     _general(monkeypatch)
     slow = _run(loss, pc, pr)
@@ -96,10 +98,10 @@ def test_small_path_errors_match_general(monkeypatch):
 
 def test_other_inputs_take_the_general_path():
     x = torch.zeros(4)
-    assert not et._small_cpu(x.half(), x.half(), x.half(), x.half())
-    assert not et._small_cpu(torch.zeros(8)[::2], x, x, x)          # not contiguous
-    assert not et._small_cpu(x, x.double(), x, x)                   # mixed dtypes
-    assert not et._small_cpu(x, np.zeros(4), x, x)                  # not a tensor
+    assert not small_batch.small_cpu(x.half(), x.half(), x.half(), x.half())
+    assert not small_batch.small_cpu(torch.zeros(8)[::2], x, x, x)          # not contiguous
+    assert not small_batch.small_cpu(x, x.double(), x, x)                   # mixed dtypes
+    assert not small_batch.small_cpu(x, np.zeros(4), x, x)                  # not a tensor
     # Still correct through the general path.
     h = torch.zeros(4, dtype=torch.float16, requires_grad=True)
     loss = et.pairwise_dpo_loss(h, h.detach(), h.detach(), h.detach(), beta=1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_layout, random_logps
+from conftest import DEVICES, random_layout, random_logps
 
 import emdpo_core as ec
 
@@ -44,7 +44,7 @@ def test_weighted_mean_is_scale_invariant_float64(rng, scale):
     np.testing.assert_allclose(small[1], big[1], rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", DEVICES)
 def test_collapsed_type_float32_responsibilities_torch(rng, device):
     # Type 1 has collapsed: every responsibility is the smallest float32 (1.4e-45). Its sum in
     # float64 is ~4e-44, and 1 / sum = 2.4e43 does not fit in float32.

@@ -24,6 +24,10 @@ once, every output written once) and the fraction of the copy bandwidth measured
 of the same run, with the device, versions, git commit, CPU instruction set, threads and load
 average. Rows are appended to a CSV (``--output``); ``benchmarks/plot_bench.py`` plots it.
 
+This module holds the table of cases and the command; the cases live in
+:mod:`.kernel_cases` (compiled kernels) and :mod:`.solver_cases` (MMRA, the EM fit), their
+sizes and data in :mod:`.workload`, the timing and CSV rows in :mod:`.harness`.
+
 Example:
     $ emdpo bench --quick --output bench.csv
     $ emdpo bench --only e_step,loss_grad --device cuda
@@ -33,14 +37,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
-
-import numpy as np
+from typing import List
 
 from . import harness
-from .harness import (FIELDS, Env, Recorder, copy_bandwidth, load_avg, nbytes,  # noqa: F401
-                      rounds)
+from .harness import FIELDS, Env, Recorder, copy_bandwidth, load_avg  # noqa: F401
+from .kernel_cases import (case_e_step, case_e_step_loop, case_loss_grad, case_regret,
+                           scaling_point)
+from .solver_cases import case_em_fit, case_mmra
+from .workload import (BETA, QUICK, Layout, Sizes, check_kernels,  # noqa: F401
+                       make_layout)
 
 __all__ = ["add_parser", "run", "CASES", "FIELDS"]
 
@@ -55,414 +60,6 @@ CASES = {
     "scaling_k": "E-step and loss+gradient kernels vs K",
     "scaling_m": "E-step and loss+gradient kernels vs list length m",
 }
-BETA = 0.5
-
-
-# ----------------------------------------------------------------------------------------
-# Sizes
-
-
-@dataclass
-class Sizes:
-    N: int = 1_000_000              # the main cases: N lists of m, K types, float32
-    m: int = 4
-    K: int = 8
-    repeats: int = 10
-    loop_N: int = 10_000            # e_step_loop: the Python loop's size
-    regret: Sequence[Tuple[int, int]] = ((8, 2_000_000), (64, 1_000_000))   # (K, samples)
-    mmra_K: Sequence[int] = (8, 32, 128)
-    lp_repeats: int = 20
-    hedge_repeats: int = 3
-    em_H: int = 100_000             # annotators, 2 records each, 6 of 20 items per record
-    em_K: int = 5
-    em_fits: int = 3
-    scale_N: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
-    scale_K: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)
-    scale_K_N: int = 1_000_000
-    scale_m: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256)
-    scale_m_slots: int = 4_000_000  # N = slots / m
-    scale_repeats: int = 5
-
-
-QUICK = dict(N=100_000, repeats=7, loop_N=1_000, regret=((8, 200_000),), mmra_K=(8, 32),
-             lp_repeats=10, hedge_repeats=3, em_H=3_000, em_K=4, em_fits=3,
-             scale_N=(1_000, 10_000, 100_000), scale_K_N=100_000, scale_m_slots=400_000,
-             scale_repeats=5)
-
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class Layout:
-    """Random lists of m responses, K types, records grouped by annotator, float32."""
-
-    N: int
-    m: int
-    K: int
-    H: int
-    policy: np.ndarray = field(repr=False)       # (K, M)
-    ref: np.ndarray = field(repr=False)          # (M,)
-    offsets: np.ndarray = field(repr=False)      # (N+1,)
-    aoff: np.ndarray = field(repr=False)         # (H+1,)
-    weights: np.ndarray = field(repr=False)      # (K, N) M-step weights
-    log_w: np.ndarray = field(repr=False)        # (K,) float64
-
-
-def make_layout(N: int, m: int, K: int, H: int, seed: int) -> Layout:
-    rng = np.random.default_rng(seed)
-    M = N * m
-    # Drawn in float32 and shifted in place: no float64 temporaries at N = 1e7.
-    policy = rng.standard_normal((K, M), dtype=np.float32)
-    policy *= 3.0
-    policy -= 40.0
-    ref = rng.standard_normal(M, dtype=np.float32)
-    ref *= 3.0
-    ref -= 40.0
-    offsets = np.arange(0, M + 1, m, dtype=np.int64)
-    H = max(1, min(H, N))
-    # Records already grouped by annotator, as group_by_annotator leaves them: contiguous
-    # blocks of random sizes, none empty.
-    cuts = np.sort(rng.choice(np.arange(1, N), H - 1, replace=False)) if H > 1 else []
-    aoff = np.concatenate([[0], cuts, [N]]).astype(np.int64)
-    weights = rng.uniform(0.0, 1.0, size=(K, N)).astype(np.float32)
-    log_w = np.log(rng.dirichlet(np.ones(K)))
-    return Layout(N, m, K, H, policy, ref, offsets, aoff, weights, log_w)
-
-
-def _check_kernels(d: Layout, n: int = 200) -> None:
-    """The fused kernels against the float64 reference on the first n records."""
-    import emdpo_core as ec
-    from emdpo_core.ops import _reference
-
-    n = min(n, d.N)
-    sl = slice(0, n * d.m)
-    p, r, off = d.policy[:, sl], d.ref[sl], d.offsets[:n + 1]
-    aoff = np.unique(np.minimum(d.aoff, n))
-    got = ec.e_step(p, r, off, aoff, d.log_w, beta=BETA)
-    want = _reference.e_step(p, r, off, aoff, d.log_w, beta=BETA)
-    # float32 inputs: per-record math in float32 (tests/conftest.py TOL).
-    np.testing.assert_allclose(got.responsibilities, want[0], rtol=1e-4, atol=1e-4)
-    for k in range(min(d.K, 2)):
-        loss, grad = ec.listwise_dpo_loss_and_grad(p[k], r, off, d.weights[k, :n], beta=BETA)
-        loss_ref, grad_ref = _reference.listwise_dpo_loss_and_grad(p[k], r, off,
-                                                                   d.weights[k, :n], beta=BETA)
-        np.testing.assert_allclose(loss, loss_ref, rtol=1e-4)
-        np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)
-
-
-class _OnDevice:
-    """The layout's arrays as the kernels take them on the chosen device."""
-
-    def __init__(self, d: Layout, env: Env):
-        if env.device == "cuda":
-            t = env.torch
-            self.policy = t.from_numpy(d.policy).cuda()
-            self.ref = t.from_numpy(d.ref).cuda()
-            self.offsets = t.from_numpy(d.offsets).cuda()
-            self.aoff = t.from_numpy(d.aoff).cuda()
-            self.weights = t.from_numpy(d.weights).cuda()
-            self.log_w = t.from_numpy(d.log_w).cuda()
-        else:
-            self.policy, self.ref, self.offsets = d.policy, d.ref, d.offsets
-            self.aoff, self.weights, self.log_w = d.aoff, d.weights, d.log_w
-
-
-def _to_numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
-def _bytes_e_step(d: Layout, out) -> int:
-    return nbytes(d.policy, d.ref, d.offsets, d.aoff, d.log_w, out.responsibilities,
-                   out.annotator_loglik)
-
-
-def _bytes_loss(d: Layout) -> int:
-    # Read policy, ref, weights, offsets once; write the gradient (K, M) once.
-    return nbytes(d.policy, d.ref, d.weights, d.offsets) + d.policy.nbytes
-
-
-# ----------------------------------------------------------------------------------------
-# Cases
-
-
-def case_e_step(rec: Recorder, env: Env, d: Layout, repeats: int) -> None:
-    import emdpo_core as ec
-
-    dev = _OnDevice(d, env)
-    ours = ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w, beta=BETA)
-    fns = {"emdpo": lambda: ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w,
-                                      beta=BETA)}
-    note = ""
-    torch = env.torch
-    if torch is not None:
-        from emdpo_core.bench import torch_baseline as tb
-
-        tdev = env.device
-        layout = tb.PaddedLayout(torch.from_numpy(d.offsets), device=tdev)
-        rec_ann = torch.repeat_interleave(torch.arange(d.H),
-                                          torch.from_numpy(np.diff(d.aoff))).to(tdev)
-        tp, tr = torch.from_numpy(d.policy).to(tdev), torch.from_numpy(d.ref).to(tdev)
-        tlw = torch.from_numpy(d.log_w).to(tdev)
-        g_t, ll_t, _ = tb.e_step(tp, tr, layout, rec_ann, d.H, tlw, BETA)
-        # float32 per-record math on both sides, summed over ~N/H records per annotator.
-        np.testing.assert_allclose(_to_numpy(g_t), _to_numpy(ours.responsibilities),
-                                   rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(ll_t, float(ours.loglik), rtol=1e-4)
-        fns["torch_vectorized"] = lambda: tb.e_step(tp, tr, layout, rec_ann, d.H, tlw, BETA)
-    else:
-        note = "torch not installed: PyTorch baseline skipped"
-    t = rounds(fns, repeats, env.sync)
-    base = t.get("torch_vectorized")
-    shape = dict(N=d.N, m=d.m, K=d.K, H=d.H, dtype="float32", others=t.others)
-    rec.add("main", "e_step", "emdpo", t["emdpo"], baseline="torch_vectorized" if base is not
-            None else "", baseline_times=base, work=d.N * d.K, nbytes=_bytes_e_step(d, ours),
-            note=note, **shape)
-    if base is not None:
-        rec.add("main", "e_step", "torch_vectorized", base, work=d.N * d.K, **shape)
-
-
-def case_loss_grad(rec: Recorder, env: Env, d: Layout, repeats: int) -> None:
-    import emdpo_core as ec
-
-    dev = _OnDevice(d, env)
-    loss_k, grad_k = ec.listwise_dpo_loss_and_grad(dev.policy, dev.ref, dev.offsets,
-                                                   dev.weights, beta=BETA)
-    fns = {"emdpo_kernel": lambda: ec.listwise_dpo_loss_and_grad(
-        dev.policy, dev.ref, dev.offsets, dev.weights, beta=BETA)}
-    torch = env.torch
-    et = None
-    note = ""
-    if torch is None:
-        note = "torch not installed: autograd path and PyTorch baseline skipped"
-    else:
-        try:
-            import emdpo_core.torch as et
-        except ImportError as e:     # a build without the torch layer
-            note = f"emdpo_core.torch unavailable ({e}): autograd path skipped"
-    if et is not None:
-        from emdpo_core.bench import torch_baseline as tb
-
-        tdev = env.device
-        tp = torch.from_numpy(d.policy).to(tdev)
-        tr = torch.from_numpy(d.ref).to(tdev)
-        toff = torch.from_numpy(d.offsets).to(tdev)
-        tw = torch.from_numpy(d.weights).to(tdev)
-        leaf = tp.clone().requires_grad_()
-        layout = tb.PaddedLayout(toff, device=tdev)
-
-        def ours():
-            leaf.grad = None
-            et.listwise_dpo_loss(leaf, tr, toff, tw, beta=BETA, reduction="sum").backward()
-
-        ours()
-        loss_t, grad_t = tb.loss_and_grad(tp, tr, layout, tw, BETA)
-        # float32 sums of N*K terms: ~1e-6 relative rounding each side; 1e-3 leaves margin.
-        np.testing.assert_allclose(float(loss_t), float(loss_k), rtol=1e-3)
-        np.testing.assert_allclose(_to_numpy(grad_t), _to_numpy(grad_k), rtol=1e-3, atol=1e-5)
-        np.testing.assert_allclose(_to_numpy(leaf.grad), _to_numpy(grad_k), rtol=1e-5,
-                                   atol=1e-7)
-        fns["emdpo_autograd"] = ours
-        fns["torch_vectorized"] = lambda: tb.loss_and_grad(tp, tr, layout, tw, BETA)
-    t = rounds(fns, repeats, env.sync)
-    base = t.get("torch_vectorized")
-    shape = dict(N=d.N, m=d.m, K=d.K, H="", dtype="float32", others=t.others)
-    nbytes = _bytes_loss(d)
-    if "emdpo_autograd" in t:
-        rec.add("main", "loss_grad", "emdpo_autograd", t["emdpo_autograd"],
-                baseline="torch_vectorized", baseline_times=base, work=d.N * d.K,
-                nbytes=nbytes, **shape)
-    rec.add("main", "loss_grad", "emdpo_kernel", t["emdpo_kernel"],
-            baseline="torch_vectorized" if base is not None else "", baseline_times=base,
-            work=d.N * d.K, nbytes=nbytes, note=note or "fused kernel call, no autograd",
-            **shape)
-    if base is not None:
-        rec.add("main", "loss_grad", "torch_vectorized", base, work=d.N * d.K, **shape)
-
-
-def case_e_step_loop(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
-    import emdpo_core as ec
-    from emdpo_core.bench import numpy_baseline as nb
-
-    d = make_layout(sizes.loop_N, sizes.m, sizes.K, max(1, sizes.loop_N // 20), seed + 1)
-    ours = ec.e_step(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA)
-    resp, ll = nb.e_step_python_loop(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA)
-    np.testing.assert_allclose(resp, ours.responsibilities, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ll, ours.loglik, rtol=1e-4)
-    t = rounds({
-        "emdpo": lambda: ec.e_step(d.policy, d.ref, d.offsets, d.aoff, d.log_w, beta=BETA),
-        "python_loop": lambda: nb.e_step_python_loop(d.policy, d.ref, d.offsets, d.aoff,
-                                                     d.log_w, beta=BETA),
-    }, min(5, sizes.repeats), lambda: None)   # the loop is slow: at most 5 rounds
-    shape = dict(N=d.N, m=d.m, K=d.K, H=d.H, dtype="float32", device="cpu", others=t.others)
-    rec.add("main", "e_step_loop", "emdpo", t["emdpo"], baseline="python_loop",
-            baseline_times=t["python_loop"], work=d.N * d.K, nbytes=_bytes_e_step(d, ours),
-            note="NumPy inputs on the CPU", **shape)
-    rec.add("main", "e_step_loop", "python_loop", t["python_loop"], work=d.N * d.K,
-            note="the authors' style: loop over annotators, records, types", **shape)
-
-
-def case_regret(rec: Recorder, env: Env, sizes: Sizes, repeats: int, seed: int) -> None:
-    import emdpo_core as ec
-    from emdpo_core.bench import numpy_baseline as nb
-    from emdpo_core.ops import _reference
-
-    for K, S in sizes.regret:
-        rng = np.random.default_rng(seed + K)
-        counts = rng.multinomial(S - K, np.full(K, 1.0 / K)) + 1   # every policy >= 1 sample
-        so = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        lp = rng.normal(-40.0, 3.0, size=(K, S))
-        ref = rng.normal(-40.0, 3.0, size=S)
-        if env.device == "cuda":
-            from emdpo_core.bench import torch_baseline as tb
-
-            torch = env.torch
-            x = (torch.from_numpy(lp).cuda(), torch.from_numpy(ref).cuda(),
-                 torch.from_numpy(so).cuda())
-            base_name, base_fn = "torch_vectorized", tb.regret_matrix
-        else:
-            x = (lp, ref, so)
-            base_name, base_fn = "numpy_vectorized", nb.regret_matrix
-        for kind in ("reward", "kl"):
-            want = _reference.regret_matrix(lp, ref, so, beta=1.0, kind=kind)
-            got = _to_numpy(ec.regret_matrix(*x, beta=1.0, kind=kind))
-            base = _to_numpy(base_fn(*x, beta=1.0, kind=kind))
-            # float64 means of S/K samples of magnitude ~40: rounding ~1e-12.
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
-            np.testing.assert_allclose(base, want, rtol=0, atol=1e-9)
-            t = rounds({
-                "emdpo": lambda: ec.regret_matrix(*x, beta=1.0, kind=kind),
-                base_name: lambda: base_fn(*x, beta=1.0, kind=kind),
-            }, repeats, env.sync)
-            moved = nbytes(lp, so) + (ref.nbytes if kind == "reward" else 0) + 8 * K * K
-            shape = dict(N=S, K=K, dtype="float64", others=t.others)
-            rec.add("main", f"regret_{kind}", "emdpo", t["emdpo"], baseline=base_name,
-                    baseline_times=t[base_name], work=S * K, nbytes=moved,
-                    accuracy=f"{float(np.max(np.abs(got - want))):.2g}",
-                    note="N = samples; accuracy = max |R - float64 reference|", **shape)
-            rec.add("main", f"regret_{kind}", base_name, t[base_name], work=S * K, **shape)
-
-
-def _random_kl_regret(rng, K: int) -> np.ndarray:
-    R = rng.exponential(1.0, size=(K, K))
-    np.fill_diagonal(R, 0.0)
-    return R
-
-
-def case_mmra(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
-    import emdpo_core as ec
-
-    try:
-        import cvxpy  # noqa: F401
-    except ImportError:
-        msg = "cvxpy not installed: MMRA LP rows skipped (pip install 'emdpo-core[mmra]')"
-        print(f"  note: {msg}", flush=True)
-        rec.add("main", "mmra", "skipped", None, note=msg, device="cpu")
-        return
-    for K in sizes.mmra_K:
-        rng = np.random.default_rng(seed + K)
-        mats = [_random_kl_regret(rng, K) for _ in range(4)]
-        R = mats[0]
-        lp = ec.mmra(R)
-        if not str(lp.status).startswith("optimal"):
-            raise RuntimeError(f"mmra: the LP for K={K} ended with status {lp.status!r}")
-        # The LP optimum: no mixture has a lower worst regret, in particular not the uniform
-        # one nor any single policy.
-        best_simple = min([float(np.max(R @ np.full(K, 1.0 / K)))] +
-                          [float(np.max(R[:, j])) for j in range(K)])
-        hedge = ec.mmra(R, solver="hedge")        # also compiles / loads the Numba kernel
-        gap = (hedge.max_regret - lp.max_regret) / float(np.max(np.abs(R)))
-        # HiGHS's feasibility tolerance is 1e-7; the regrets are O(1).
-        if lp.max_regret > best_simple + 1e-6 or gap < -1e-6:
-            raise RuntimeError(f"mmra K={K}: the LP's max regret {lp.max_regret} is above the "
-                               f"uniform or a single policy's ({best_simple}) or hedge's "
-                               f"({hedge.max_regret})")
-        it = iter(range(10 ** 9))
-        # Different repeat counts (hedge is slow), so timed apart, not in the same rounds.
-        t_lp = rounds({"lp": lambda: ec.mmra(mats[next(it) % len(mats)])}, sizes.lp_repeats,
-                       lambda: None)
-        t_h = rounds({"hedge": lambda: ec.mmra(R, solver="hedge")}, sizes.hedge_repeats,
-                      lambda: None, warmup=0)
-        shape = dict(K=K, dtype="float64", device="cpu")
-        rec.add("main", "mmra", "emdpo_lp", t_lp["lp"], baseline="hedge_100k",
-                baseline_times=t_h["hedge"], accuracy="0", others=t_lp.others,
-                note=f"exact LP ({lp.status}), a new matrix each call", **shape)
-        rec.add("main", "mmra", "hedge_100k", t_h["hedge"], accuracy=f"{gap:.3g}",
-                others=t_h.others, note="accuracy = (max regret - LP optimum) / max|R|",
-                **shape)
-
-
-def case_em_fit(rec: Recorder, env: Env, sizes: Sizes, seed: int) -> None:
-    import emdpo_core as ec
-    from emdpo_core.bench import numpy_baseline as nb
-
-    K, n_items, m, H = sizes.em_K, 20, 6, sizes.em_H
-    rng = np.random.default_rng(seed)
-    truth = ec.PlackettLuceMixture.from_parameters(rng.normal(scale=1.5, size=(K, n_items)),
-                                                   np.full(K, 1.0 / K))
-    data, _ = truth.sample(H, records_per_annotator=2, candidate_size=m,
-                           random_state=seed + 1)
-    g = data.grouped()
-    N = g.n_records
-    # Two fits: the default (each MM step followed by a safeguarded Newton step) and MM steps
-    # only, the algorithm of the NumPy baseline. The first fits also compile (or load) the
-    # Numba kernels; fits are deterministic, so every timed fit runs the same iterations.
-    def fit(newton):
-        return ec.PlackettLuceMixture(K, random_state=0, max_iter=1000, tol=1e-6,
-                                      newton=newton).fit(data)
-
-    model, model_mm = fit("auto"), fit(False)
-    n_iter, n_iter_mm = model.n_iter_, model_mm.n_iter_
-    # Same numbers first: one E-step of the baseline against the fitted model's.
-    fam = model_mm.family_
-    theta, log_w = fam.log_worths.copy(), np.log(model_mm.weights_)
-    items2d = g.items.reshape(N, m)
-    resp, loglik, _ = model_mm._e_step(g, log_w)
-    resp_np, loglik_np = nb.em_e_step(theta, items2d, g.n_ranked, g.annotator_offsets, log_w)
-    np.testing.assert_allclose(loglik_np, loglik, rtol=1e-9)
-    np.testing.assert_allclose(resp_np, resp, atol=1e-9)
-    start = np.random.default_rng(seed + 2).normal(size=(K, n_items))
-    t = rounds({
-        "emdpo": lambda: fit("auto"),
-        "emdpo_mm": lambda: fit(False),
-        "numpy_em": lambda: nb.em_iterations(start, np.full(K, -np.log(K)), items2d,
-                                             g.n_ranked, g.annotator_offsets,
-                                             fam.pseudo_count, n_iter_mm),
-    }, sizes.em_fits, lambda: None, warmup=0)
-    shape = dict(N=N, m=m, K=K, H=H, dtype="float64", device="cpu", others=t.others)
-    rec.add("main", "em_fit", "emdpo", t["emdpo"], baseline="numpy_em",
-            baseline_times=t["numpy_em"], work=N * K * n_iter,
-            note=f"default fit (MM + Newton steps, k-means init) to tol 1e-6: {n_iter} "
-                 f"iterations; the baseline reaches that tolerance in {n_iter_mm} MM "
-                 f"iterations; ns per (record x type) per iteration", **shape)
-    rec.add("main", "em_fit", "emdpo_mm", t["emdpo_mm"], baseline="numpy_em",
-            baseline_times=t["numpy_em"], work=N * K * n_iter_mm,
-            note=f"MM steps only (newton=False), the baseline's algorithm: {n_iter_mm} "
-                 f"iterations incl. k-means init", **shape)
-    rec.add("main", "em_fit", "numpy_em", t["numpy_em"], work=N * K * n_iter_mm,
-            note=f"{n_iter_mm} EM iterations (E-step, weights, MM step), no init", **shape)
-
-
-def _scaling_point(rec: Recorder, env: Env, table: str, N: int, m: int, K: int,
-                   repeats: int, seed: int) -> None:
-    import emdpo_core as ec
-
-    d = make_layout(N, m, K, max(1, N // 20), seed)
-    _check_kernels(d, n=50)
-    dev = _OnDevice(d, env)
-    out = ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w, beta=BETA)
-    t = rounds({
-        "e_step": lambda: ec.e_step(dev.policy, dev.ref, dev.offsets, dev.aoff, dev.log_w,
-                                    beta=BETA),
-        "loss_grad": lambda: ec.listwise_dpo_loss_and_grad(dev.policy, dev.ref, dev.offsets,
-                                                           dev.weights, beta=BETA),
-    }, repeats, env.sync)
-    shape = dict(N=N, m=m, K=K, dtype="float32", others=t.others)
-    rec.add(table, "e_step", "emdpo", t["e_step"], H=d.H, work=N * K,
-            nbytes=_bytes_e_step(d, out), **shape)
-    rec.add(table, "loss_grad", "emdpo_kernel", t["loss_grad"], work=N * K,
-            nbytes=_bytes_loss(d), **shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -470,6 +67,7 @@ def _scaling_point(rec: Recorder, env: Env, table: str, N: int, m: int, K: int,
 
 
 _ALIASES = {"scaling": ("scaling_n", "scaling_k", "scaling_m")}
+
 
 def _parse_only(text: str) -> List[str]:
     names: List[str] = []
@@ -573,7 +171,7 @@ def run(args) -> int:
         print(f"main cases: N={sizes.N:,} lists of {sizes.m}, K={sizes.K}, H={H:,} annotators, "
               f"float32, beta={BETA}", flush=True)
         main_data = make_layout(sizes.N, sizes.m, sizes.K, H, args.seed)
-        _check_kernels(main_data)
+        check_kernels(main_data)
     for case in cases:
         print(f"[{case}] {CASES[case]} (load average {load_avg()})", flush=True)
         if case == "e_step":
@@ -590,15 +188,15 @@ def run(args) -> int:
             case_em_fit(rec, env, sizes, args.seed)
         elif case == "scaling_n":
             for N in sizes.scale_N:
-                _scaling_point(rec, env, "N", N, sizes.m, sizes.K, sizes.scale_repeats,
+                scaling_point(rec, env, "N", N, sizes.m, sizes.K, sizes.scale_repeats,
                                args.seed)
         elif case == "scaling_k":
             for K in sizes.scale_K:
-                _scaling_point(rec, env, "K", sizes.scale_K_N, sizes.m, K,
+                scaling_point(rec, env, "K", sizes.scale_K_N, sizes.m, K,
                                sizes.scale_repeats, args.seed)
         elif case == "scaling_m":
             for m in sizes.scale_m:
-                _scaling_point(rec, env, "m", max(1, sizes.scale_m_slots // m), m, sizes.K,
+                scaling_point(rec, env, "m", max(1, sizes.scale_m_slots // m), m, sizes.K,
                                sizes.scale_repeats, args.seed)
         rec.write()       # after every case: a long run that stops keeps what it measured
         if not any(c in ("e_step", "loss_grad") for c in cases[cases.index(case) + 1:]):

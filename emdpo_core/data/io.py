@@ -400,12 +400,10 @@ def _preflib_header(lines, path):
     return n_alt, name_list, data, announced
 
 
-def read_jsonl(path) -> dict:
-    """JSON Lines of rankings -> RankingData constructor fields (see
-    :meth:`RankingData.from_jsonl`). Errors name the file and line."""
+def json_objects(path):
+    """(line number, dict) for every non-blank line of a JSON Lines file; a line that is not
+    a JSON object is a ValueError naming the file and line."""
     path = os.fspath(path)
-    rankings, cands, annot, weights = [], [], [], []
-    lines = []
     for lineno, line in _text_lines(path):
         if not line.strip():
             continue
@@ -420,6 +418,16 @@ def read_jsonl(path) -> dict:
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
                              f"{type(rec).__name__}")
+        yield lineno, rec
+
+
+def read_jsonl(path) -> dict:
+    """JSON Lines of rankings -> RankingData constructor fields (see
+    :meth:`RankingData.from_jsonl`). Errors name the file and line."""
+    path = os.fspath(path)
+    rankings, cands, annot, weights = [], [], [], []
+    lines = []
+    for lineno, rec in json_objects(path):
         unknown = set(rec) - {"annotator", "ranking", "items", "weight"}
         if unknown:
             raise ValueError(f"{path}:{lineno}: unknown keys {clip(sorted(unknown))}; expected "

@@ -28,11 +28,6 @@ def _take_rows(x, index: np.ndarray):
     return np.ascontiguousarray(np.take(x, index, axis=0))
 
 
-def _host_array(x) -> np.ndarray:
-    """A NumPy copy or view of an array or tensor (for fingerprints)."""
-    return x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
-
-
 @dataclass(frozen=True, eq=False)
 class GroupedPreferences(GroupedRecords):
     """Grouped :class:`PreferenceData`: :class:`GroupedRecords` plus ``inputs`` (a dict of
@@ -46,7 +41,7 @@ class GroupedPreferences(GroupedRecords):
     def _fingerprint_parts(self):
         parts = [self.ref_logps, self.features]
         for name in sorted(self.inputs):
-            parts += [name, _host_array(self.inputs[name])]
+            parts += [name, _checks.to_numpy(self.inputs[name])]
         return super()._fingerprint_parts() + tuple(parts)
 
 

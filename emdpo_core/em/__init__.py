@@ -1,8 +1,9 @@
 """EM over latent annotator types: the engine (:mod:`.engine`, :mod:`.persistence`), the
 policy-family protocol (:mod:`.family`), the tabular family and PlackettLuceMixture
 (:mod:`.tabular`), the torch family and EMDPO (:mod:`.torch_policies`, :mod:`.emdpo`),
-and the choice of K (:mod:`.selection`). Numba routines: :mod:`._mixture`,
-:mod:`._plackett_luce_mm`, :mod:`._initialization`."""
+the choice of K (:mod:`.selection`), using a fit (:mod:`._scoring`), and the E-step outputs
+between E- and M-step, on the host or the policies' device (:mod:`._responsibilities`).
+Numba routines: :mod:`._mixture`, :mod:`._plackett_luce_mm`, :mod:`._initialization`."""
 
 from .emdpo import EMDPO, AggregationResult  # noqa: F401
 from .engine import INIT_PARAMS, INIT_SMOOTHING, EMEstimator  # noqa: F401

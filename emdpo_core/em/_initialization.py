@@ -1,10 +1,52 @@
-"""Initial responsibilities for EM: per-annotator position features of the items they rank,
-k-means++ seeding and weighted Lloyd iterations (Numba)."""
+"""Initial responsibilities for EM: given, Dirichlet, random or k-means clusters of the
+annotators (per-annotator position features of the items they rank, k-means++ seeding and
+weighted Lloyd iterations in Numba)."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+INIT_PARAMS = ("kmeans", "random", "dirichlet")
+# Hard initial assignments (k-means, random) are smoothed: g = (1 - s) onehot + s / K, so no
+# type starts with zero weight and every record informs every type's first M-step a little.
+INIT_SMOOTHING = 0.05
+
+
+def initial_responsibilities(init, family, g, shards, K, rng) -> np.ndarray:
+    """(H_local, K) initial responsibilities for ``init_params`` = ``init``. In a
+    distributed fit (``shards``, an EMShards) they are drawn for all H annotators of the union
+    (the same draws on every rank, so the one-process ones) and each rank keeps its rows."""
+    H = shards.n_annotators(g)
+    rows = np.arange(H) if shards.layout is None else shards.layout.global_index
+    if not isinstance(init, str):
+        r = np.asarray(init, dtype=np.float64)
+        if r.shape != (H, K):
+            raise ValueError(f"init_params: expected an (H, K) = ({H}, {K}) array of "
+                             f"responsibilities, got shape {r.shape}")
+        bad = np.flatnonzero(~np.isfinite(r).all(axis=1) | (r < 0).any(axis=1) |
+                             ~(r.sum(axis=1) > 0))
+        if bad.size:
+            raise ValueError(f"init_params: row {bad[0]} must be finite, >= 0 and not all 0, "
+                             f"got {r[bad[0]].tolist()}")
+        r = r[rows]
+        return r / r.sum(axis=1, keepdims=True)
+    if init == "dirichlet":
+        return rng.dirichlet(np.ones(K), size=H)[rows]
+    if init == "random":
+        labels = rng.integers(0, K, size=H)[rows]
+    else:
+        X = np.ascontiguousarray(family.annotator_features(g), dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] != g.n_annotators:
+            raise ValueError(f"{type(family).__name__}.annotator_features: expected "
+                             f"shape ({g.n_annotators}, D), got {X.shape}")
+        X, weight = shards.gather_rows(X, g.annotator_weight)
+        centers = kmeans_plus_plus(X, weight, K, rng)
+        labels, _, _ = kmeans_lloyd(X, weight, centers, 100)
+        labels = labels[rows]
+    resp = np.full((rows.shape[0], K), INIT_SMOOTHING / K)
+    resp[np.arange(rows.shape[0]), labels] += 1.0 - INIT_SMOOTHING
+    return resp
 
 
 @numba.njit(cache=True, nogil=True)

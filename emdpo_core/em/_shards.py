@@ -11,8 +11,9 @@ from typing import Optional
 
 import numpy as np
 
+from .._checks import to_numpy
 from ..distributed import LocalComm, ShardLayout, posteriors, resolve_comm, shard_layout
-from . import _mixture
+from . import _mixture, _responsibilities
 
 __all__ = ["EMShards"]
 
@@ -54,20 +55,28 @@ class EMShards:
     def combine(self, resp, S, loglik, totals, log_weights, annotator_weight):
         """(responsibilities (H_local, K) float64, loglik of the union, type totals (K,) of
         the union, S (H_local, K) with the shared rows summed) from this rank's E-step kernel
-        output: its posteriors, partial sums S, weighted log-likelihood and type totals. One
-        process: the kernel's values as they are."""
-        resp = np.ascontiguousarray(resp, dtype=np.float64)
-        if not self.distributed:
-            return resp, float(loglik), np.asarray(totals, dtype=np.float64), S
-        lw = np.asarray(log_weights, dtype=np.float64)
+        output: its posteriors, partial sums S, weighted log-likelihood and type totals.
+
+        Responsibilities and S stay where the kernel left them (torch tensors on the
+        policies' device stay there) unless annotators straddle ranks or some rows belong to
+        another rank: then their rows are summed or dropped on the host. Only the K type
+        totals and the log-likelihood go to the host otherwise (and, with several processes,
+        through one collective). One process: the kernel's values as they are."""
+        totals = np.asarray(to_numpy(totals), dtype=np.float64)
         lay = self.layout
-        if lay.n_shared:
-            S = np.array(S, dtype=np.float64)
-            table = np.zeros((lay.n_shared, S.shape[1]))
-            table[lay.shared_slot] = S[lay.shared_rows]
-            S[lay.shared_rows] = self.comm.sum(table)[lay.shared_slot]
-            resp[lay.shared_rows] = posteriors(S[lay.shared_rows], lw)[0]
-        if not lay.all_owned or lay.n_shared:
+        if not self.distributed or (lay.all_owned and not lay.n_shared):
+            resp = _responsibilities.as_float64(resp)
+            if not self.distributed:
+                return resp, float(loglik), totals, S
+        else:
+            resp, S = _responsibilities.as_float64(to_numpy(resp)), to_numpy(S)
+            lw = np.asarray(log_weights, dtype=np.float64)
+            if lay.n_shared:
+                S = np.array(S, dtype=np.float64)
+                table = np.zeros((lay.n_shared, S.shape[1]))
+                table[lay.shared_slot] = S[lay.shared_rows]
+                S[lay.shared_rows] = self.comm.sum(table)[lay.shared_slot]
+                resp[lay.shared_rows] = posteriors(S[lay.shared_rows], lw)[0]
             # Each annotator counted once, by its lowest rank, with its summed S.
             own = lay.owned
             loglik, _ = _mixture.weighted_loglik(np.ascontiguousarray(S[own]), lw,
@@ -75,15 +84,19 @@ class EMShards:
             totals = _mixture.type_totals(np.ascontiguousarray(resp[own]),
                                           np.ascontiguousarray(annotator_weight[own]))
         K = resp.shape[1]
-        flat = self.comm.sum(np.concatenate([[float(loglik)], np.asarray(totals, np.float64)]))
+        flat = self.comm.sum(np.concatenate([[float(loglik)], totals]))
         return resp, float(flat[0]), flat[1:1 + K], S
 
     def mixture_weights(self, resp, annotator_weight, alpha):
-        if not self.distributed:
+        """(K,) mixture weights of the union from responsibilities (NumPy or, for a torch
+        family, a tensor on its device: then only the K type totals come to the host)."""
+        if not self.distributed and not _responsibilities.is_tensor(resp):
             return _mixture.mixture_weights(resp, annotator_weight, alpha)
-        totals = _mixture.type_totals(np.ascontiguousarray(self._owned(resp)),
-                                np.ascontiguousarray(self._owned(annotator_weight)))
-        return _mixture.weights_from_totals(self.comm.sum(totals), alpha)
+        totals = _responsibilities.type_totals(self._owned(resp),
+                                               self._owned(annotator_weight))
+        if self.distributed:
+            totals = self.comm.sum(totals)
+        return _mixture.weights_from_totals(totals, alpha)
 
     def annotator_total(self, grouped) -> float:
         """sum_h v_h over the union's annotators."""

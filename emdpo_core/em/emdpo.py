@@ -111,11 +111,7 @@ class EMDPO(EMEstimator):
                  init_params="kmeans", random_state=None, warm_start: bool = False,
                  verbose: int = 0, alpha: float = 1.0, min_weight="auto", checkpoint=None,
                  checkpoint_every: int = 10):
-        super().__init__(n_components, max_iter=max_iter, tol=tol, n_init=n_init,
-                         init_params=init_params, random_state=random_state,
-                         warm_start=warm_start, verbose=verbose, alpha=alpha,
-                         min_weight=min_weight, checkpoint=checkpoint,
-                         checkpoint_every=checkpoint_every)
+        super().__init__(**self._engine_args(locals()))
         self.policies = policies
 
     _m_step_remedy = "give the family more steps per M-step,"
@@ -183,8 +179,7 @@ class EMDPO(EMEstimator):
         K, H = int(self.n_components), g.n_annotators
         if K > H:
             raise ValueError(f"n_components={K} exceeds the number of annotators H={H}")
-        self.timings_ = dict.fromkeys(
-            ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
+        self._reset_timings()
         t0 = time.perf_counter()
         self.family_ = self._make_family()
         self.family_.check_data(g, fitting=True)
@@ -210,9 +205,7 @@ class EMDPO(EMEstimator):
         labels = np.searchsorted(used, labels)
         resp = np.zeros((H, used.size))
         resp[np.arange(H), labels] = 1.0
-        W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
-                                     g.annotator_weight)
-        self.family_.initialize(g, W, rng)
+        self.family_.initialize(g, self._record_weights(g, resp), rng)
         eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         log_weights = np.log(np.maximum(eta, 1e-300))
         self.timings_["init"] += time.perf_counter() - t0

@@ -34,33 +34,21 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import _initialization, _mixture
+from . import _initialization, _mixture, _responsibilities
 from .. import _checks
 from ..diagnostics import IdentifiabilityWarning
+from .._checks import to_numpy
 from ..distributed import LocalComm, check_same
 from ..ops.listwise import e_step
+from ._initialization import INIT_PARAMS, INIT_SMOOTHING  # noqa: F401  (emdpo_core.em)
+from ._scoring import Scoring
 from ._shards import EMShards
 from .family import CollapsedComponentWarning, ConvergenceWarning, PolicyFamily
 from .persistence import Persistence, _Run
 
 __all__ = ["EMEstimator"]
 
-INIT_PARAMS = ("kmeans", "random", "dirichlet")
-# Hard initial assignments (k-means, random) are smoothed: g = (1 - s) onehot + s / K, so no
-# type starts with zero weight and every record informs every type's first M-step a little.
-INIT_SMOOTHING = 0.05
-
-
-def _to_numpy(x):
-    """NumPy view of a kernel result (torch tensors from a torch family come back here)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-class EMEstimator(Persistence, abc.ABC):
+class EMEstimator(Persistence, Scoring, abc.ABC):
     """EM over latent annotator types for any :class:`PolicyFamily` (scikit-learn style).
 
     Subclasses provide ``_make_family()`` and ``_as_data(data)`` (it validates the user's
@@ -158,6 +146,14 @@ class EMEstimator(Persistence, abc.ABC):
     # ------------------------------------------------------------------------------------
     # Parameters (scikit-learn conventions)
 
+    @staticmethod
+    def _engine_args(values: dict) -> dict:
+        """The engine's parameters picked from a subclass ``__init__``'s ``locals()``, for
+        ``super().__init__(**...)``: subclasses list them in their own signatures (with their
+        own defaults, as scikit-learn requires) and pass them on in one place."""
+        return {p: values[p] for p in inspect.signature(EMEstimator.__init__).parameters
+                if p != "self"}
+
     @classmethod
     def _param_names(cls):
         """Named parameters of __init__ along the class hierarchy (a subclass may pass the
@@ -233,6 +229,26 @@ class EMEstimator(Persistence, abc.ABC):
             return 0.5 / self._shards.annotator_total(g)
         return float(self.min_weight)
 
+    def _arrays(self, g) -> _responsibilities.GroupedArrays:
+        """g's arrays where the policies are; kept for the data of the fit in progress."""
+        arrays = self.__dict__.get("_arrays_of")
+        if arrays is None or arrays.grouped is not g:
+            arrays = _responsibilities.GroupedArrays(g)
+            if "_shards" in self.__dict__:      # fitting (fit's finally lets it go)
+                self._arrays_of = arrays
+        return arrays
+
+    def _record_weights(self, g, resp):
+        """(K, N) M-step weights w_ki = c_i v_{a_i} g_{a_i k}, where resp is (NumPy on the
+        host, or a tensor on the policies' device; see _responsibilities)."""
+        if not getattr(self.family_, "tensor_weights", False):
+            resp = to_numpy(resp)           # the family takes NumPy weights: built on the host
+        return self._arrays(g).record_weights(resp)
+
+    def _reset_timings(self):
+        self.timings_ = dict.fromkeys(
+            ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
+
     def _check_fitted(self):
         if getattr(self, "family_", None) is None or not hasattr(self, "weights_"):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
@@ -243,22 +259,24 @@ class EMEstimator(Persistence, abc.ABC):
     def _e_step(self, g, log_weights, *, per_annotator=False):
         """(responsibilities (H, K), loglik, type totals (K,)): the kernel's weighted
         log-likelihood sum_h v_h logsumexp_k (...) and sum_h v_h g_hk. With
-        ``per_annotator`` also the (H,) terms logsumexp_k (log eta_k + S_hk)."""
+        ``per_annotator`` also the (H,) terms logsumexp_k (log eta_k + S_hk) (NumPy).
+
+        The responsibilities stay where the kernel returns them: NumPy for NumPy
+        log-probabilities, a float64 tensor on the policies' device for torch ones; the
+        log-likelihood and the K type totals are host values."""
         t0 = time.perf_counter()
         lp = self.family_.logps(g)
         t1 = time.perf_counter()
-        res = e_step(lp.policy, lp.ref, g.offsets, g.annotator_offsets, log_weights,
-                     beta=lp.beta, n_ranked=g.n_ranked,
-                     record_weights=None if g.unit_record_weight else g.record_weight,
-                     annotator_weights=None if g.unit_annotator_weight else g.annotator_weight)
+        res = e_step(lp.policy, lp.ref, log_weights=log_weights, beta=lp.beta,
+                     **self._arrays(g).e_step_inputs(lp.policy))
         # Distributed fits: the partial sums of annotators on several ranks are added, the
         # log-likelihood and type totals summed over the ranks (one process: as they are).
         resp, loglik, totals, S = self._shards.combine(
-            _to_numpy(res.responsibilities), _to_numpy(res.annotator_loglik), res.loglik,
-            _to_numpy(res.type_totals), log_weights, g.annotator_weight)
+            res.responsibilities, res.annotator_loglik, res.loglik, res.type_totals,
+            log_weights, g.annotator_weight)
         out = (resp, loglik, totals)
         if per_annotator:
-            _, per = _mixture.weighted_loglik(np.ascontiguousarray(S, dtype=np.float64),
+            _, per = _mixture.weighted_loglik(np.ascontiguousarray(to_numpy(S), dtype=np.float64),
                                               log_weights, g.annotator_weight)
             out += (per,)
         t2 = time.perf_counter()
@@ -287,12 +305,7 @@ class EMEstimator(Persistence, abc.ABC):
         if not low.any() or low.all():
             return eta, resp, None
         keep = np.flatnonzero(~low)
-        resp = np.ascontiguousarray(resp[:, keep])
-        rows = resp.sum(axis=1, keepdims=True)
-        empty = rows[:, 0] <= 1e-300
-        resp /= np.where(empty[:, None], 1.0, rows)
-        if empty.any():
-            resp[empty] = eta[keep] / eta[keep].sum()
+        resp = _responsibilities.keep_types(resp, keep, eta[keep] / eta[keep].sum())
         eta = self._shards.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         for k in np.flatnonzero(low):
             warnings.warn(
@@ -303,41 +316,9 @@ class EMEstimator(Persistence, abc.ABC):
         return eta, resp, keep
 
     def _initial_resp(self, g, K, rng):
-        """(H_local, K) initial responsibilities. In a distributed fit they are drawn for all
-        H annotators of the union (the same draws on every rank, so the one-process ones) and
-        each rank keeps its rows."""
-        sh = self._shards
-        H = sh.n_annotators(g)
-        rows = np.arange(H) if sh.layout is None else sh.layout.global_index
-        init = self.init_params
-        if not isinstance(init, str):
-            r = np.asarray(init, dtype=np.float64)
-            if r.shape != (H, K):
-                raise ValueError(f"init_params: expected an (H, K) = ({H}, {K}) array of "
-                                 f"responsibilities, got shape {r.shape}")
-            bad = np.flatnonzero(~np.isfinite(r).all(axis=1) | (r < 0).any(axis=1) |
-                                 ~(r.sum(axis=1) > 0))
-            if bad.size:
-                raise ValueError(f"init_params: row {bad[0]} must be finite, >= 0 and not all 0, "
-                                 f"got {r[bad[0]].tolist()}")
-            r = r[rows]
-            return r / r.sum(axis=1, keepdims=True)
-        if init == "dirichlet":
-            return rng.dirichlet(np.ones(K), size=H)[rows]
-        if init == "random":
-            labels = rng.integers(0, K, size=H)[rows]
-        else:
-            X = np.ascontiguousarray(self.family_.annotator_features(g), dtype=np.float64)
-            if X.ndim != 2 or X.shape[0] != g.n_annotators:
-                raise ValueError(f"{type(self.family_).__name__}.annotator_features: expected "
-                                 f"shape ({g.n_annotators}, D), got {X.shape}")
-            X, weight = sh.gather_rows(X, g.annotator_weight)
-            centers = _initialization.kmeans_plus_plus(X, weight, K, rng)
-            labels, _, _ = _initialization.kmeans_lloyd(X, weight, centers, 100)
-            labels = labels[rows]
-        resp = np.full((rows.shape[0], K), INIT_SMOOTHING / K)
-        resp[np.arange(rows.shape[0]), labels] += 1.0 - INIT_SMOOTHING
-        return resp
+        """(H_local, K) initial responsibilities (see _initialization.initial_responsibilities)."""
+        return _initialization.initial_responsibilities(self.init_params, self.family_, g,
+                                                        self._shards, K, rng)
 
     # ------------------------------------------------------------------------------------
     # Fit
@@ -372,6 +353,7 @@ class EMEstimator(Persistence, abc.ABC):
             return self._fit(data, g, shards, callback)
         finally:
             del self._shards           # back to the class's one-process default
+            self.__dict__.pop("_arrays_of", None)   # holds the data and its device copies
             if getattr(self, "family_", None) is not None:
                 self.family_.comm = LocalComm()
 
@@ -387,8 +369,7 @@ class EMEstimator(Persistence, abc.ABC):
         if self.verbose >= 1:
             for msg in self._data_notes(data):
                 print(f"note: {msg}", file=sys.stderr)
-        self.timings_ = dict.fromkeys(
-            ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
+        self._reset_timings()
         total_weight = shards.total_weight(g)
         self._fingerprint = shards.fingerprint(g)
         pending, self._pending = self._pending, None
@@ -504,9 +485,7 @@ class EMEstimator(Persistence, abc.ABC):
         if keep is not None:
             dropped = [[0, int(c)] for c in np.setdiff1d(components, components[keep])]
             components = components[keep]
-        W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
-                                     g.annotator_weight)
-        self.family_.initialize(g, W, rng)
+        self.family_.initialize(g, self._record_weights(g, resp), rng)
         log_weights = np.log(eta)
         resp, loglik, totals = self._e_step(g, log_weights)
         obj = self._objective(loglik, log_weights)
@@ -531,8 +510,7 @@ class EMEstimator(Persistence, abc.ABC):
         while run.n_iter < self.max_iter and not run.converged:
             t0 = time.perf_counter()
             eta, resp, keep = self._weights_and_drops(g, run.resp, run.components, run.totals)
-            W = _mixture.expand_record_weights(resp, g.annotator_offsets, g.record_weight,
-                                         g.annotator_weight)
+            W = self._record_weights(g, resp)
             t1 = time.perf_counter()
             if keep is not None:
                 fam.keep_components(keep)
@@ -583,7 +561,7 @@ class EMEstimator(Persistence, abc.ABC):
         if run.resp.shape[0] != g.n_annotators:   # resumed from a distributed checkpoint
             run.resp = self._e_step(g, run.log_weights)[0]
         self.weights_ = np.exp(run.log_weights)
-        self.responsibilities_ = run.resp
+        self.responsibilities_ = to_numpy(run.resp)    # the one (H, K) copy to the host
         self.loglik_ = float(run.loglik)
         self.objective_ = float(run.objective)
         self.log_prior_ = float(run.objective - run.loglik)
@@ -595,73 +573,3 @@ class EMEstimator(Persistence, abc.ABC):
         self.dropped_components_ = [list(x) for x in run.dropped]
         self.restarts_ = list(summaries)
         self._n_annotators_fit = float(self._shards.annotator_total(g))
-
-    # ------------------------------------------------------------------------------------
-    # Using the fit
-
-    def _posterior(self, data):
-        """(resp (H, K), loglik, per-annotator loglik (H,), grouped data) on ``data``."""
-        self._check_fitted()
-        data = self._as_data(data)
-        g = data.grouped()
-        self.family_.check_data(g, fitting=False)
-        if not hasattr(self, "timings_"):
-            self.timings_ = dict.fromkeys(
-                ("init", "logps", "e_step", "m_step", "bookkeeping", "checkpoint"), 0.0)
-        resp, loglik, _, per = self._e_step(g, np.log(self.weights_), per_annotator=True)
-        return resp, loglik, per, g
-
-    def predict_proba(self, data=None) -> np.ndarray:
-        """(H, K) posterior of each annotator over the types: the fitted responsibilities for
-        data=None, else an E-step on ``data`` (row h: annotator h of that data)."""
-        if data is None:
-            self._check_fitted()
-            if getattr(self, "responsibilities_", None) is None:
-                raise RuntimeError("predict_proba: no training responsibilities; pass data")
-            return self.responsibilities_
-        return self._posterior(data)[0]
-
-    def predict(self, data=None) -> np.ndarray:
-        """(H,) most probable type of each annotator."""
-        return np.argmax(self.predict_proba(data), axis=1)
-
-    def fit_predict(self, data, **kwargs) -> np.ndarray:
-        return self.fit(data, **kwargs).predict()
-
-    def score_samples(self, data) -> np.ndarray:
-        """(H,) log-likelihood of each annotator's records, log sum_k eta_k p(records | k)
-        (one annotator, not multiplied by its weight)."""
-        return self._posterior(data)[2]
-
-    def score(self, data) -> float:
-        """Mean log-likelihood per record: weighted log-likelihood / number of records
-        (after row expansion)."""
-        _, loglik, _, g = self._posterior(data)
-        return loglik / g.total_weight
-
-    def n_parameters(self) -> int:
-        """Free parameters: the family's plus K - 1 mixture weights."""
-        self._check_fitted()
-        return int(self.family_.n_parameters() + self.n_components_ - 1)
-
-    def bic(self, data=None) -> float:
-        """-2 loglik + n_parameters log(n), n = number of annotators (after expansion): the
-        independent units of the mixture. data=None uses the fit's log-likelihood."""
-        loglik, n = self._loglik_and_n(data)
-        return -2.0 * loglik + self.n_parameters() * math.log(n)
-
-    def aic(self, data=None) -> float:
-        """-2 loglik + 2 n_parameters."""
-        loglik, _ = self._loglik_and_n(data)
-        return -2.0 * loglik + 2.0 * self.n_parameters()
-
-    def _loglik_and_n(self, data):
-        if data is None:
-            self._check_fitted()
-            if not hasattr(self, "_n_annotators_fit"):
-                raise RuntimeError("no training data recorded; pass data")
-            return self.loglik_, self._n_annotators_fit
-        _, loglik, _, g = self._posterior(data)
-        return loglik, g.annotator_total
-
-

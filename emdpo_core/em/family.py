@@ -63,9 +63,15 @@ class PolicyFamily(abc.ABC):
     per-slot array the family makes must follow that order. ``weights`` is a (K, N) float64 array,
     w[k, i] = c_i v_{a_i} g_{a_i k}: record i's weight for type k (its count times its
     annotator's count times the annotator's posterior).
+
+    A family whose ``logps`` are torch tensors and whose ``initialize`` / ``m_step`` take
+    ``weights`` as a float64 torch tensor on that device sets ``tensor_weights = True``: the
+    engine then keeps the E-step's posteriors on the device and builds the weights there, so
+    only K-sized values go to the host per iteration. Otherwise ``weights`` is NumPy.
     """
 
     supports_process_group = False
+    tensor_weights = False
     comm = LocalComm()       # the engine sets the fit's communicator on the instance
 
     @property

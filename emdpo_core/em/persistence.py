@@ -9,12 +9,13 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
 from .._checks import clip, clip_message, describe
 from .._io import atomic_write
+from .._checks import to_numpy
 
 _FORMAT_VERSION = 1
 
@@ -26,7 +27,7 @@ class _Run:
     restart: int
     n_iter: int
     log_weights: np.ndarray            # (K,)
-    resp: np.ndarray                   # (H, K)
+    resp: Any                          # (H, K) NumPy, or a torch family's tensor on its device
     loglik: float
     objective: float
     trace: List[float]                 # objective / total weight after each E-step
@@ -85,6 +86,7 @@ class Persistence:
         # recomputes them with an E-step).
         shards = getattr(self, "_shards", None)
         resp = run.resp[:0] if shards is not None and shards.distributed else run.resp
+        resp = to_numpy(resp)        # a torch family's run keeps them on its device
         return {f"{prefix}/log_weights": run.log_weights, f"{prefix}/resp": resp,
                 f"{prefix}/trace": np.asarray(run.trace), f"{prefix}/components": run.components}
 

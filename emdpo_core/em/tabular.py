@@ -370,11 +370,7 @@ class PlackettLuceMixture(EMEstimator):
                  warm_start: bool = False, verbose: int = 0, alpha: float = 1.0,
                  min_weight="auto", pseudo_count: float = 0.01, mm_iter: int = 1,
                  newton="auto", checkpoint=None, checkpoint_every: int = 10):
-        super().__init__(n_components, max_iter=max_iter, tol=tol, n_init=n_init,
-                         init_params=init_params, random_state=random_state,
-                         warm_start=warm_start, verbose=verbose, alpha=alpha,
-                         min_weight=min_weight, checkpoint=checkpoint,
-                         checkpoint_every=checkpoint_every)
+        super().__init__(**self._engine_args(locals()))
         self.pseudo_count = pseudo_count
         self.mm_iter = mm_iter
         self.newton = newton

@@ -23,7 +23,7 @@ from .logps import (prefix_sharing_mask, resolve_layout, sequence_logps,
 
 # Names defined in submodules that import transformers/peft/trl: loaded on first access.
 _LAZY = {
-    "EMDPOConfig": ".trainer",
+    "EMDPOConfig": ".config",
     "EMDPOTrainer": ".trainer",
     "MixtureLM": ".aggregate",
 }

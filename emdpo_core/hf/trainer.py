@@ -19,6 +19,11 @@ The reference log-probabilities are computed once, before the first step, and ca
 slot. The EM state (posteriors, mixture weights, iteration, cached reference, type weights)
 is saved with every Trainer checkpoint and restored by ``train(resume_from_checkpoint=...)``.
 See docs/hf.md.
+
+This module is the Trainer subclass: construction, the no-grad log-probability passes, the
+schedule of E- and M-steps, the loss, evaluation and checkpoints. The rows as records and
+slots are in ``_records.py``; the EM computations on the host (start, E-step, M-step
+weights, held-out metrics, EM state files) in ``_em.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -37,195 +40,23 @@ from transformers import Trainer, TrainerCallback
 
 from .. import distributed
 from ..distributed import LocalComm
-from ..distributed import e_step as _e_step_kernel
-from .. import group_by_annotator, listwise_dpo_loss_and_grad
 from ..torch import mixture_dpo_loss
-from . import RankedListCollator, sequence_logps, validate_ranked_rows
-from . import _io
-from .logps import _unpack_shared
+from . import _em
+from ._records import (ROW_COLUMNS, ROW_INDEX, IndexedRows, RowLayout, build_layout,
+                       ranked_pairs, slots_of)
 from ._types import FullParameterTypes, _FullTypes, _LoraTypes
 from .aggregate import aggregate_types
+from .collator import RankedListCollator
 from .config import EMDPOConfig
+from .logps import sequence_logps
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["EMDPOTrainer", "EMDPOConfig"]
 
-STATE_FILE = "emdpo_state.npz"
-TYPES_FILE = "emdpo_types.safetensors"
-ROW_INDEX = "row_index"
-ROW_COLUMNS = ("prompt", "responses", "n_ranked", "annotator", ROW_INDEX)
-WEIGHT = "weight"
-# Posteriors of the k-means start: the cluster gets 1 - INIT_SMOOTHING, the rest is spread,
-# so that no type starts with an exactly zero weight for anybody.
-INIT_SMOOTHING = 0.05
-
-
-# ----------------------------------------------------------------------------------------
-# Data layout
-
-
-class _IndexedRows(torch.utils.data.Dataset):
-    """The user's ranked rows, each given a ``row_index`` (its position) on the way out, so a
-    batch can be mapped back to its cached reference log-probabilities and annotators.
-
-    With a ``tokenizer`` (a RankedListCollator), each row is tokenized the first time it is
-    read and kept as int32 token arrays (4 bytes a token), so later epochs and E-steps only
-    pad: tokenizing every batch again would cost more than the rest of the library's work.
-    """
-
-    def __init__(self, rows, tokenizer=None):
-        self.rows = rows
-        self.tokenizer = tokenizer
-        self._tokens = {}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        i = int(i)
-        row = self.rows[i]
-        if self.tokenizer is None:
-            # The columns the collator reads; record weights are looked up by row_index.
-            out = {k: v for k, v in row.items() if k in ROW_COLUMNS}
-        else:
-            tokens = self._tokens.get(i)
-            if tokens is None:
-                t = self.tokenizer.tokenize_row(row, i)
-                tokens = (np.asarray(t["prompt_ids"], dtype=np.int32),
-                          [np.asarray(r, dtype=np.int32) for r in t["response_ids"]])
-                self._tokens[i] = tokens
-            out = {"prompt_ids": tokens[0], "response_ids": tokens[1]}
-            if row.get("n_ranked") is not None:
-                out["n_ranked"] = row["n_ranked"]
-        out[ROW_INDEX] = i
-        return out
-
-
-@dataclass
-class _Layout:
-    """Records (rows) and slots (responses) of one data set, with its annotator grouping."""
-
-    offsets: np.ndarray            # (N+1,) slot offsets of the rows
-    n_ranked: np.ndarray           # (N,)
-    annotator: np.ndarray          # (N,) int annotator index of each row
-    annotator_ids: list            # (H,) the data set's ids, in index order
-    order: np.ndarray              # (N,) rows grouped by annotator
-    annotator_offsets: np.ndarray  # (H+1,)
-    grouped_slots: np.ndarray      # (M,) slots in grouped row order
-    grouped_offsets: np.ndarray    # (N+1,)
-    lengths: np.ndarray            # (N,) characters of prompt + responses (batching order)
-    record_weights: np.ndarray     # (N,) c_i, the rows' ``weight`` column or ones
-
-    @property
-    def n_rows(self) -> int:
-        return self.offsets.shape[0] - 1
-
-    @property
-    def n_slots(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def n_annotators(self) -> int:
-        return len(self.annotator_ids)
-
-    def fingerprint(self) -> list:
-        return [self.n_rows, self.n_slots, self.n_annotators,
-                _io.sha256(self.offsets.tobytes() + self.n_ranked.tobytes()
-                           + self.annotator.tobytes() + self.record_weights.tobytes())]
-
-
-def _text_size(x) -> int:
-    if isinstance(x, str):
-        return len(x)
-    if isinstance(x, dict):
-        return len(str(x.get("content", "")))
-    return sum(_text_size(v) for v in x)
-
-
-def _annotator_index(raw_ids):
-    """Map hashable annotator ids to 0..H-1: sorted order when the ids sort, else first
-    appearance. Returns (index (N,), ids (H,))."""
-    uniq = list(dict.fromkeys(raw_ids))
-    try:
-        uniq = sorted(uniq)
-    except TypeError:
-        pass
-    where = {a: h for h, a in enumerate(uniq)}
-    return np.array([where[a] for a in raw_ids], dtype=np.int64), uniq
-
-
-def _build_layout(rows, name: str) -> _Layout:
-    n = validate_ranked_rows(rows)
-    lengths = np.empty(n, dtype=np.int64)
-    n_ranked = np.empty(n, dtype=np.int64)
-    sizes = np.empty(n, dtype=np.int64)
-    raw = []
-    weights = np.ones(n)
-    has_annotator = None
-    has_weight = None
-    for i in range(n):
-        row = rows[i]
-        m = len(row["responses"])
-        lengths[i] = m
-        L = row.get("n_ranked")
-        n_ranked[i] = m - 1 if L is None else int(L)
-        sizes[i] = _text_size(row["prompt"]) + _text_size(row["responses"])
-        if has_annotator is None:
-            has_annotator = "annotator" in row
-            has_weight = row.get(WEIGHT) is not None
-        if has_weight:
-            w = row.get(WEIGHT)
-            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating,
-                                                         np.integer)) \
-                    or not math.isfinite(float(w)) or w < 0:
-                raise ValueError(f"{name}: row {i} has {WEIGHT}={w!r}; record weights must be "
-                                 f"finite numbers >= 0")
-            weights[i] = float(w)
-        # Without an annotator column every row is its own annotator (validate_ranked_rows
-        # warned about it).
-        raw.append(row["annotator"] if has_annotator else ("row", i))
-    annotator, ids = _annotator_index(raw)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    order, annotator_offsets = group_by_annotator(annotator, len(ids))
-    grouped_slots = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
-    grouped_offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths[order], out=grouped_offsets[1:])
-    if not has_annotator:
-        ids = list(range(n))
-    return _Layout(offsets=offsets, n_ranked=n_ranked, annotator=annotator, annotator_ids=ids,
-                   order=order, annotator_offsets=annotator_offsets,
-                   grouped_slots=grouped_slots, grouped_offsets=grouped_offsets,
-                   lengths=sizes, record_weights=weights)
-
-
-def _ranked_pairs(layout: _Layout):
-    """(hi, lo) slot indices of every ordered pair of a ranking: position t < L_i against
-    every slot s > t of the same row (the pairs a ranking asserts)."""
-    hi, lo = [], []
-    for i in range(layout.n_rows):
-        a, m, L = int(layout.offsets[i]), int(layout.offsets[i + 1] - layout.offsets[i]), \
-            int(layout.n_ranked[i])
-        for t in range(L):
-            for s in range(t + 1, m):
-                hi.append(a + t)
-                lo.append(a + s)
-    return np.array(hi, dtype=np.int64), np.array(lo, dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------
-# EM state
-
-
-@dataclass
-class _EMState:
-    responsibilities: np.ndarray    # (H, K) posteriors used by the current M-step
-    log_weights: np.ndarray         # (K,) log mixture weights
-    n_e_steps: int = 0              # E-steps done
-    last_e_step_at: int = -1        # global step of the latest E-step
-    history: list = field(default_factory=list)
-    converged: bool = False
+# The EM state files of a checkpoint folder (written by save_em_state).
+STATE_FILE = _em.STATE_FILE
+TYPES_FILE = _em.TYPES_FILE
 
 
 class _EMSchedule(TrainerCallback):
@@ -241,29 +72,6 @@ class _EMSchedule(TrainerCallback):
                 and t._em.last_e_step_at != state.global_step):
             t._between_m_steps(control)
         return control
-
-
-def _kmeans(X: np.ndarray, K: int, rng, n_iter: int = 100) -> np.ndarray:
-    """Labels of k-means (k-means++ seeding, Lloyd iterations) on the rows of X."""
-    H = X.shape[0]
-    centers = np.empty((K, X.shape[1]))
-    centers[0] = X[rng.integers(H)]
-    d2 = ((X - centers[0]) ** 2).sum(1)
-    for k in range(1, K):
-        total = d2.sum()
-        centers[k] = X[rng.choice(H, p=d2 / total) if total > 0 else rng.integers(H)]
-        d2 = np.minimum(d2, ((X - centers[k]) ** 2).sum(1))
-    labels = np.zeros(H, dtype=np.int64)
-    for it in range(n_iter):
-        dist = ((X[:, None, :] - centers[None]) ** 2).sum(-1)
-        new = dist.argmin(1)
-        if it > 0 and np.array_equal(new, labels):
-            break
-        labels = new
-        for k in range(K):
-            if np.any(labels == k):
-                centers[k] = X[labels == k].mean(0)
-    return labels
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,12 +135,12 @@ class EMDPOTrainer(Trainer):
         self.tokenizer_ = tokenizer
         K = args.n_types
 
-        self._layout = _build_layout(train_dataset, "train_dataset")
+        self._layout = build_layout(train_dataset, "train_dataset")
         self.annotator_ids_ = list(self._layout.annotator_ids)
         H = self._layout.n_annotators
         self._init_resp = None
         if init_responsibilities is not None:
-            self._init_resp = self._check_init(init_responsibilities, H, K)
+            self._init_resp = _em.check_init_responsibilities(init_responsibilities, H, K)
         elif K > H:
             raise ValueError(f"n_types={K} exceeds the number of annotators H={H}")
 
@@ -353,14 +161,14 @@ class EMDPOTrainer(Trainer):
         self._eval_rows = eval_dataset
         pretokenize = data_collator if isinstance(data_collator, RankedListCollator) else None
         super().__init__(model=self._types.model, args=args, data_collator=data_collator,
-                         train_dataset=_IndexedRows(train_dataset, pretokenize),
-                         eval_dataset=None if eval_dataset is None else _IndexedRows(eval_dataset),
+                         train_dataset=IndexedRows(train_dataset, pretokenize),
+                         eval_dataset=None if eval_dataset is None else IndexedRows(eval_dataset),
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, **kwargs)
         # compute_loss returns the loss already scaled for gradient accumulation.
         self.loss_is_scaled_for_ga = True
         self.add_callback(_EMSchedule(self))
-        self._em: Optional[_EMState] = None
+        self._em: Optional[_em.EMState] = None
         self._ref_logps = None           # (M,) device tensor, cached once
         self._record_weights = None      # (K, N) device tensor, g_{a_i k} / T_k
         self._slot_offsets = torch.as_tensor(self._layout.offsets)
@@ -371,21 +179,6 @@ class EMDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------
     # Construction helpers
-
-    @staticmethod
-    def _check_init(init, H: int, K: int) -> np.ndarray:
-        if isinstance(init, dict):
-            raise TypeError("init_responsibilities: a dict needs the annotator ids; pass an "
-                            "(H, K) array in the order of trainer.annotator_ids_")
-        r = np.asarray(init, dtype=np.float64)
-        if r.shape != (H, K):
-            raise ValueError(f"init_responsibilities: expected shape (H, K) = ({H}, {K}), got "
-                             f"{r.shape}")
-        bad = np.flatnonzero(~np.isfinite(r).all(1) | (r < 0).any(1) | ~(r.sum(1) > 0))
-        if bad.size:
-            raise ValueError(f"init_responsibilities: row {bad[0]} must be finite, >= 0 and not "
-                             f"all zero, got {r[bad[0]].tolist()}")
-        return r / r.sum(1, keepdims=True)
 
     def _make_types(self, model, peft_config, args):
         K = args.n_types
@@ -423,7 +216,7 @@ class EMDPOTrainer(Trainer):
     def _logps_batch_size(self) -> int:
         return self.args.logps_batch_size or self.args.per_device_eval_batch_size
 
-    def _fixed_batches(self, rows, layout: _Layout, key: str, part=(0, 1)):
+    def _fixed_batches(self, rows, layout: RowLayout, key: str, part=(0, 1)):
         """Collated batches of all rows (longest first, so padding is small), kept on the
         host and reused by every no-grad pass over the same data. ``part=(r, P)``: only every
         P-th row from the r-th (process r's share)."""
@@ -432,28 +225,15 @@ class EMDPOTrainer(Trainer):
         if key not in self._batches_cache:
             order = np.argsort(-layout.lengths, kind="stable")[part[0]::part[1]]
             bs = self._logps_batch_size()
-            indexed = rows if isinstance(rows, _IndexedRows) else _IndexedRows(
+            indexed = rows if isinstance(rows, IndexedRows) else IndexedRows(
                 rows, self.train_dataset.tokenizer)
             batches = []
             for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
                 batch = self.data_collator([indexed[i] for i in idx])
-                batches.append((batch, self._slots_of(batch, layout)))
+                batches.append((batch, slots_of(batch, layout)))
             self._batches_cache[key] = batches
         return self._batches_cache[key]
-
-    @staticmethod
-    def _slots_of(batch, layout_or_offsets) -> torch.Tensor:
-        """(M_b,) global slot index of each slot of a batch, from its rows' indices."""
-        offsets = (layout_or_offsets.offsets if isinstance(layout_or_offsets, _Layout)
-                   else layout_or_offsets)
-        offsets = torch.as_tensor(offsets)
-        rows = batch[ROW_INDEX].to(offsets.device)
-        b_off = batch["offsets"].to(offsets.device)
-        lengths = b_off[1:] - b_off[:-1]
-        shift = offsets[rows] - b_off[:-1]
-        return torch.repeat_interleave(shift, lengths) + torch.arange(int(b_off[-1]),
-                                                                      device=offsets.device)
 
     @contextmanager
     def _no_grad_pass(self):
@@ -473,7 +253,7 @@ class EMDPOTrainer(Trainer):
             return distributed.resolve_comm(None)
         return LocalComm()
 
-    def _pass_logps(self, rows, layout: _Layout, key: str, reference: bool,
+    def _pass_logps(self, rows, layout: RowLayout, key: str, reference: bool,
                     share: bool = False) -> torch.Tensor:
         """(M,) reference or (K, M) type log-probabilities of every slot, float32 on the
         training device. ``share``: with several processes, each computes the slots of its
@@ -506,28 +286,16 @@ class EMDPOTrainer(Trainer):
         """(H, D) preference directions of the annotators in the base model's response
         embeddings (mean over response tokens of the last hidden state)."""
         lay = self._layout
-        D = None
         emb = None
         with self._no_grad_pass():
             for batch, slots in self._fixed_batches(self.train_dataset, lay, "train"):
                 b = self._prepare_inputs(batch)
                 with self._types.reference(self.model) as ref_model:
-                    h = _response_embeddings(ref_model, b)
+                    h = _em.response_embeddings(ref_model, b)
                 if emb is None:
-                    D = h.shape[1]
-                    emb = np.zeros((lay.n_slots, D))
+                    emb = np.zeros((lay.n_slots, h.shape[1]))
                 emb[slots.numpy()] = h.double().cpu().numpy()
-        zeros = np.zeros(lay.n_slots)
-        _, grad = listwise_dpo_loss_and_grad(zeros, zeros, lay.offsets, beta=1.0,
-                                             n_ranked=lay.n_ranked, reduction="sum")
-        contrib = -grad[:, None] * emb           # d ll / d r_j times phi_j
-        per_row = np.add.reduceat(contrib, lay.offsets[:-1], axis=0)
-        X = np.zeros((lay.n_annotators, D))
-        np.add.at(X, lay.annotator, per_row)
-        X /= np.bincount(lay.annotator, minlength=lay.n_annotators)[:, None]
-        X -= X.mean(0)
-        scale = X.std(0)
-        return X / np.where(scale > 0, scale, 1.0)
+        return _em.preference_features(emb, lay)
 
     def _initial_responsibilities(self) -> np.ndarray:
         K, H = self.args.n_types, self._layout.n_annotators
@@ -538,12 +306,9 @@ class EMDPOTrainer(Trainer):
             return np.ones((H, 1))
         if self.args.init == "random":
             return rng.dirichlet(np.ones(K), size=H)
-        labels = _kmeans(self._annotator_features(), K, rng)
-        resp = np.full((H, K), INIT_SMOOTHING / K)
-        resp[np.arange(H), labels] += 1.0 - INIT_SMOOTHING
-        return resp
+        return _em.smoothed_assignments(_em.kmeans(self._annotator_features(), K, rng), K)
 
-    def _my_rows(self, rows, layout: _Layout, key: str) -> np.ndarray:
+    def _my_rows(self, rows, layout: RowLayout, key: str) -> np.ndarray:
         """Rows whose slots this process computes in a shared pass (all rows for one)."""
         comm = self._comm()
         if layout.n_rows < comm.world_size:
@@ -559,15 +324,11 @@ class EMDPOTrainer(Trainer):
                                share=True)
         self._ref_logps = self._comm().sum_tensor(ref)
         resp = self._initial_responsibilities()
-        self._em = _EMState(responsibilities=resp, log_weights=self._mixture_log_weights(resp))
+        self._em = _em.EMState(responsibilities=resp,
+                               log_weights=_em.mixture_log_weights(resp, self.args.mixture_alpha))
         self._set_record_weights()
         if self.args.reinit_types:
             self._initial_types = self._types.state_dict()
-
-    def _mixture_log_weights(self, resp: np.ndarray) -> np.ndarray:
-        a, (H, K) = self.args.mixture_alpha, resp.shape
-        eta = (resp.sum(0) + a - 1.0) / (H + K * (a - 1.0))
-        return np.log(np.maximum(eta, 1e-300))
 
     # ------------------------------------------------------------------------------------
     # E-step and M-step weights. Several processes (DDP under accelerate launch / torchrun):
@@ -591,19 +352,9 @@ class EMDPOTrainer(Trainer):
 
     def _set_record_weights(self):
         """w_ik = g_{a_i k} / T_k for every record, on the device, for the M-step."""
-        lay = self._layout
-        record_resp = self._em.responsibilities[lay.annotator] * lay.record_weights[:, None]
-        totals = self._type_totals(record_resp)
-        empty = np.flatnonzero(totals <= 1e-12 * record_resp.shape[0])
-        if empty.size:
-            warnings.warn(f"type(s) {empty.tolist()} have no posterior weight left; they are "
-                          f"not trained in this M-step (use fewer n_types or mixture_alpha > 1)",
-                          UserWarning, stacklevel=3)
-        scale = np.where(totals > 1e-12 * record_resp.shape[0], 1.0 / np.maximum(totals, 1e-300),
-                         0.0)
-        w = (record_resp * scale).T
-        self._record_weights = torch.as_tensor(np.ascontiguousarray(w), dtype=torch.float32,
-                                               device=self.args.device)
+        record_resp = _em.record_responsibilities(self._em.responsibilities, self._layout)
+        w = _em.m_step_weights(record_resp, self._type_totals(record_resp))
+        self._record_weights = torch.as_tensor(w, dtype=torch.float32, device=self.args.device)
 
     def _e_step(self, log: bool = True) -> dict:
         lay = self._layout
@@ -611,38 +362,12 @@ class EMDPOTrainer(Trainer):
         logps = self._gather_slot_logps(
             self._pass_logps(self.train_dataset, lay, "train", reference=False,
                              share=True))
-        if comm.world_size == 1:
-            rows, ao = lay.order, lay.annotator_offsets
-        else:
-            # This process's rows, grouped by annotator, against all H annotators (empty
-            # ranges for the others): the E-step adds the (H, K) partial sums S_hk of the
-            # processes and every process gets all posteriors (sharding "record").
-            mine = np.zeros(lay.n_rows, dtype=bool)
-            mine[self._my_rows(self.train_dataset, lay, "train")] = True
-            rows = lay.order[mine[lay.order]]
-            ao = np.zeros(lay.n_annotators + 1, dtype=np.int64)
-            np.cumsum(np.bincount(lay.annotator[rows], minlength=lay.n_annotators),
-                      out=ao[1:])
-        lengths = np.diff(lay.offsets)[rows]
-        offsets = np.zeros(rows.shape[0] + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        slots = (np.repeat(lay.offsets[rows] - offsets[:-1], lengths)
-                 + np.arange(int(offsets[-1])))
-        policy = logps.double().cpu().numpy()[:, slots]
-        ref = self._ref_logps.double().cpu().numpy()[slots]
-        res = _e_step_kernel(policy, ref, offsets, ao, self._em.log_weights,
-                             beta=self.args.beta, n_ranked=lay.n_ranked[rows],
-                             record_weights=lay.record_weights[rows], process_group=comm)
-        resp = np.asarray(res.responsibilities, dtype=np.float64)
+        my_rows = (None if comm.world_size == 1
+                   else self._my_rows(self.train_dataset, lay, "train"))
         em = self._em
-        em.responsibilities = resp
-        em.log_weights = self._mixture_log_weights(resp)
-        em.n_e_steps += 1
-        em.last_e_step_at = self.state.global_step
-        entry = {"em_iteration": em.n_e_steps, "step": self.state.global_step,
-                 "loglik": float(res.loglik), "loglik_per_record": float(res.loglik) / lay.n_rows,
-                 "weights": np.exp(em.log_weights).tolist()}
-        em.history.append(entry)
+        entry = _em.e_step(em, lay, logps, self._ref_logps, my_rows=my_rows,
+                           beta=self.args.beta, mixture_alpha=self.args.mixture_alpha,
+                           comm=comm, step=self.state.global_step)
         self._set_record_weights()
         if log:
             logs = {"em/iteration": em.n_e_steps, "em/loglik": entry["loglik_per_record"]}
@@ -685,7 +410,7 @@ class EMDPOTrainer(Trainer):
         policy = torch.stack([sequence_logps(self._types.module_for(k, model), inputs)
                               for k in range(K)])
         self._types.make_trainable()
-        slots = self._slots_of(inputs, self._slot_offsets.to(rows.device))
+        slots = slots_of(inputs, self._slot_offsets.to(rows.device))
         ref = self._ref_logps[slots]
         weights = self._record_weights[:, rows]
         return mixture_dpo_loss(policy, ref, inputs["offsets"], weights=weights,
@@ -755,33 +480,20 @@ class EMDPOTrainer(Trainer):
         rows = eval_dataset if eval_dataset is not None else self._eval_rows
         if rows is None:
             raise ValueError("evaluate: no eval_dataset given here or to the trainer")
-        if isinstance(rows, _IndexedRows):
+        if isinstance(rows, IndexedRows):
             rows = rows.rows
         key = f"eval-{id(rows)}"
         if key not in self._eval_cache:
-            lay = _build_layout(rows, "eval_dataset")
+            lay = build_layout(rows, "eval_dataset")
             ref = self._pass_logps(rows, lay, key, reference=True)
-            self._eval_cache[key] = (lay, ref, _ranked_pairs(lay))
-        lay, ref, (hi, lo) = self._eval_cache[key]
+            self._eval_cache[key] = (lay, ref, ranked_pairs(lay))
+        lay, ref, pairs = self._eval_cache[key]
         K = len(self._types.names)
         logps = self._pass_logps(rows, lay, key, reference=False)
-        r = (self.args.beta * (logps.double() - ref.double())).cpu().numpy()   # (K, M)
-        metrics = {}
-        margins = r[:, hi] - r[:, lo]
-        for k in range(K):
-            metrics[f"{metric_key_prefix}_type{k}_accuracy"] = float((margins[k] > 0).mean())
-            metrics[f"{metric_key_prefix}_type{k}_margin"] = float(margins[k].mean())
         log_weights = (self._em.log_weights if self._em is not None
                        else np.log(np.full(K, 1.0 / K)))
-        res = _e_step_kernel(logps.double().cpu().numpy()[:, lay.grouped_slots],
-                             ref.double().cpu().numpy()[lay.grouped_slots], lay.grouped_offsets,
-                             lay.annotator_offsets, log_weights, beta=self.args.beta,
-                             n_ranked=lay.n_ranked[lay.order],
-                             record_weights=lay.record_weights[lay.order],
-                             process_group=LocalComm())   # every process has every eval row
-        metrics[f"{metric_key_prefix}_loglik"] = float(res.loglik) / lay.n_rows
-        for k in range(K):
-            metrics[f"{metric_key_prefix}_weight_{k}"] = float(np.exp(log_weights[k]))
+        metrics = _em.heldout_metrics(lay, pairs, logps, ref, log_weights, beta=self.args.beta,
+                                      prefix=metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics)
@@ -802,61 +514,15 @@ class EMDPOTrainer(Trainer):
     def save_em_state(self, folder: str) -> None:
         """Write the EM state (posteriors, mixture weights, iteration, history, cached
         reference log-probabilities) and the weights of all K types into ``folder``."""
-        from safetensors.torch import save as st_save
-
-        em = self._em
-        types = {n: v.contiguous().cpu() for n, v in self._types.state_dict().items()}
-        if self._initial_types is not None:
-            types.update({f"initial.{n}": v.contiguous().cpu()
-                          for n, v in self._initial_types.items()})
-        blob = st_save(types)
-        _io.atomic_write_bytes(os.path.join(folder, TYPES_FILE), blob)
-        meta = {"format": "emdpo-hf-em-state", "version": 1, "n_e_steps": em.n_e_steps,
-                "last_e_step_at": em.last_e_step_at, "history": em.history,
-                "converged": em.converged, "layout": self._layout.fingerprint(),
-                "types_sha256": _io.sha256(blob), "type_names": self._types.names}
-        _io.save_arrays(os.path.join(folder, STATE_FILE),
-                        {"responsibilities": em.responsibilities,
-                         "log_weights": em.log_weights,
-                         "ref_logps": self._ref_logps.double().cpu().numpy()}, meta)
+        _em.save_state(folder, self._em, self._layout, self._types, self._initial_types,
+                       self._ref_logps)
 
     def load_em_state(self, folder: str) -> None:
         """Restore what :meth:`save_em_state` wrote; refuses damaged files and a checkpoint
         of another training set."""
-        from safetensors.torch import load as st_load
-
-        path = os.path.join(folder, STATE_FILE)
-        arrays, meta = _io.load_arrays(path)
-        if meta.get("format") != "emdpo-hf-em-state":
-            raise ValueError(f"{path}: not an EMDPOTrainer state file")
-        if meta["layout"] != self._layout.fingerprint():
-            raise ValueError(f"{path}: saved for another training set (rows, slots, annotators "
-                             f"{meta['layout'][:3]}, here {self._layout.fingerprint()[:3]})")
-        if meta["type_names"] != self._types.names:
-            raise ValueError(f"{path}: saved with types {meta['type_names']}, this trainer has "
-                             f"{self._types.names}")
-        tpath = os.path.join(folder, TYPES_FILE)
-        if not os.path.isfile(tpath):
-            raise FileNotFoundError(f"{tpath}: no such file")
-        with open(tpath, "rb") as f:
-            blob = f.read()
-        if _io.sha256(blob) != meta["types_sha256"]:
-            raise ValueError(f"{tpath}: checksum mismatch, the file is damaged; refusing to "
-                             f"load it")
-        tensors = st_load(blob)
-        initial = {n[len("initial."):]: v for n, v in tensors.items() if n.startswith("initial.")}
-        self._types.load_state_dict({n: v for n, v in tensors.items()
-                                     if not n.startswith("initial.")})
-        self._initial_types = initial or None
-        if self.args.reinit_types and self._initial_types is None:
-            raise ValueError(f"{tpath}: reinit_types=True but the checkpoint holds no initial "
-                             f"type weights")
-        self._em = _EMState(responsibilities=arrays["responsibilities"],
-                            log_weights=arrays["log_weights"], n_e_steps=meta["n_e_steps"],
-                            last_e_step_at=meta["last_e_step_at"], history=meta["history"],
-                            converged=meta["converged"])
-        self._ref_logps = torch.as_tensor(arrays["ref_logps"], dtype=torch.float32,
-                                          device=self.args.device)
+        self._em, self._initial_types, self._ref_logps = _em.load_state(
+            folder, self._layout, self._types, reinit_types=self.args.reinit_types,
+            device=self.args.device)
         self._set_record_weights()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -886,14 +552,3 @@ class EMDPOTrainer(Trainer):
                                top_p=top_p, batch_size=batch_size or self._logps_batch_size(),
                                group_weights=group_weights, solver=solver,
                                random_state=random_state, device=self.args.device)
-
-
-def _response_embeddings(model, batch) -> torch.Tensor:
-    """(M_b, D) mean of the last hidden state over each slot's response tokens."""
-    if batch.get("layout") == "prefix_shared":
-        batch = _unpack_shared(batch)     # one sequence per slot: simple and done once
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True, use_cache=False)
-    h = out.hidden_states[-1].float()
-    mask = batch["response_mask"].to(h.dtype)[..., None]
-    return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)

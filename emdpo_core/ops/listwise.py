@@ -76,12 +76,8 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     O(H + N/2048) beyond the outputs; the (N, K) per-record table is only made when
     ``return_record_loglik`` is true.
 
-    Example:
-        >>> import numpy as np, emdpo_core as ec
-        >>> p = np.log(np.full((2, 6), 0.5)); ref = np.zeros(6)
-        >>> r = ec.e_step(p, ref, [0, 3, 6], [0, 2], np.log([0.5, 0.5]), beta=1.0)
-        >>> r.responsibilities.round(3).tolist()
-        [[0.5, 0.5]]
+    The public :func:`emdpo_core.e_step` calls this on one process (its docstring has an
+    example) and combines the ranks' results on a process group.
     """
     if _checks.is_torch(policy_logps):
         from . import _torch
