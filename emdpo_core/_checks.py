@@ -255,6 +255,11 @@ def check_int(name, x, minimum):
     return int(x)
 
 
+def check_optional_int(name, x, minimum):
+    """None, or :func:`check_int`'s int."""
+    return None if x is None else check_int(name, x, minimum)
+
+
 def check_float(name, x, minimum, *, strict=False):
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")

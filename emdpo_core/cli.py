@@ -223,6 +223,7 @@ def _json_default(x):
 
 
 def _add_demo(sub) -> None:
+    # Declared like fit's parser (the same argparse calls, other texts): nothing to share.
     p = sub.add_parser(
         "demo", help="run EM-DPO end to end on built-in synthetic data",
         description="EM-DPO end to end on built-in synthetic data, no download. It measures: "

@@ -107,7 +107,7 @@ def test_truncation_like_trl(tok):
         RankedListCollator(tok, max_length=5)([row])
     with pytest.raises(ValueError, match="max_prompt_length .* must be smaller than max_length"):
         RankedListCollator(tok, max_length=5, max_prompt_length=5)
-    with pytest.raises(ValueError, match="max_length must be a positive int"):
+    with pytest.raises(ValueError, match="max_length: expected an int >= 1, got 0"):
         RankedListCollator(tok, max_length=0)
 
 

@@ -45,18 +45,14 @@ def type_totals(responsibilities, annotator_weight):
 
 
 @numba.njit(cache=True, nogil=True)
-def mixture_weights(responsibilities, annotator_weight, alpha):
-    """MAP mixture weights under a symmetric Dirichlet(alpha) prior, alpha >= 1:
-    eta_k = (sum_h v_h g_hk + alpha - 1) / (sum_h v_h + K (alpha - 1)).
+def _dirichlet_map(totals, alpha):
+    """MAP mixture weights under a symmetric Dirichlet(alpha) prior, alpha >= 1, from the type
+    totals t_k = sum_h v_h g_hk (overwritten):
+    eta_k = (t_k + alpha - 1) / (sum_j t_j + K (alpha - 1)).
     Numerator and denominator are divided by s = max(1, alpha - 1) first, so that a huge
     alpha (up to the largest float) gives weights near 1/K instead of inf / inf; for
     alpha <= 2 (s = 1) the arithmetic is the plain formula's."""
-    H, K = responsibilities.shape
-    totals = np.zeros(K, dtype=np.float64)
-    for h in range(H):
-        v = annotator_weight[h]
-        for k in range(K):
-            totals[k] += v * responsibilities[h, k]
+    K = totals.shape[0]
     a = alpha - 1.0
     s = a if a > 1.0 else 1.0
     denom = 0.0
@@ -68,11 +64,16 @@ def mixture_weights(responsibilities, annotator_weight, alpha):
     return totals
 
 
+@numba.njit(cache=True, nogil=True)
+def mixture_weights(responsibilities, annotator_weight, alpha):
+    """MAP mixture weights (see :func:`_dirichlet_map`) from the responsibilities (H, K)."""
+    return _dirichlet_map(type_totals(responsibilities, annotator_weight), alpha)
+
+
 def weights_from_totals(totals, alpha):
     """:func:`mixture_weights` from the type totals sum_h v_h g_hk the E-step kernel returns
-    (the same sums, in the same annotator order)."""
-    t = np.asarray(totals, dtype=np.float64) + (alpha - 1.0)
-    return t / t.sum()
+    (the same sums, in the same annotator order, so the same weights)."""
+    return _dirichlet_map(np.array(totals, dtype=np.float64).reshape(-1), float(alpha))
 
 
 @numba.njit(cache=True, nogil=True)

@@ -85,6 +85,10 @@ def pl_wins(items, offsets, n_ranked, weights, n_items):
 def _pl_mm_denominators_one(items, offsets, n_ranked, w, theta, m_max, denom):
     """Adds one type's MM denominators (see pl_mm_step) to ``denom``, on the scale of worths
     divided by the largest, exp(theta - max theta)."""
+    # The record loop and suffix sums are those of _pl_scaled_one, written again on purpose:
+    # this is the loop of every MM iteration, and it needs neither the value's logs nor the
+    # Newton step's second sums; a third mode of _pl_scaled_one would interleave three
+    # computations in one loop body to save these few lines.
     top = theta.max()
     gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
     suffix = np.empty(m_max, dtype=np.float64)
@@ -217,50 +221,14 @@ def _log_of_product(x, n):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pl_scaled_loglik_one(items, offsets, n_ranked, w, theta, m_max):
+def _pl_scaled_one(items, offsets, n_ranked, w, theta, m_max, derivatives, grad, hess):
     """sum_r w_r ll_r(theta) for one type with worths scaled by the largest (see
-    pl_scaled_loglik)."""
-    top = theta.max()
-    gamma = np.exp(theta - top)
-    suffix = np.empty(m_max, dtype=np.float64)
-    total = 0.0
-    for r in range(offsets.shape[0] - 1):
-        wr = w[r]
-        if wr == 0.0:
-            continue
-        a = offsets[r]
-        m = offsets[r + 1] - a
-        acc = 0.0
-        for s in range(m - 1, -1, -1):
-            acc += gamma[items[a + s]]
-            suffix[s] = acc
-        L = n_ranked[r]
-        ll = 0.0
-        for t in range(L):
-            ll += theta[items[a + t]]
-        total += wr * (ll - L * top - _log_of_product(suffix, L))
-    return total
-
-
-@_over_types
-def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
-    """(K,) sum_r weights[k, r] * ll_r(log_worths[k]), like :func:`pl_weighted_loglik`, but
-    from worths scaled so that the largest is 1 (one exp per item, one log per stage instead
-    of a log-sum-exp per slot: several times faster). Accurate to rounding while the
-    log-worths of a type span less than about 700 (the tabular family keeps them so); beyond
-    that, worths underflow to 0 and a chosen item of worth 0 gives -inf."""
-    K = log_worths.shape[0]
-    out = np.zeros(K, dtype=np.float64)
-    for k in numba.prange(K):
-        out[k] = _pl_scaled_loglik_one(items, offsets, n_ranked, weights[k], log_worths[k],
-                                       m_max)
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _pl_grad_hess_one(items, offsets, n_ranked, w, theta, m_max, grad, hess):
-    """Gradient and Hessian of sum_r w_r ll_r(theta) for one type (see pl_grad_hess);
-    returns the value."""
+    pl_scaled_loglik); with ``derivatives`` it also adds the gradient and Hessian into
+    ``grad`` and ``hess`` (see pl_grad_hess). One loop serves the value and the Newton step,
+    so both read the same suffix sums: the value is bitwise the same either way."""
+    # A compile-time constant (one build per value): the value-only build holds none of the
+    # derivative code, and runs as fast as a loop written for the value alone.
+    numba.literally(derivatives)
     top = theta.max()
     gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
     g = np.empty(m_max, dtype=np.float64)
@@ -277,22 +245,27 @@ def _pl_grad_hess_one(items, offsets, n_ranked, w, theta, m_max, grad, hess):
         L = n_ranked[r]
         acc = 0.0
         for s in range(m - 1, -1, -1):
-            g[s] = gamma[items[a + s]]
-            acc += g[s]
+            gs = gamma[items[a + s]]
+            if derivatives:
+                g[s] = gs
+            acc += gs
             suffix[s] = acc
+        ll = 0.0
+        for t in range(L):
+            ll += theta[items[a + t]]
+        total += wr * (ll - L * top - _log_of_product(suffix, L))
+        if not derivatives:
+            continue
         run1 = 0.0
         run2 = 0.0
-        ll = 0.0
         for j in range(m):               # stages t <= min(j, L - 1) have slot j in play
             if j < L:
                 inv = 1.0 / suffix[j]
                 run1 += inv
                 run2 += inv * inv
                 grad[items[a + j]] += wr
-                ll += theta[items[a + j]]
             c1[j] = run1
             c2[j] = run2
-        total += wr * (ll - L * top - _log_of_product(suffix, L))
         for j in range(m):
             ij = items[a + j]
             wg = wr * g[j]
@@ -303,13 +276,30 @@ def _pl_grad_hess_one(items, offsets, n_ranked, w, theta, m_max, grad, hess):
             hess[ij, ij] += wg * (g[j] * c2[j] - c1[j])
             for q in range(j + 1, m):
                 hess[ij, items[a + q]] += wg * g[q] * c2[j]
-    n = theta.shape[0]
+    n = theta.shape[0] if derivatives else 0
     for i in range(n):
         for j in range(i + 1, n):
             x = hess[i, j] + hess[j, i]
             hess[i, j] = x
             hess[j, i] = x
     return total
+
+
+@_over_types
+def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
+    """(K,) sum_r weights[k, r] * ll_r(log_worths[k]), like :func:`pl_weighted_loglik`, but
+    from worths scaled so that the largest is 1 (one exp per item, one log per stage instead
+    of a log-sum-exp per slot: several times faster). Accurate to rounding while the
+    log-worths of a type span less than about 700 (the tabular family keeps them so); beyond
+    that, worths underflow to 0 and a chosen item of worth 0 gives -inf."""
+    K = log_worths.shape[0]
+    out = np.zeros(K, dtype=np.float64)
+    no_grad = np.zeros(0, dtype=np.float64)
+    no_hess = np.zeros((0, 0), dtype=np.float64)
+    for k in numba.prange(K):
+        out[k] = _pl_scaled_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                False, no_grad, no_hess)
+    return out
 
 
 @_over_types
@@ -331,8 +321,8 @@ def pl_grad_hess(items, offsets, n_ranked, weights, log_worths, m_max):
     grad = np.zeros((K, n_items), dtype=np.float64)
     hess = np.zeros((K, n_items, n_items), dtype=np.float64)
     for k in numba.prange(K):
-        value[k] = _pl_grad_hess_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
-                                     grad[k], hess[k])
+        value[k] = _pl_scaled_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                  True, grad[k], hess[k])
     return value, grad, hess
 
 

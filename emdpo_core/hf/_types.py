@@ -18,7 +18,23 @@ import torch
 # The K types: LoRA adapters on one base, or full copies
 
 
-class _LoraTypes:
+class _TypeBank:
+    """The types' weights as a state dict: ``_weights()`` gives (name, parameter) of every
+    weight of the K types (not of the reference)."""
+
+    def state_dict(self) -> dict:
+        return {n: p.detach().clone() for n, p in self._weights()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self._weights())
+        for n, v in state.items():
+            if n not in params:
+                raise ValueError(f"type weights: unknown parameter {n!r}")
+            with torch.no_grad():
+                params[n].copy_(v)
+
+
+class _LoraTypes(_TypeBank):
     """K LoRA adapters ``type_0 .. type_{K-1}`` on one peft model; the reference is the base
     with adapters disabled (no second copy of the base)."""
 
@@ -64,17 +80,9 @@ class _LoraTypes:
             # Re-enabling the adapters calls peft's set_adapter, which freezes all but one.
             self.make_trainable()
 
-    def state_dict(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()
-                if any(f".{name}." in n for name in self.names)}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = dict(self.model.named_parameters())
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
+    def _weights(self):
+        return ((n, p) for n, p in self.model.named_parameters()
+                if any(f".{name}." in n for name in self.names))
 
     def type_params(self, k: int):
         return self.params[k]
@@ -102,7 +110,7 @@ class FullParameterTypes(torch.nn.Module):
         return self.types[self.active](*args, **kwargs)
 
 
-class _FullTypes:
+class _FullTypes(_TypeBank):
     def __init__(self, container: FullParameterTypes):
         self.model = container
         self.names = [f"type_{k}" for k in range(len(container.types))]
@@ -118,16 +126,8 @@ class _FullTypes:
     def reference(self, model):
         yield self.model.reference_model
 
-    def state_dict(self) -> dict:
-        return {f"types.{n}": p.detach().clone() for n, p in self.model.types.named_parameters()}
-
-    def load_state_dict(self, state: dict) -> None:
-        params = {f"types.{n}": p for n, p in self.model.types.named_parameters()}
-        for n, v in state.items():
-            if n not in params:
-                raise ValueError(f"type weights: unknown parameter {n!r}")
-            with torch.no_grad():
-                params[n].copy_(v)
+    def _weights(self):
+        return ((f"types.{n}", p) for n, p in self.model.types.named_parameters())
 
     def type_params(self, k: int):
         return list(self.model.types[k].parameters())

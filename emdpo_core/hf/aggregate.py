@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import _checks
 from .. import mmra as _mmra
 from .. import regret_matrix as _regret_matrix
 from ..mmra import MixturePolicy
@@ -74,8 +75,7 @@ def aggregate_types(types, tokenizer, collator, prompts, *, n_samples: int, kind
                     top_p: float = 1.0, batch_size: int = 8, group_weights=None,
                     solver=None, random_state=0, device="cpu") -> "MixtureLM":
     """MMRA over the K types of a trainer's type bank; see :meth:`EMDPOTrainer.aggregate`."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples: expected an integer >= 1, got {n_samples!r}")
+    _checks.check_int("n_samples", n_samples, 1)
     if kind not in ("reward", "kl"):
         raise ValueError(f"kind: expected 'reward' or 'kl', got {kind!r}")
     if isinstance(prompts, (str, dict)) or len(prompts) == 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
+from .. import _checks
 from .data import _check_row, _is_messages
 
 __all__ = ["RankedListCollator"]
@@ -87,9 +88,7 @@ class RankedListCollator:
                  chat_template_kwargs: Mapping | None = None):
         for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
                             ("pad_to_multiple_of", pad_to_multiple_of)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            _checks.check_optional_int(name, value, 1)
         if max_length is not None and max_prompt_length is not None \
                 and max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than "
@@ -105,6 +104,8 @@ class RankedListCollator:
         if overlap:
             raise ValueError(f"columns {sorted(overlap)} cannot be both passed through and "
                              f"ignored or consumed")
+        # Checked above, stored below (a run of assignments alike in shape to RankingData's
+        # constructor; the two share no logic).
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
 
+from .. import _checks
+
 INIT_CHOICES = ("kmeans", "random")
+
+
+def _arg(default, help: str):
+    """A field with its ``--help`` text (``HfArgumentParser`` reads ``metadata["help"]``)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -50,55 +56,34 @@ class EMDPOConfig(TrainingArguments):
             also needs ``use_cpu=True`` (a transformers rule). See docs/distributed.md.
     """
 
-    n_types: int = field(default=2, metadata={"help": "K, the number of latent types."})
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature."})
-    em_iterations: int = field(default=5, metadata={"help": "Number of M-steps."})
-    e_step_every: Optional[int] = field(
-        default=None, metadata={"help": "Optimizer steps per M-step (default: one epoch)."})
-    em_tol: Optional[float] = field(
-        default=None, metadata={"help": "Stop when the log-likelihood per record improves "
-                                        "by less than this."})
-    init: str = field(default="kmeans", metadata={"help": "'kmeans' or 'random'."})
-    reinit_types: bool = field(
-        default=False, metadata={"help": "Re-initialise every type at every M-step."})
-    full_parameter_types: bool = field(
-        default=False, metadata={"help": "K full model copies instead of LoRA adapters."})
-    max_length: Optional[int] = field(default=None, metadata={"help": "Max tokens per slot."})
-    max_prompt_length: Optional[int] = field(
-        default=None, metadata={"help": "Max prompt tokens."})
-    mixture_alpha: float = field(default=1.0, metadata={"help": "Dirichlet prior, >= 1."})
-    logps_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Rows per no-grad forward."})
-    prefix_sharing: Optional[bool] = field(
-        default=None, metadata={"help": "Encode each prompt once per ranked list (default: "
-                                        "wherever the model supports it)."})
-    ddp_static_graph: Optional[bool] = field(
-        default=True, metadata={"help": "DDP static graph (K forward passes per step)."})
+    n_types: int = _arg(2, "K, the number of latent types.")
+    beta: float = _arg(0.1, "DPO temperature.")
+    em_iterations: int = _arg(5, "Number of M-steps.")
+    e_step_every: Optional[int] = _arg(None, "Optimizer steps per M-step (default: one epoch).")
+    em_tol: Optional[float] = _arg(
+        None, "Stop when the log-likelihood per record improves by less than this.")
+    init: str = _arg("kmeans", "'kmeans' or 'random'.")
+    reinit_types: bool = _arg(False, "Re-initialise every type at every M-step.")
+    full_parameter_types: bool = _arg(False, "K full model copies instead of LoRA adapters.")
+    max_length: Optional[int] = _arg(None, "Max tokens per slot.")
+    max_prompt_length: Optional[int] = _arg(None, "Max prompt tokens.")
+    mixture_alpha: float = _arg(1.0, "Dirichlet prior, >= 1.")
+    logps_batch_size: Optional[int] = _arg(None, "Rows per no-grad forward.")
+    prefix_sharing: Optional[bool] = _arg(
+        None, "Encode each prompt once per ranked list (default: wherever the model supports it).")
+    ddp_static_graph: Optional[bool] = _arg(True, "DDP static graph (K forward passes per step).")
 
     def __post_init__(self):
-        def positive_int(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-
-        positive_int("n_types", self.n_types)
-        positive_int("em_iterations", self.em_iterations)
-        positive_int("e_step_every", self.e_step_every, allow_none=True)
-        positive_int("max_length", self.max_length, allow_none=True)
-        positive_int("max_prompt_length", self.max_prompt_length, allow_none=True)
-        positive_int("logps_batch_size", self.logps_batch_size, allow_none=True)
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
-                and self.beta > 0):
-            raise ValueError(f"beta: expected a finite number > 0, got {self.beta!r}")
-        if self.em_tol is not None and not (math.isfinite(self.em_tol) and self.em_tol >= 0):
-            raise ValueError(f"em_tol: expected None or a finite number >= 0, got "
-                             f"{self.em_tol!r}")
+        _checks.check_int("n_types", self.n_types, 1)
+        _checks.check_int("em_iterations", self.em_iterations, 1)
+        for name in ("e_step_every", "max_length", "max_prompt_length", "logps_batch_size"):
+            _checks.check_optional_int(name, getattr(self, name), 1)
+        _checks.check_beta(self.beta)
+        if self.em_tol is not None:
+            _checks.check_float("em_tol", self.em_tol, 0.0)
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init: expected one of {INIT_CHOICES}, got {self.init!r}")
-        if not (math.isfinite(self.mixture_alpha) and self.mixture_alpha >= 1):
-            raise ValueError(f"mixture_alpha: expected a number >= 1, got "
-                             f"{self.mixture_alpha!r}")
+        _checks.check_float("mixture_alpha", self.mixture_alpha, 1.0)
         if self.prefix_sharing is not None and not isinstance(self.prefix_sharing, bool):
             raise TypeError(f"prefix_sharing: expected None, True or False, got "
                             f"{self.prefix_sharing!r}")
