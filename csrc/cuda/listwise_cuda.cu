@@ -294,11 +294,9 @@ __device__ __forceinline__ bool group_loglik_short(const T* __restrict__ p,
 // The less common shapes are real calls (not inlined): inlined side by side with the
 // common ones, ptxas if-converts the paths into one predicated sequence whose registers add
 // up, and spills.
-template <int MM, bool EXACT, int KC, typename A, typename T>
-__device__ __noinline__ bool group_loglik_call(const T* __restrict__ p, const T* __restrict__ ref,
-                                               int64_t M, int m, int L, int kc, A c, A* out,
-                                               int stride) {
-  return group_loglik_short<MM, EXACT, KC>(p, ref, M, m, L, kc, c, out, stride);
+template <int MM, bool EXACT, int KC, typename... Args>
+__device__ __noinline__ bool group_loglik_call(Args... args) {
+  return group_loglik_short<MM, EXACT, KC>(args...);
 }
 
 template <typename A, typename T>
@@ -1000,14 +998,9 @@ __device__ __forceinline__ int loss_record(const T* __restrict__ ref, int m, int
 
 // Lists of 4 are inlined, the other shapes are calls, for the reason given at
 // group_loglik_call.
-template <typename Path, typename A, typename T>
-__device__ __noinline__ int loss_record_call(const T* __restrict__ ref, int m, int L,
-                                             const T* __restrict__ p, int64_t M,
-                                             const T* __restrict__ w, int64_t N,
-                                             const double* __restrict__ scale, int64_t K, A c,
-                                             A beta, T* __restrict__ g_out,
-                                             T* __restrict__ rec_loss, double* acc_out) {
-  return loss_record<Path>(ref, m, L, p, M, w, N, scale, K, c, beta, g_out, rec_loss, acc_out);
+template <typename Path, typename... Args>
+__device__ __noinline__ int loss_record_call(Args... args) {
+  return loss_record<Path>(args...);
 }
 
 // A record whose rewards or weights are not finite makes the tile's sum (hence the loss)
