@@ -6,7 +6,8 @@ rewards, the register short-list paths with their compile-time and padded varian
 long-list loops) are compiled here with the host C++ compiler into a small driver and
 checked against the float64 reference on fresh random records, so the logic of every path
 the GPU runs is tested on any machine. What only a GPU can show (the approximations'
-rounding, the kernels' orchestration) is covered by tests/test_cuda.py and
+rounding, the kernels' orchestration) is covered by the "cuda" entry of the devices list
+(tests/conftest.py DEVICES; test_kernels.py, test_torch.py, ...), tests/test_cuda.py and
 benchmarks/device_check.sh on a device.
 """
 

@@ -90,13 +90,15 @@ def test_listwise_loglik_one_policy_and_extremes(rng, device, dtype):
     assert_close(got, want, dtype, "listwise_loglik, K=1 given as (M,)")
 
 
-def test_single_policy_accepts_1d_and_2d(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_policy_accepts_1d_and_2d(rng, device):
     offsets, n_ranked = random_layout(rng, 30)
     p, r = random_logps(rng, 1, offsets[-1])
-    a = ec.listwise_loglik(p[0], r, offsets, beta=1.0, n_ranked=n_ranked)
-    b = ec.listwise_loglik(p, r, offsets, beta=1.0, n_ranked=n_ranked)
-    np.testing.assert_array_equal(a, b)
-    assert a.shape == (30, 1)
+    d = (lambda x: on(device, x))
+    a = ec.listwise_loglik(d(p[0]), d(r), d(offsets), beta=1.0, n_ranked=d(n_ranked))
+    b = ec.listwise_loglik(d(p), d(r), d(offsets), beta=1.0, n_ranked=d(n_ranked))
+    np.testing.assert_array_equal(host(a), host(b))
+    assert tuple(a.shape) == (30, 1) and device_of(a) == device
 
 
 def test_pairs_equal_dpo_sigmoid_loss(rng):
@@ -267,10 +269,12 @@ def test_e_step_rejects_bad_annotator_weights(rng, bad, match):
                   annotator_weights=bad)
 
 
-def test_e_step_without_record_table_returns_none(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_e_step_without_record_table_returns_none(rng, device):
     offsets, _ = random_layout(rng, 10, partial=False)
     p, r = random_logps(rng, 2, offsets[-1])
-    res = ec.e_step(p, r, offsets, [0, 4, 10], np.log([0.5, 0.5]), beta=1.0)
+    res = ec.e_step(on(device, p), on(device, r), on(device, offsets), [0, 4, 10],
+                    np.log([0.5, 0.5]), beta=1.0)
     assert res.record_loglik is None
     assert isinstance(res.loglik, float)
 
@@ -455,13 +459,16 @@ def test_loss_without_weights_long_lists_and_return_tensors(rng, device, dtype):
     assert_close(grad, want_grad, dtype, "grad")
 
 
-def test_loss_default_weights_are_ones(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_default_weights_are_ones(rng, device):
     offsets, n_ranked = random_layout(rng, 40)
     p, r = random_logps(rng, 1, offsets[-1])
-    a = ec.listwise_dpo_loss_and_grad(p[0], r, offsets, beta=1.0, n_ranked=n_ranked)
-    b = ec.listwise_dpo_loss_and_grad(p[0], r, offsets, np.ones(40), beta=1.0, n_ranked=n_ranked)
+    d = (lambda x: on(device, x))
+    a = ec.listwise_dpo_loss_and_grad(d(p[0]), d(r), d(offsets), beta=1.0, n_ranked=d(n_ranked))
+    b = ec.listwise_dpo_loss_and_grad(d(p[0]), d(r), d(offsets), d(np.ones(40)), beta=1.0,
+                                      n_ranked=d(n_ranked))
     assert a[0] == b[0]
-    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(host(a[1]), host(b[1]))
 
 
 def test_gradient_matches_finite_differences(rng):
@@ -514,13 +521,15 @@ def test_group_by_annotator_matches_reference(rng):
     assert order.dtype == np.int64 and aoff.dtype == np.int64
 
 
-def test_int32_indices_are_accepted(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_indices_are_accepted(rng, device):
     offsets, n_ranked = random_layout(rng, 20)
     p, r = random_logps(rng, 2, offsets[-1])
-    a = ec.listwise_loglik(p, r, offsets.astype(np.int32), beta=1.0,
-                           n_ranked=n_ranked.astype(np.int32))
-    b = ec.listwise_loglik(p, r, offsets, beta=1.0, n_ranked=n_ranked)
-    np.testing.assert_array_equal(a, b)
+    d = (lambda x: on(device, x))
+    a = ec.listwise_loglik(d(p), d(r), d(offsets.astype(np.int32)), beta=1.0,
+                           n_ranked=d(n_ranked.astype(np.int32)))
+    b = ec.listwise_loglik(d(p), d(r), d(offsets), beta=1.0, n_ranked=d(n_ranked))
+    np.testing.assert_array_equal(host(a), host(b))
 
 
 def test_torch_cpu_tensors_round_trip(rng):

@@ -175,7 +175,7 @@ def test_mixed_dtypes_promote_like_torch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_extreme_log_probabilities_and_long_lists(device):
-    # DESIGN: stable for log-probabilities of -1e4, beta up to 10, lists of hundreds.
+    # Stable for log-probabilities of -1e4, beta up to 10, lists of hundreds (README.md).
     rng = np.random.default_rng(8)
     lengths = np.array([2, 300, 5, 150])
     offsets = np.concatenate([[0], np.cumsum(lengths)])

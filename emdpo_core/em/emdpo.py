@@ -34,7 +34,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import _mixture, _responsibilities
+from . import _mixture
 from .. import _checks, diagnostics
 from ..data import PreferenceData, RankingData
 from .engine import EMEstimator
@@ -205,7 +205,7 @@ class EMDPO(EMEstimator):
         labels = np.searchsorted(used, labels)
         resp = np.zeros((H, used.size))
         resp[np.arange(H), labels] = 1.0
-        self.family_.initialize(g, _responsibilities.RecordWeights(g)(resp), rng)
+        self.family_.initialize(g, self._record_weights(g, resp), rng)
         eta = _mixture.mixture_weights(resp, g.annotator_weight, float(self.alpha))
         log_weights = np.log(np.maximum(eta, 1e-300))
         self.timings_["init"] += time.perf_counter() - t0

@@ -229,15 +229,21 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
             return 0.5 / self._shards.annotator_total(g)
         return float(self.min_weight)
 
+    def _arrays(self, g) -> _responsibilities.GroupedArrays:
+        """g's arrays where the policies are; kept for the data of the fit in progress."""
+        arrays = self.__dict__.get("_arrays_of")
+        if arrays is None or arrays.grouped is not g:
+            arrays = _responsibilities.GroupedArrays(g)
+            if "_shards" in self.__dict__:      # fitting (fit's finally lets it go)
+                self._arrays_of = arrays
+        return arrays
+
     def _record_weights(self, g, resp):
         """(K, N) M-step weights w_ki = c_i v_{a_i} g_{a_i k}, where resp is (NumPy on the
         host, or a tensor on the policies' device; see _responsibilities)."""
         if not getattr(self.family_, "tensor_weights", False):
             resp = to_numpy(resp)           # the family takes NumPy weights: built on the host
-        rw = self.__dict__.get("_record_weights_of")
-        if rw is None or rw.grouped is not g:
-            rw = self._record_weights_of = _responsibilities.RecordWeights(g)
-        return rw(resp)
+        return self._arrays(g).record_weights(resp)
 
     def _reset_timings(self):
         self.timings_ = dict.fromkeys(
@@ -261,10 +267,8 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
         t0 = time.perf_counter()
         lp = self.family_.logps(g)
         t1 = time.perf_counter()
-        res = e_step(lp.policy, lp.ref, g.offsets, g.annotator_offsets, log_weights,
-                     beta=lp.beta, n_ranked=g.n_ranked,
-                     record_weights=None if g.unit_record_weight else g.record_weight,
-                     annotator_weights=None if g.unit_annotator_weight else g.annotator_weight)
+        res = e_step(lp.policy, lp.ref, log_weights=log_weights, beta=lp.beta,
+                     **self._arrays(g).e_step_inputs(lp.policy))
         # Distributed fits: the partial sums of annotators on several ranks are added, the
         # log-likelihood and type totals summed over the ranks (one process: as they are).
         resp, loglik, totals, S = self._shards.combine(
@@ -349,7 +353,7 @@ class EMEstimator(Persistence, Scoring, abc.ABC):
             return self._fit(data, g, shards, callback)
         finally:
             del self._shards           # back to the class's one-process default
-            self.__dict__.pop("_record_weights_of", None)   # holds the data, device buffers
+            self.__dict__.pop("_arrays_of", None)   # holds the data and its device copies
             if getattr(self, "family_", None) is not None:
                 self.family_.comm = LocalComm()
 

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class _Run:
     restart: int
     n_iter: int
     log_weights: np.ndarray            # (K,)
-    resp: np.ndarray                   # (H, K)
+    resp: Any                          # (H, K) NumPy, or a torch family's tensor on its device
     loglik: float
     objective: float
     trace: List[float]                 # objective / total weight after each E-step

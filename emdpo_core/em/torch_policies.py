@@ -60,7 +60,9 @@ class TorchPolicies(PolicyFamily):
 
     E-step: every slot's log-probability under every module, in batches of
     ``eval_batch_size`` slots under ``torch.no_grad()`` and ``module.eval()``, then the
-    fused kernel (CPU or CUDA, where the modules are).
+    fused kernel (CPU or CUDA, where the modules are). The posteriors and the M-step weights
+    stay on that device (``tensor_weights``); per EM iteration only K-sized values (type
+    totals, the log-likelihood) go to the host.
 
     Initialization: the policies start as copies of ``policy`` (or from the factory) and are
     trained for ``init_steps`` steps on the initial responsibilities (for k-means: hard
