@@ -64,4 +64,18 @@ T* opt_out_ptr(py::object& a, const char* name, int64_t size) {
 
 inline bool is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 
+// CUDA bindings: device pointers arrive as integers (torch's data_ptr()).
+template <typename T> T* dev_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Calls f(T{}) with T the element type named by dtype ("float32" or "float64"), so that a
+// binding spells its kernel call once for both precisions.
+template <typename F> void with_dtype(const std::string& dtype, F&& f) {
+  if (dtype == "float32")
+    f(float{});
+  else if (dtype == "float64")
+    f(double{});
+  else
+    throw py::type_error("dtype: expected 'float32' or 'float64', got '" + dtype + "'");
+}
+
 }  // namespace emdpo_bindings

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "buffers.h"
 #ifdef EMDPO_HAVE_CUDA
 #include "cuda/listwise_cuda.h"
 #endif
@@ -16,12 +17,12 @@ namespace py = pybind11;
 #ifdef EMDPO_HAVE_CUDA
 namespace {
 
-template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
-bool is_float32(const std::string& dtype) {
-  if (dtype == "float32") return true;
-  if (dtype == "float64") return false;
-  throw py::type_error("dtype: expected 'float32' or 'float64', got '" + dtype + "'");
+template <typename T>
+emdpo::Records<T> records(uintptr_t policy, uintptr_t ref, uintptr_t offsets,
+                          uintptr_t n_ranked, int64_t N, int64_t M, int64_t K, double beta) {
+  using emdpo_bindings::dev_ptr;
+  return {dev_ptr<T>(policy), dev_ptr<T>(ref), dev_ptr<int64_t>(offsets),
+          dev_ptr<int64_t>(n_ranked), N, M, K, beta};
 }
 
 }  // namespace
@@ -31,21 +32,20 @@ void register_cuda(py::module_& m) {
   m.attr("cuda_compiler") = EMDPO_CUDA_COMPILER;
   m.attr("cuda_architectures") = EMDPO_CUDA_ARCHS;
   using namespace emdpo;
+  using emdpo_bindings::dev_ptr;
+  using emdpo_bindings::with_dtype;
 
   m.def("cuda_listwise_loglik",
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, int64_t N, int64_t M, int64_t K, double beta, uintptr_t out,
            uintptr_t first_bad, uintptr_t stream) {
           py::gil_scoped_release release;
-          auto fb = ptr<unsigned long long>(first_bad);
-          if (is_float32(dtype))
-            cuda::listwise_loglik<float>(ptr<float>(policy), ptr<float>(ref),
-                                         ptr<int64_t>(offsets), ptr<int64_t>(n_ranked), N, M, K,
-                                         beta, ptr<float>(out), fb, ptr<void>(stream));
-          else
-            cuda::listwise_loglik<double>(ptr<double>(policy), ptr<double>(ref),
-                                          ptr<int64_t>(offsets), ptr<int64_t>(n_ranked), N, M,
-                                          K, beta, ptr<double>(out), fb, ptr<void>(stream));
+          with_dtype(dtype, [&](auto t) {
+            using T = decltype(t);
+            cuda::listwise_loglik<T>(
+                records<T>(policy, ref, offsets, n_ranked, N, M, K, beta), dev_ptr<T>(out),
+                {dev_ptr<unsigned long long>(first_bad), nullptr, 0, dev_ptr<void>(stream)});
+          });
         });
 
   m.def("cuda_e_step_workspace_bytes", &cuda::e_step_workspace_bytes);
@@ -57,25 +57,17 @@ void register_cuda(py::module_& m) {
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
            uintptr_t annotator_weights, uintptr_t type_totals) {
           py::gil_scoped_release release;
-          auto fb = ptr<unsigned long long>(first_bad);
-          auto v = ptr<const double>(annotator_weights);
-          auto tt = ptr<double>(type_totals);
-          if (is_float32(dtype))
-            cuda::e_step<float>(ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
-                                ptr<int64_t>(n_ranked), ptr<float>(record_weights),
-                                ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
-                                M, K, H, beta, ptr<float>(resp), ptr<float>(annot_ll),
-                                ptr<double>(loglik), ptr<float>(record_ll), fb,
-                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
-                                tt);
-          else
-            cuda::e_step<double>(ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
-                                 ptr<int64_t>(n_ranked), ptr<double>(record_weights),
-                                 ptr<int64_t>(annotator_offsets), ptr<double>(log_weights), N,
-                                 M, K, H, beta, ptr<double>(resp), ptr<double>(annot_ll),
-                                 ptr<double>(loglik), ptr<double>(record_ll), fb,
-                                 ptr<void>(workspace), workspace_bytes, ptr<void>(stream), v,
-                                 tt);
+          with_dtype(dtype, [&](auto t) {
+            using T = decltype(t);
+            cuda::e_step<T>(
+                records<T>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                {H, dev_ptr<int64_t>(annotator_offsets), dev_ptr<T>(record_weights),
+                 dev_ptr<double>(log_weights), dev_ptr<double>(annotator_weights)},
+                {dev_ptr<T>(resp), dev_ptr<T>(annot_ll), dev_ptr<double>(loglik),
+                 dev_ptr<T>(record_ll), dev_ptr<double>(type_totals)},
+                {dev_ptr<unsigned long long>(first_bad), dev_ptr<void>(workspace),
+                 workspace_bytes, dev_ptr<void>(stream)});
+          });
         },
         // The trailing pointers are optional (0 = none): annotator weights v (H,) float64
         // and the type totals output (K,) float64 = sum_h v_h g_hk.
@@ -95,20 +87,16 @@ void register_cuda(py::module_& m) {
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
            uintptr_t bad_weight) {
           py::gil_scoped_release release;
-          auto fb = ptr<unsigned long long>(first_bad);
-          auto bw = ptr<unsigned long long>(bad_weight);
-          if (is_float32(dtype))
-            cuda::listwise_dpo_loss_and_grad<float>(
-                ptr<float>(policy), ptr<float>(ref), ptr<int64_t>(offsets),
-                ptr<int64_t>(n_ranked), ptr<float>(weights), ptr<double>(scale), N, M, K, beta,
-                ptr<double>(loss), ptr<float>(grad), ptr<float>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
-          else
-            cuda::listwise_dpo_loss_and_grad<double>(
-                ptr<double>(policy), ptr<double>(ref), ptr<int64_t>(offsets),
-                ptr<int64_t>(n_ranked), ptr<double>(weights), ptr<double>(scale), N, M, K, beta,
-                ptr<double>(loss), ptr<double>(grad), ptr<double>(record_loss), fb,
-                ptr<void>(workspace), workspace_bytes, ptr<void>(stream), bw);
+          with_dtype(dtype, [&](auto t) {
+            using T = decltype(t);
+            cuda::listwise_dpo_loss_and_grad<T>(
+                records<T>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                {dev_ptr<T>(weights), dev_ptr<double>(scale), dev_ptr<double>(loss),
+                 dev_ptr<T>(grad), dev_ptr<T>(record_loss)},
+                {dev_ptr<unsigned long long>(first_bad), dev_ptr<void>(workspace),
+                 workspace_bytes, dev_ptr<void>(stream)},
+                dev_ptr<unsigned long long>(bad_weight));
+          });
         },
         // bad_weight_ptr (optional, 0 = none): a device int64 initialised to -1, lowered to
         // the first flat index of a non-finite weight.

@@ -1,8 +1,9 @@
 // pybind11 bindings: the private module emdpo_core._core.
 //
-// The Python layer (emdpo_core/ops/ with emdpo_core/_checks.py) validates arguments and converts dtypes before it
-// calls in here; these functions re-check what they rely on for memory safety (dtype,
-// contiguity, sizes) so that a direct call with bad buffers raises instead of crashing.
+// The Python layer (emdpo_core/ops/, with the checks of emdpo_core/_checks.py) validates
+// arguments and converts dtypes before it calls in here; these functions re-check what they
+// rely on for memory safety (dtype, contiguity, sizes) so that a direct call with bad buffers
+// raises instead of crashing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -19,56 +20,57 @@ namespace {
 
 using namespace emdpo_bindings;
 
-
+// The records every kernel reads, each buffer checked against the sizes.
 template <typename T>
-int64_t listwise_loglik_impl(py::array policy, py::array ref, py::array offsets,
-                             py::object n_ranked, int64_t N, int64_t M, int64_t K, double beta,
-                             py::array out) {
-  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
-  const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
-  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
-  T* y = out_ptr<T>(out, "out", size_product(N, K, "N * K"));
-  py::gil_scoped_release release;
-  return emdpo::cpu::listwise_loglik<T>(p, r, o, nr, N, M, K, beta, y);
+emdpo::Records<T> records(py::array policy, py::array ref, py::array offsets,
+                          py::object n_ranked, int64_t N, int64_t M, int64_t K, double beta) {
+  return {in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M")),
+          in_ptr<T>(ref, "ref_logps", M),
+          in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N")),
+          opt_in_ptr<int64_t>(n_ranked, "n_ranked", N),
+          N, M, K, beta};
 }
 
 template <typename T>
-py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
-                      py::object record_weights, py::array annotator_offsets,
-                      py::array log_weights, int64_t N, int64_t M, int64_t K, int64_t H,
-                      double beta, py::array resp, py::array annot_ll, py::object record_ll,
+int64_t listwise_loglik_impl(const emdpo::Records<T>& rec, py::array out) {
+  T* y = out_ptr<T>(out, "out", size_product(rec.N, rec.K, "N * K"));
+  py::gil_scoped_release release;
+  return emdpo::cpu::listwise_loglik<T>(rec, y);
+}
+
+template <typename T>
+py::tuple e_step_impl(const emdpo::Records<T>& rec, py::object record_weights,
+                      py::array annotator_offsets, py::array log_weights, int64_t H,
+                      py::array resp, py::array annot_ll, py::object record_ll,
                       py::object annotator_weights, py::object type_totals) {
-  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
-  const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
-  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
-  const T* w = opt_in_ptr<T>(record_weights, "record_weights", N);
-  const int64_t* ao =
-      in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
-  const double* lw = in_ptr<double>(log_weights, "log_weights", K);
-  T* g = out_ptr<T>(resp, "responsibilities", size_product(H, K, "H * K"));
-  T* s = out_ptr<T>(annot_ll, "annotator_loglik", size_product(H, K, "H * K"));
-  T* rl = opt_out_ptr<T>(record_ll, "record_loglik", size_product(N, K, "N * K"));
-  const double* v = opt_in_ptr<double>(annotator_weights, "annotator_weights", H);
-  if (v) {
+  const int64_t N = rec.N, K = rec.K;
+  // Checked in argument order, so a call with several bad buffers names the first one.
+  emdpo::Annotators<T> ann{H, nullptr, opt_in_ptr<T>(record_weights, "record_weights", N)};
+  ann.offsets = in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
+  ann.log_weights = in_ptr<double>(log_weights, "log_weights", K);
+  double loglik = 0.0;
+  emdpo::EStepOut<T> out{
+      out_ptr<T>(resp, "responsibilities", size_product(H, K, "H * K")),
+      out_ptr<T>(annot_ll, "annotator_loglik", size_product(H, K, "H * K")), &loglik,
+      opt_out_ptr<T>(record_ll, "record_loglik", size_product(N, K, "N * K")), nullptr};
+  ann.weights = opt_in_ptr<double>(annotator_weights, "annotator_weights", H);
+  if (const double* v = ann.weights) {
     for (int64_t h = 0; h < H; ++h)
       if (!(v[h] >= 0.0 && v[h] < INFINITY))
         throw py::value_error("annotator_weights: expected finite values >= 0, got " +
                               std::to_string(v[h]) + " at index " + std::to_string(h));
   }
-  double* tt = opt_out_ptr<double>(type_totals, "type_totals", K);
-  double loglik = 0.0;
+  out.type_totals = opt_out_ptr<double>(type_totals, "type_totals", K);
   int64_t bad;
   {
     py::gil_scoped_release release;
-    bad = emdpo::cpu::e_step<T>(p, r, o, nr, w, ao, lw, v, N, M, K, H, beta, g, s, &loglik, rl,
-                                tt);
+    bad = emdpo::cpu::e_step<T>(rec, ann, out);
   }
   if (bad < 0) {
     // A row of NaN: no posterior exists in float64 (finish_annotator in common/listwise.h).
+    const int64_t* ao = ann.offsets;
     for (int64_t h = 0; h < H; ++h) {
-      if (std::isnan(double(g[h * K])))
+      if (std::isnan(double(out.responsibilities[h * K])))
         throw py::value_error(
             "annotator " + std::to_string(h) + ": log_weights[k] + the summed log-likelihood "
             "of its records (records " + std::to_string(ao[h]) + ".." +
@@ -81,23 +83,19 @@ py::tuple e_step_impl(py::array policy, py::array ref, py::array offsets, py::ob
 }
 
 template <typename T>
-py::tuple loss_impl(py::array policy, py::array ref, py::array offsets, py::object n_ranked,
-                    py::object weights, py::array scale, int64_t N, int64_t M, int64_t K,
-                    double beta, py::array grad, py::object record_loss) {
-  const T* p = in_ptr<T>(policy, "policy_logps", size_product(K, M, "K * M"));
-  const T* r = in_ptr<T>(ref, "ref_logps", M);
-  const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
-  const int64_t* nr = opt_in_ptr<int64_t>(n_ranked, "n_ranked", N);
-  const T* w = opt_in_ptr<T>(weights, "weights", size_product(K, N, "K * N"));
-  const double* sc = in_ptr<double>(scale, "scale", K);
-  T* g = out_ptr<T>(grad, "grad", size_product(K, M, "K * M"));
-  T* rl = opt_out_ptr<T>(record_loss, "record_loss", size_product(K, N, "K * N"));
+py::tuple loss_impl(const emdpo::Records<T>& rec, py::object weights, py::array scale,
+                    py::array grad, py::object record_loss) {
+  const int64_t N = rec.N, K = rec.K;
   double loss = 0.0;
+  const emdpo::LossArgs<T> args{opt_in_ptr<T>(weights, "weights", size_product(K, N, "K * N")),
+                                in_ptr<double>(scale, "scale", K), &loss,
+                                out_ptr<T>(grad, "grad", size_product(K, rec.M, "K * M")),
+                                opt_out_ptr<T>(record_loss, "record_loss",
+                                               size_product(K, N, "K * N"))};
   int64_t bad;
   {
     py::gil_scoped_release release;
-    bad = emdpo::cpu::listwise_dpo_loss_and_grad<T>(p, r, o, nr, w, sc, N, M, K, beta, &loss,
-                                                    g, rl);
+    bad = emdpo::cpu::listwise_dpo_loss_and_grad<T>(rec, args);
   }
   return py::make_tuple(bad, loss);
 }
@@ -114,8 +112,8 @@ void check_sizes(int64_t N, int64_t M, int64_t K) {
 }
 
 void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) {
-  // Memory safety of the kernels rests on these; emdpo_core/_checks.py checks them first with better
-  // messages, this is the last line of defence for direct callers.
+  // Memory safety of the kernels rests on these; emdpo_core/_checks.py checks them first
+  // with better messages, this is the last line of defence for direct callers.
   const int64_t* o = in_ptr<int64_t>(offsets, "offsets", size_plus_one(N, "N"));
   if (emdpo::cpu::first_bad_offset(o, N + 1, M, 2) >= 0)
     throw py::value_error("offsets: not a valid layout");
@@ -171,8 +169,10 @@ PYBIND11_MODULE(_core, m) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
         return is_float32(policy)
-                   ? listwise_loglik_impl<float>(policy, ref, offsets, n_ranked, N, M, K, beta, out)
-                   : listwise_loglik_impl<double>(policy, ref, offsets, n_ranked, N, M, K, beta, out);
+                   ? listwise_loglik_impl(
+                         records<float>(policy, ref, offsets, n_ranked, N, M, K, beta), out)
+                   : listwise_loglik_impl(
+                         records<double>(policy, ref, offsets, n_ranked, N, M, K, beta), out);
       },
       "Returns the first record with non-finite rewards, or -1.");
 
@@ -193,12 +193,12 @@ PYBIND11_MODULE(_core, m) {
         if (emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)
           throw py::value_error("annotator_offsets: not a valid layout");
         return is_float32(policy)
-                   ? e_step_impl<float>(policy, ref, offsets, n_ranked, record_weights,
-                                        annotator_offsets, log_weights, N, M, K, H, beta, resp,
-                                        annot_ll, record_ll, annotator_weights, type_totals)
-                   : e_step_impl<double>(policy, ref, offsets, n_ranked, record_weights,
-                                         annotator_offsets, log_weights, N, M, K, H, beta, resp,
-                                         annot_ll, record_ll, annotator_weights, type_totals);
+                   ? e_step_impl(records<float>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                                 record_weights, annotator_offsets, log_weights, H, resp,
+                                 annot_ll, record_ll, annotator_weights, type_totals)
+                   : e_step_impl(records<double>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                                 record_weights, annotator_offsets, log_weights, H, resp,
+                                 annot_ll, record_ll, annotator_weights, type_totals);
       },
       py::arg("policy_logps"), py::arg("ref_logps"), py::arg("offsets"), py::arg("n_ranked"),
       py::arg("record_weights"), py::arg("annotator_offsets"), py::arg("log_weights"),
@@ -217,10 +217,10 @@ PYBIND11_MODULE(_core, m) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
         return is_float32(policy)
-                   ? loss_impl<float>(policy, ref, offsets, n_ranked, weights, scale, N, M, K,
-                                      beta, grad, record_loss)
-                   : loss_impl<double>(policy, ref, offsets, n_ranked, weights, scale, N, M, K,
-                                       beta, grad, record_loss);
+                   ? loss_impl(records<float>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                               weights, scale, grad, record_loss)
+                   : loss_impl(records<double>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                               weights, scale, grad, record_loss);
       },
       "Returns (first record with non-finite rewards or -1, total loss).");
 

@@ -51,10 +51,6 @@ int64_t regret_matrix_impl(py::array logps, py::object ref, py::array offsets,
   return emdpo::cpu::regret_matrix<T>(lp, r, o, w, K, S, kind, beta, R);
 }
 
-#ifdef EMDPO_HAVE_CUDA
-template <typename T> T* dev_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-#endif
-
 }  // namespace
 
 void register_regret(py::module_& m) {
@@ -82,22 +78,17 @@ void register_regret(py::module_& m) {
            uintptr_t weights, int64_t K, int64_t S, int kind, double beta, uintptr_t out,
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
           check_kind(kind);
-          if (dtype != "float32" && dtype != "float64")
-            throw py::type_error("dtype: expected 'float32' or 'float64', got '" + dtype + "'");
+          using emdpo_bindings::dev_ptr;
           py::gil_scoped_release release;
-          auto fb = dev_ptr<unsigned long long>(first_bad);
-          if (dtype == "float32")
-            emdpo::cuda::regret_matrix<float>(dev_ptr<float>(logps), dev_ptr<float>(ref),
-                                              dev_ptr<int64_t>(offsets), dev_ptr<float>(weights),
-                                              K, S, kind, beta, dev_ptr<double>(out), fb,
-                                              dev_ptr<void>(workspace), workspace_bytes,
-                                              dev_ptr<void>(stream));
-          else
-            emdpo::cuda::regret_matrix<double>(dev_ptr<double>(logps), dev_ptr<double>(ref),
-                                               dev_ptr<int64_t>(offsets),
-                                               dev_ptr<double>(weights), K, S, kind, beta,
-                                               dev_ptr<double>(out), fb, dev_ptr<void>(workspace),
-                                               workspace_bytes, dev_ptr<void>(stream));
+          emdpo_bindings::with_dtype(dtype, [&](auto t) {
+            using T = decltype(t);
+            emdpo::cuda::regret_matrix<T>(dev_ptr<T>(logps), dev_ptr<T>(ref),
+                                          dev_ptr<int64_t>(offsets), dev_ptr<T>(weights), K, S,
+                                          kind, beta, dev_ptr<double>(out),
+                                          dev_ptr<unsigned long long>(first_bad),
+                                          dev_ptr<void>(workspace), workspace_bytes,
+                                          dev_ptr<void>(stream));
+          });
         });
 #endif
 }

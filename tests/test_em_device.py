@@ -167,9 +167,11 @@ def test_a_type_collapsing_during_the_iteration_is_dropped_on_the_device(device)
     # Dropped inside the iteration (not at the start), where resp lives on the device.
     assert fit.dropped_components_ and fit.dropped_components_[0][0] >= 1
     assert fit.n_components_ == 2 and fit.responsibilities_.shape[1] == 2
-    # After the drop, the type totals are sums in another order (float64 rounding, then
-    # carried through the remaining iterations; on CUDA also the kernel's reductions).
-    assert_same_fit(fit, host, rtol=1e-9, atol=1e-12)
+    # After the drop, the type totals are sums in another order (float64 rounding, carried
+    # through the remaining iterations); on a GPU also the kernels' and the optimizer's
+    # reductions (the CPU-vs-CUDA bound of test_device_path_on_each_device_...).
+    tol = dict(rtol=1e-9, atol=1e-12) if device == "cpu" else dict(rtol=1e-6, atol=1e-8)
+    assert_same_fit(fit, host, **tol)
 
 
 # ----------------------------------------------------------------------------------------

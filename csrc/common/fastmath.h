@@ -89,35 +89,29 @@ EMDPO_VECTOR_TYPES(8)
 EMDPO_VECTOR_TYPES(16)
 #undef EMDPO_VECTOR_TYPES
 
-// Clamps: one min and one max instruction where the translation unit's instruction set has
-// them at this width, selects otherwise; the same value for every finite x.
+// Clamps: selects at any width, and one min and one max instruction (an overload the
+// compiler prefers to the template) at each width the translation unit's instruction set
+// has; the same value for every finite x.
 template <typename V>
-EMDPO_ALWAYS_INLINE V clamp_by_select(V x, float lo, float hi) {
+EMDPO_ALWAYS_INLINE V clamp(V x, float lo, float hi) {
   x = sel(x < lo, V(V{} + lo), x);
   return sel(x > hi, V(V{} + hi), x);
 }
-EMDPO_ALWAYS_INLINE vfloat4 clamp(vfloat4 x, float lo, float hi) {
+#define EMDPO_NATIVE_CLAMP(W, REG, PREFIX)                                                    \
+  EMDPO_ALWAYS_INLINE vfloat##W clamp(vfloat##W x, float lo, float hi) {                      \
+    return (vfloat##W)PREFIX##_min_ps(PREFIX##_max_ps((REG)x, PREFIX##_set1_ps(lo)),          \
+                                      PREFIX##_set1_ps(hi));                                  \
+  }
 #if defined(__SSE__)
-  return (vfloat4)_mm_min_ps(_mm_max_ps((__m128)x, _mm_set1_ps(lo)), _mm_set1_ps(hi));
-#else
-  return clamp_by_select(x, lo, hi);
+EMDPO_NATIVE_CLAMP(4, __m128, _mm)
 #endif
-}
-EMDPO_ALWAYS_INLINE vfloat8 clamp(vfloat8 x, float lo, float hi) {
 #if defined(__AVX__)
-  return (vfloat8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
-#else
-  return clamp_by_select(x, lo, hi);
+EMDPO_NATIVE_CLAMP(8, __m256, _mm256)
 #endif
-}
-EMDPO_ALWAYS_INLINE vfloat16 clamp(vfloat16 x, float lo, float hi) {
 #if defined(__AVX512F__)
-  return (vfloat16)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(lo)),
-                                 _mm512_set1_ps(hi));
-#else
-  return clamp_by_select(x, lo, hi);
+EMDPO_NATIVE_CLAMP(16, __m512, _mm512)
 #endif
-}
+#undef EMDPO_NATIVE_CLAMP
 #endif
 
 // exp(x). Inputs are clamped to [-87.3, 88.3]: below that the true result is under 1.2e-38,

@@ -48,16 +48,64 @@ template <typename A> EMDPO_HD A min_zero(A x) { return x < A(0) ? x : A(0); }
 // True for finite x; written with comparisons only so it survives any math flags.
 template <typename A> EMDPO_HD bool finite_(A x) { return abs_(x) < A(INFINITY); }
 
+// The formulas below are written once, over a Base: the exponential, logarithm and
+// reciprocal of the base the rewards are measured in, and the conversion of a result to
+// natural units. NaturalBase is the CPU's (rewards in nats); cuda/record2.cuh defines the
+// GPU's base 2 (rewards in bits, on the hardware's exp2/log2/reciprocal approximations).
+// The ratios the formulas are built from (exp(r - mx), the running sums z) are the same
+// numbers in either base.
+struct NaturalBase {
+  template <typename A> static EMDPO_HD A exp(A x) { return exp_(x); }
+  template <typename A> static EMDPO_HD A log(A x) { return log_(x); }
+  template <typename A> static EMDPO_HD A rcp(A x) { return A(1) / x; }
+  template <typename A> static EMDPO_HD A to_nats(A x) { return x; }
+};
+
+// Loops over the slots of a register array are fully unrolled by nvcc (EMDPO_UNROLL), so
+// that every index is a compile-time constant and the array never leaves registers.
+#if defined(__CUDA_ARCH__)
+#define EMDPO_UNROLL _Pragma("unroll")
+#else
+#define EMDPO_UNROLL
+#endif
+
+// How a formula walks a record's m slots. runtime: slots m-1 .. 0 (any m; the CPU, and the
+// GPU's long lists). The GPU's short lists, in register arrays of MM slots, loop over
+// compile-time ranges: exact (m == MM) or padded (m <= MM: all MM slots with guards t < m,
+// the backward pass starting from (mx, z) = (-inf, 0), so that the first real slot sets
+// mx = r, z = 1 exactly as the other walks start).
+enum class Walk { runtime, exact, padded };
+
+// Rewards read from memory: r_t = c * (p[t] - ref[t]) (c = beta, or beta * log2 e in base 2).
+// The difference comes first: p and ref are often close and large (-1e4), and c*p - c*ref
+// would lose the low bits. kCheck: the walks test each reward they read for finiteness
+// (rewards in registers were tested when loaded). __restrict__ for nvcc only: the CPU
+// build keeps the code it was measured with.
+#if defined(__CUDACC__)
+#define EMDPO_RESTRICT __restrict__
+#else
+#define EMDPO_RESTRICT
+#endif
+template <typename A, typename T>
+struct MemoryRewards {
+  static constexpr bool kCheck = true;
+  const T* EMDPO_RESTRICT p;
+  const T* EMDPO_RESTRICT ref;
+  A c;
+  EMDPO_HD A operator()(int64_t t) const { return c * (A(p[t]) - A(ref[t])); }
+};
+
 // One step of the backward pass: fold reward r into the running pair (mx, z) with
-// sum_{s>=t} exp(r_s) = exp(mx) * z. Branch-free so that vectorized callers can use it;
-// z stays >= 1, so log(z) is always safe.
-template <typename A>
-EMDPO_HD void push_reward(A r, A& mx, A& z) {
+// sum_{s>=t} base^r_s = base^mx * z. Branch-free; z stays >= 1, so log(z) is always safe.
+// Returns e = base^-|r - mx| and sets up when r became the maximum.
+template <typename Base, typename A>
+EMDPO_HD A push_reward(A r, A& mx, A& z, bool& up) {
   const A d = r - mx;
-  const A e = exp_(-abs_(d));
-  const bool up = d > A(0);
+  const A e = Base::exp(-abs_(d));
+  up = d > A(0);
   z = up ? z * e + A(1) : z + e;
   mx = up ? r : mx;
+  return e;
 }
 
 // Products of the running sums z (each in [1, m]) are flushed into a log once they pass
@@ -65,137 +113,181 @@ EMDPO_HD void push_reward(A r, A& mx, A& z) {
 // product stays far from overflow in float.
 template <typename A> EMDPO_HD A prod_flush_bound() { return A(1.8e19); }
 
-// Log-likelihood of one record under one type: a backward pass over the slots keeping a
-// running (max, scaled sum) pair, one exp per slot; ll = sum_{t<L} (r_t - mx_t) -
-// log(prod_{t<L} z_t), with LSE_t = mx_t + log z_t. `p` and `ref` point at the record's
-// first slot. Sets `finite` to false when any reward is NaN or infinite (the result is
-// then meaningless and the caller raises).
-template <typename A, typename T>
-EMDPO_HD A record_loglik(const T* p, const T* ref, int64_t m, int64_t L, A beta, bool& finite) {
-  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
-  bool ok = finite_(mx);
-  A z = A(1);
-  A sum_r = A(0), log_sum = A(0), prod_z = A(1);
-  for (int64_t t = m - 2; t >= 0; --t) {
-    const A r = beta * (A(p[t]) - A(ref[t]));
-    ok = ok && finite_(r);
-    push_reward(r, mx, z);
-    if (t < L) {
-      sum_r += r - mx;
-      prod_z *= z;
+// ll = sum_{t<L} (r_t - mx_t) - log(prod_{t<L} z_t), LSE_t = mx_t + log z_t, accumulated
+// over the backward pass. FLUSH false: the caller's walk is short enough that the product
+// cannot approach the bound (compile-time walks), and the check is left out.
+template <typename A, typename Base, bool FLUSH>
+struct LoglikSum {
+  A sum_r = A(0), log_sum = A(0), prod = A(1);
+  EMDPO_HD void add_ranked(A r, A mx, A z) {
+    sum_r += r - mx;
+    prod *= z;
+  }
+  EMDPO_HD void flush() {
+    if (FLUSH && prod > prod_flush_bound<A>()) {
+      log_sum += Base::log(prod);
+      prod = A(1);
     }
-    if (prod_z > prod_flush_bound<A>()) {
-      log_sum += log_(prod_z);
-      prod_z = A(1);
+  }
+  EMDPO_HD A value() const {
+    return Base::to_nats(FLUSH ? sum_r - (log_sum + Base::log(prod)) : sum_r - Base::log(prod));
+  }
+};
+// Whether a walk needs the flush. Compile-time walks hold at most 15 sums, each <= 16: a
+// product below 2^60 < 1.8e19.
+template <int MM, Walk W>
+struct needs_flush {
+  static_assert(W == Walk::runtime || MM <= 16, "compile-time walks are short lists");
+  static constexpr bool value = W == Walk::runtime;
+};
+
+// The backward pass over a record's slots t = m-1 .. 0, keeping the running (max, scaled
+// sum) pair, one exp per slot; returns the record's log-likelihood. `reward(t)` gives slot
+// t's reward (t < m); MM only matters for the compile-time walks. After each step,
+// on_step(t, e, up, z) sees the step's exponential, its direction and the running sum
+// (walk_loglik_grad keeps them for its forward pass).
+template <typename Base, int MM, Walk W, typename A, typename I, typename Reward, typename OnStep>
+EMDPO_HD A backward_pass(const Reward& reward, I m, I L, bool& finite, OnStep&& on_step) {
+  constexpr bool kPadded = W == Walk::padded;
+  const I n = W == Walk::runtime ? m : I(MM);
+  A mx = kPadded ? A(-INFINITY) : reward(n - 1);
+  bool ok = !Reward::kCheck || finite_(mx);
+  A z = kPadded ? A(0) : A(1);
+  LoglikSum<A, Base, needs_flush<MM, W>::value> ll;
+  EMDPO_UNROLL
+  for (I t = n - (kPadded ? 1 : 2); t >= 0; --t) {
+    if (!kPadded || t < m) {
+      const A r = reward(t);
+      ok = ok && (!Reward::kCheck || finite_(r));
+      bool up;
+      const A e = push_reward<Base>(r, mx, z, up);
+      on_step(t, e, up, z);
+      if (t < L) ll.add_ranked(r, mx, z);
+      ll.flush();
     }
   }
   finite = finite && ok;
-  return sum_r - (log_sum + log_(prod_z));
+  return ll.value();
 }
 
-// Log-likelihood and its gradient for one record under one type. Writes
-// g[j] = coef * d ll / d logpi(y_j) for every slot j of the record and returns ll.
-// g[0..L-1] doubles as scratch for LSE_t between the two passes, so the kernel needs no
-// temporary beyond the output it writes anyway.
-template <typename A, typename T, typename G>
-EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A beta, A coef,
-                              G* g, bool& finite) {
-  // Backward pass: LSE_t for t < L into g[t], and ll.
-  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
-  bool ok = finite_(mx);
-  A z = A(1);
-  A ll = A(0);
-  for (int64_t t = m - 2; t >= 0; --t) {
-    const A r = beta * (A(p[t]) - A(ref[t]));
-    ok = ok && finite_(r);
-    push_reward(r, mx, z);
-    if (t < L) {
-      const A lse = mx + log_(z);
-      ll += r - lse;
-      g[t] = G(lse);
-    }
-  }
-  finite = finite && ok;
-  // Forward pass: prefix sums Q_T and the gradient.
-  const A scale = coef * beta;
-  A q = A(0);
-  A lse_prev = A(0);
-  for (int64_t j = 0; j < m; ++j) {
-    const A r = beta * (A(p[j]) - A(ref[j]));
-    A ranked = A(0);
-    if (j < L) {
-      const A lse = A(g[j]);
-      // LSE is non-increasing, so the exponent is <= 0 except at j = 0, where q = 0 and the
-      // clamp keeps 0 * exp(.) finite: q becomes 1 there without a special case.
-      q = q * exp_(min_zero(lse - lse_prev)) + A(1);
-      lse_prev = lse;
-      ranked = A(1);
-    }
-    g[j] = G(scale * (ranked - exp_(r - lse_prev) * q));
-  }
-  return ll;
+struct NoStep {
+  template <typename... X> EMDPO_HD void operator()(X...) const {}
+};
+
+// Log-likelihood of one record (see backward_pass).
+template <typename Base, int MM, Walk W, typename A, typename I, typename Reward>
+EMDPO_HD A walk_loglik(const Reward& reward, I m, I L, bool& finite) {
+  return backward_pass<Base, MM, W, A>(reward, m, L, finite, NoStep{});
 }
 
-// Longest list record_loglik_grad_short handles (it keeps three values per slot on the stack).
-constexpr int kShortList = 256;
-
-// Log-likelihood and gradient for a record of at most kShortList slots, with no exponential
-// in the forward pass: the backward pass keeps, per slot t,
+// Log-likelihood and gradient of one record with no exponential in the forward pass: the
+// backward pass keeps, per slot t (arrays of MM slots, m <= MM),
 //     a_t = exp(r_t - mx_t),  b_t = exp(mx_{t+1} - mx_t)  (both 1 or the step's e),  z_t,
 // and then, with T = min(j, L-1),
 //     exp(LSE_T - LSE_{T-1}) = b_{T-1} z_T / z_{T-1},
 //     d ll / d r_j = 1 - (a_j / z_j) Q_j                       for j < L,
 //                  = -(a_j P_j / z_{L-1}) Q_{L-1},  P_j = prod_{t=L-1}^{j-1} b_t   for j >= L.
 // Every factor is in [0, 1] or is z >= 1. Per record: m - 1 exponentials, one log (products
-// of z, as in record_loglik, whose ll this returns bit for bit) and m divisions, instead of
-// about 3m exponentials. Writes g[j] = coef * beta * d ll / d r_j. The CPU kernels' lanes
-// (cpu/listwise_lanes.h) perform the same operations in the same order.
-template <typename A, typename T, typename G>
-EMDPO_HD A record_loglik_grad_short(const T* p, const T* ref, int64_t m, int64_t L, A beta,
-                                    A coef, G* g, bool& finite) {
-  A a[kShortList], b[kShortList], z_at[kShortList];
-  A mx = beta * (A(p[m - 1]) - A(ref[m - 1]));
-  bool ok = finite_(mx);
-  A z = A(1);
-  a[m - 1] = A(1);
-  b[m - 1] = A(1);
-  z_at[m - 1] = A(1);
-  A sum_r = A(0), log_sum = A(0), prod_z = A(1);
-  for (int64_t t = m - 2; t >= 0; --t) {
-    const A r = beta * (A(p[t]) - A(ref[t]));
-    ok = ok && finite_(r);
-    const A d = r - mx;
-    const A e = exp_(-abs_(d));
-    const bool up = d > A(0);
-    z = up ? z * e + A(1) : z + e;
-    mx = up ? r : mx;
+// of z, as in walk_loglik, whose ll this returns bit for bit) and one reciprocal per ranked
+// slot, instead of about 3m exponentials. Writes g[j] = scale * d ll / d r_j (natural r)
+// and returns ll. The CPU kernels' lanes (cpu/listwise_lanes.h) perform the same
+// operations in the same order.
+template <typename Base, int MM, Walk W, typename A, typename I, typename Reward, typename G>
+EMDPO_HD A walk_loglik_grad(const Reward& reward, I m, I L, A scale, G* g, bool& finite) {
+  constexpr bool kPadded = W == Walk::padded;
+  const I n = W == Walk::runtime ? m : I(MM);
+  A a[MM], b[MM], zt[MM];
+  a[n - 1] = A(1);
+  b[n - 1] = A(1);
+  zt[n - 1] = A(1);
+  const A ll = backward_pass<Base, MM, W, A>(reward, m, L, finite, [&](I t, A e, bool up, A z) {
+    // Padded, at t = m-1: up, e = 0, so a = 1, z = 1 (b is never read there).
     a[t] = up ? A(1) : e;
     b[t] = up ? e : A(1);
-    z_at[t] = z;
-    if (t < L) {
-      sum_r += r - mx;
-      prod_z *= z;
+    zt[t] = z;
+  });
+  A q = A(1), inv_prev = A(1), P = A(1);
+  EMDPO_UNROLL
+  for (I j = 0; j < n; ++j) {
+    if (!kPadded || j < m) {
+      if (j == 0) {  // L >= 1: slot 0 is always ranked, and Q_0 = 1
+        inv_prev = Base::rcp(zt[0]);
+        g[0] = G(scale * (A(1) - a[0] * inv_prev));
+      } else if (j < L) {
+        const A inv_z = Base::rcp(zt[j]);
+        q = q * b[j - 1] * zt[j] * inv_prev + A(1);
+        g[j] = G(scale * (A(1) - a[j] * inv_z * q));
+        inv_prev = inv_z;
+      } else {
+        P = (j == L) ? b[j - 1] : P * b[j - 1];
+        g[j] = G(scale * -(a[j] * P * inv_prev * q));
+      }
     }
-    if (prod_z > prod_flush_bound<A>()) {
-      log_sum += log_(prod_z);
-      prod_z = A(1);
+  }
+  return ll;
+}
+
+// Log-likelihood of one record under one type (any length). `p` and `ref` point at the
+// record's first slot; rewards c * (p - ref). Sets `finite` to false when any reward is NaN
+// or infinite (the result is then meaningless and the caller raises).
+template <typename A, typename Base = NaturalBase, typename T>
+EMDPO_HD A record_loglik(const T* p, const T* ref, int64_t m, int64_t L, A c, bool& finite) {
+  return walk_loglik<Base, 0, Walk::runtime, A>(MemoryRewards<A, T>{p, ref, c}, m, L, finite);
+}
+
+// Longest list record_loglik_grad_short handles (it keeps three values per slot on the stack).
+constexpr int kShortList = 256;
+
+// walk_loglik_grad for a record of at most kShortList slots in memory.
+template <typename A, typename Base = NaturalBase, typename T, typename G>
+EMDPO_HD A record_loglik_grad_short(const T* p, const T* ref, int64_t m, int64_t L, A c,
+                                    A scale, G* g, bool& finite) {
+  return walk_loglik_grad<Base, kShortList, Walk::runtime, A>(MemoryRewards<A, T>{p, ref, c}, m,
+                                                               L, scale, g, finite);
+}
+
+// Log-likelihood and its gradient for one record of any length: writes g[j] = scale *
+// d ll / d r_j (natural r) for every slot j of the record and returns ll, with the
+// exponentials of the derivative in the header comment. g[0..L-1] doubles as scratch for
+// LSE_t between the two passes, so the kernel needs no temporary beyond the output.
+template <typename A, typename Base = NaturalBase, typename T, typename G>
+EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A c, A scale,
+                              G* EMDPO_RESTRICT g, bool& finite) {
+  const MemoryRewards<A, T> reward{p, ref, c};
+  // Backward pass: LSE_t for t < L into g[t], and ll.
+  A mx = reward(m - 1);
+  bool ok = finite_(mx);
+  A z = A(1);
+  A ll = A(0);
+  for (int64_t t = m - 2; t >= 0; --t) {
+    const A r = reward(t);
+    ok = ok && finite_(r);
+    bool up;
+    push_reward<Base>(r, mx, z, up);
+    if (t < L) {
+      const A lse = mx + Base::log(z);
+      ll += r - lse;
+      g[t] = G(lse);
     }
   }
   finite = finite && ok;
-  const A scale = coef * beta;
-  A q = A(0), inv_z_prev = A(1), P = A(1);
+  // Forward pass: prefix sums Q_T and the gradient.
+  A q = A(0);
+  A lse_prev = A(0);
   for (int64_t j = 0; j < m; ++j) {
-    const A inv_z = A(1) / z_at[j];
+    const A r = reward(j);
+    A ranked = A(0);
     if (j < L) {
-      q = (j == 0) ? A(1) : q * b[j - 1] * z_at[j] * inv_z_prev + A(1);
-      g[j] = G(scale * (A(1) - a[j] * inv_z * q));
-      inv_z_prev = inv_z;
-    } else {
-      P = (j == L) ? b[j - 1] : P * b[j - 1];
-      g[j] = G(scale * -(a[j] * P * inv_z_prev * q));
+      const A lse = A(g[j]);
+      // LSE is non-increasing, so the exponent is <= 0 except at j = 0, where q = 0 and the
+      // clamp keeps 0 * exp(.) finite: q becomes 1 there without a special case.
+      q = q * Base::exp(min_zero(lse - lse_prev)) + A(1);
+      lse_prev = lse;
+      ranked = A(1);
     }
+    g[j] = G(scale * (ranked - Base::exp(r - lse_prev) * q));
   }
-  return sum_r - (log_sum + log_(prod_z));
+  return Base::to_nats(ll);
 }
 
 // The difference (log eta_k + S_k) - (log eta_m + S_m) of two E-step terms, like parts

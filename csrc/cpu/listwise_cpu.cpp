@@ -73,50 +73,32 @@ const char* cpu_isa() {
 
 namespace {
 
-inline int64_t chunk_loglik(const float* p, int64_t M, int64_t K, const float* ref,
-                            const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,
-                            float beta, float* out, int64_t stride) {
+// The record loops (cpu/listwise_isa.h) of the instruction set picked above, for element
+// type T: the same two calls for every instruction set and precision.
+template <typename T>
+struct RecordLoops {
+  int64_t (*loglik)(const T* p, int64_t M, int64_t K, const T* ref, const int64_t* o,
+                    const int64_t* nr, int64_t lo, int64_t hi, T beta, T* out, int64_t stride);
+  int64_t (*loglik_grad)(const T* p, const T* ref, const int64_t* o, const int64_t* nr,
+                         const T* w, T scale, int64_t lo, int64_t hi, T beta, T* g, T* ll);
+};
+
+template <typename T>
+RecordLoops<T> record_loops() {
 #ifdef EMDPO_X86_DISPATCH
-  if (kIsa == Isa::avx512) return records_loglik_avx512_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
-  if (kIsa == Isa::avx2) return records_loglik_avx2_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
+  if (kIsa == Isa::avx512) return {records_loglik_avx512, records_loglik_grad_avx512};
+  if (kIsa == Isa::avx2) return {records_loglik_avx2, records_loglik_grad_avx2};
 #endif
-  return records_loglik_baseline_f32(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
-}
-inline int64_t chunk_loglik(const double* p, int64_t M, int64_t K, const double* ref,
-                            const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,
-                            double beta, double* out, int64_t stride) {
-#ifdef EMDPO_X86_DISPATCH
-  if (kIsa == Isa::avx512) return records_loglik_avx512_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
-  if (kIsa == Isa::avx2) return records_loglik_avx2_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
-#endif
-  return records_loglik_baseline_f64(p, M, K, ref, o, nr, lo, hi, beta, out, stride);
-}
-inline int64_t chunk_loglik_grad(const float* p, const float* ref, const int64_t* o,
-                                 const int64_t* nr, const float* w, float scale, int64_t lo,
-                                 int64_t hi, float beta, float* g, float* ll) {
-#ifdef EMDPO_X86_DISPATCH
-  if (kIsa == Isa::avx512) return records_loglik_grad_avx512_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
-  if (kIsa == Isa::avx2) return records_loglik_grad_avx2_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
-#endif
-  return records_loglik_grad_baseline_f32(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
-}
-inline int64_t chunk_loglik_grad(const double* p, const double* ref, const int64_t* o,
-                                 const int64_t* nr, const double* w, double scale, int64_t lo,
-                                 int64_t hi, double beta, double* g, double* ll) {
-#ifdef EMDPO_X86_DISPATCH
-  if (kIsa == Isa::avx512) return records_loglik_grad_avx512_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
-  if (kIsa == Isa::avx2) return records_loglik_grad_avx2_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
-#endif
-  return records_loglik_grad_baseline_f64(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);
+  return {records_loglik_baseline, records_loglik_grad_baseline};
 }
 
 }  // namespace
 
 template <typename T>
-int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
-                        const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
-                        T* out) {
+int64_t listwise_loglik(const Records<T>& rec, T* out) {
+  const int64_t N = rec.N, K = rec.K;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
+  const RecordLoops<T> loops = record_loops<T>();
   int64_t first_bad = kNoBad;
 #pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
   {
@@ -124,8 +106,9 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
-      first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
-                                                   T(beta), buf.data(), kChunk));
+      first_bad = std::min(first_bad, loops.loglik(rec.policy, rec.M, K, rec.ref, rec.offsets,
+                                                   rec.n_ranked, lo, hi, T(rec.beta),
+                                                   buf.data(), kChunk));
       for (int64_t i = lo; i < hi; ++i)
         for (int64_t k = 0; k < K; ++k) out[i * K + k] = buf[k * kChunk + (i - lo)];
     }
@@ -134,19 +117,22 @@ int64_t listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
 }
 
 template <typename T>
-int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
-               const T* record_weights, const int64_t* annotator_offsets,
-               const double* log_weights, const double* annotator_weights, int64_t N,
-               int64_t M, int64_t K, int64_t H, double beta, T* responsibilities,
-               T* annotator_loglik, double* loglik, T* record_ll, double* type_totals) {
+int64_t e_step(const Records<T>& rec, const Annotators<T>& ann, const EStepOut<T>& out) {
+  const int64_t N = rec.N, K = rec.K, H = ann.H;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
+  const RecordLoops<T> loops = record_loops<T>();
   // An annotator whose records all fall inside one chunk is finished by that chunk. One
   // that crosses chunk boundaries leaves a partial sum in its first chunk (slot "tail") and
   // in each later chunk it reaches (slot "head"); these are added in chunk order afterwards.
   std::vector<double> head(n_chunks * K, 0.0), tail(n_chunks * K, 0.0);
   std::vector<int64_t> tail_owner(n_chunks, -1);
   std::vector<double> lse(H, 0.0);
-  const int64_t* aoff = annotator_offsets;
+  const int64_t* aoff = ann.offsets;
+  const T* record_weights = ann.record_weights;
+  const double* log_weights = ann.log_weights;
+  const double* annotator_weights = ann.weights;
+  T* responsibilities = out.responsibilities;
+  T* annotator_loglik = out.annotator_loglik;
   int64_t first_bad = kNoBad;
 
 #pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
@@ -156,11 +142,12 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
-      first_bad = std::min(first_bad, chunk_loglik(policy, M, K, ref, offsets, n_ranked, lo, hi,
-                                                   T(beta), ll.data(), kChunk));
-      if (record_ll)
+      first_bad = std::min(first_bad, loops.loglik(rec.policy, rec.M, K, rec.ref, rec.offsets,
+                                                   rec.n_ranked, lo, hi, T(rec.beta), ll.data(),
+                                                   kChunk));
+      if (out.record_ll)
         for (int64_t i = lo; i < hi; ++i)
-          for (int64_t k = 0; k < K; ++k) record_ll[i * K + k] = ll[k * kChunk + (i - lo)];
+          for (int64_t k = 0; k < K; ++k) out.record_ll[i * K + k] = ll[k * kChunk + (i - lo)];
       // First annotator with a record at or after lo: the last h with aoff[h] <= lo (it is
       // never an empty one, since an empty annotator at lo is followed by one starting at lo).
       int64_t h = int64_t(std::upper_bound(aoff, aoff + H + 1, lo) - aoff) - 1;
@@ -224,8 +211,8 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
   } else {
     for (int64_t h = 0; h < H; ++h) total += lse[h];
   }
-  *loglik = total;
-  if (type_totals) {
+  *out.loglik = total;
+  if (double* type_totals = out.type_totals) {
     std::fill(type_totals, type_totals + K, 0.0);
     for (int64_t h = 0; h < H; ++h) {
       const double v = annotator_weights ? annotator_weights[h] : 1.0;
@@ -237,11 +224,10 @@ int64_t e_step(const T* policy, const T* ref, const int64_t* offsets, const int6
 }
 
 template <typename T>
-int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* offsets,
-                                   const int64_t* n_ranked, const T* weights,
-                                   const double* scale, int64_t N, int64_t M, int64_t K,
-                                   double beta, double* loss, T* grad, T* record_loss) {
+int64_t listwise_dpo_loss_and_grad(const Records<T>& rec, const LossArgs<T>& args) {
+  const int64_t N = rec.N, M = rec.M, K = rec.K;
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
+  const RecordLoops<T> loops = record_loops<T>();
   std::vector<double> chunk_loss(n_chunks * K, 0.0);
   int64_t first_bad = kNoBad;
 #pragma omp parallel reduction(min : first_bad) if (use_threads(n_chunks > 1))
@@ -251,14 +237,15 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(N, lo + kChunk);
       for (int64_t k = 0; k < K; ++k) {
-        const T* w = weights ? weights + k * N : nullptr;
-        first_bad = std::min(first_bad, chunk_loglik_grad(policy + k * M, ref, offsets, n_ranked,
-                                                          w, T(scale[k]), lo, hi, T(beta),
-                                                          grad + k * M, ll.data()));
+        const T* w = args.weights ? args.weights + k * N : nullptr;
+        first_bad = std::min(first_bad, loops.loglik_grad(rec.policy + k * M, rec.ref,
+                                                          rec.offsets, rec.n_ranked, w,
+                                                          T(args.scale[k]), lo, hi, T(rec.beta),
+                                                          args.grad + k * M, ll.data()));
         double acc = 0.0;
         for (int64_t i = lo; i < hi; ++i) {
           const double l_i = -(w ? double(w[i]) : 1.0) * double(ll[i - lo]);
-          if (record_loss) record_loss[k * N + i] = T(l_i);
+          if (args.record_loss) args.record_loss[k * N + i] = T(l_i);
           acc += l_i;
         }
         chunk_loss[c * K + k] = acc;
@@ -269,24 +256,19 @@ int64_t listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t*
   for (int64_t k = 0; k < K; ++k) {
     double type_total = 0.0;
     for (int64_t c = 0; c < n_chunks; ++c) type_total += chunk_loss[c * K + k];
-    total += scale[k] * type_total;
+    total += args.scale[k] * type_total;
   }
-  *loss = total;
+  *args.loss = total;
   return as_result(first_bad);
 }
 
 #define EMDPO_INSTANTIATE(T)                                                                  \
-  template int64_t listwise_loglik<T>(const T*, const T*, const int64_t*, const int64_t*,     \
-                                      int64_t, int64_t, int64_t, double, T*);                 \
-  template int64_t e_step<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,    \
-                             const int64_t*, const double*, const double*, int64_t, int64_t,  \
-                             int64_t, int64_t, double, T*, T*, double*, T*, double*);         \
-  template int64_t listwise_dpo_loss_and_grad<T>(const T*, const T*, const int64_t*,          \
-                                                 const int64_t*, const T*, const double*,     \
-                                                 int64_t, int64_t, int64_t, double, double*,  \
-                                                 T*, T*);
+  template int64_t listwise_loglik<T>(const Records<T>&, T*);                                 \
+  template int64_t e_step<T>(const Records<T>&, const Annotators<T>&, const EStepOut<T>&);    \
+  template int64_t listwise_dpo_loss_and_grad<T>(const Records<T>&, const LossArgs<T>&);
 EMDPO_INSTANTIATE(float)
 EMDPO_INSTANTIATE(double)
+#undef EMDPO_INSTANTIATE
 
 }  // namespace cpu
 }  // namespace emdpo

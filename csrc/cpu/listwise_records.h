@@ -77,10 +77,11 @@ EMDPO_ALWAYS_INLINE int64_t records_loglik_grad(const T* p, const T* ref, const 
         // Lists the lanes could hold take the same formulation as the lanes; longer ones the
         // general one (LSE kept in the output buffer between the passes).
         const int64_t L = ranked_of(n_ranked, i, m);
+        const A scale = coef[l] * beta;
         ll_out[i - lo] = m <= kShortList
                              ? record_loglik_grad_short<A>(p + off, ref + off, m, L, beta,
-                                                           coef[l], g + off, finite)
-                             : record_loglik_grad<A>(p + off, ref + off, m, L, beta, coef[l],
+                                                           scale, g + off, finite)
+                             : record_loglik_grad<A>(p + off, ref + off, m, L, beta, scale,
                                                      g + off, finite);
         if (!finite) first_bad = std::min(first_bad, i);
       }
@@ -93,25 +94,25 @@ EMDPO_ALWAYS_INLINE int64_t records_loglik_grad(const T* p, const T* ref, const 
 }  // namespace EMDPO_ISA_NS
 }  // namespace emdpo
 
-// Defines the exported entry points of one instruction set: records_loglik_<SUFFIX>_f32 /
-// _f64 and records_loglik_grad_<SUFFIX>_f32 / _f64 (declared in cpu/listwise_isa.h), with
+// Defines the exported entry points of one instruction set: records_loglik_<SUFFIX> and
+// records_loglik_grad_<SUFFIX> for float and double (declared in cpu/listwise_isa.h), with
 // lane widths WF (float) and WD (double).
-#define EMDPO_DEFINE_RECORD_LOOPS(SUFFIX, WF, WD)                                              \
-  namespace emdpo {                                                                          \
-  namespace cpu {                                                                            \
-  EMDPO_RECORD_LOOP(SUFFIX##_f32, WF, float)                                                 \
-  EMDPO_RECORD_LOOP(SUFFIX##_f64, WD, double)                                                \
-  }                                                                                          \
+#define EMDPO_DEFINE_RECORD_LOOPS(SUFFIX, WF, WD)                                             \
+  namespace emdpo {                                                                           \
+  namespace cpu {                                                                             \
+  EMDPO_RECORD_LOOP(SUFFIX, WF, float)                                                        \
+  EMDPO_RECORD_LOOP(SUFFIX, WD, double)                                                       \
+  }                                                                                           \
   }
 
-#define EMDPO_RECORD_LOOP(NAME, W, T)                                                          \
+#define EMDPO_RECORD_LOOP(NAME, W, T)                                                         \
   int64_t records_loglik_##NAME(const T* p, int64_t M, int64_t K, const T* ref,               \
-                                const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,   \
+                                const int64_t* o, const int64_t* nr, int64_t lo, int64_t hi,  \
                                 T beta, T* out, int64_t stride) {                             \
-    return records::records_loglik<W>(p, M, K, ref, o, nr, lo, hi, beta, out, stride);       \
-  }                                                                                          \
+    return records::records_loglik<W>(p, M, K, ref, o, nr, lo, hi, beta, out, stride);        \
+  }                                                                                           \
   int64_t records_loglik_grad_##NAME(const T* p, const T* ref, const int64_t* o,              \
-                                     const int64_t* nr, const T* w, T scale, int64_t lo,       \
+                                     const int64_t* nr, const T* w, T scale, int64_t lo,      \
                                      int64_t hi, T beta, T* g, T* ll) {                       \
-    return records::records_loglik_grad<W>(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);    \
+    return records::records_loglik_grad<W>(p, ref, o, nr, w, scale, lo, hi, beta, g, ll);     \
   }

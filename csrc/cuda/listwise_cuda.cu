@@ -110,6 +110,13 @@ void check_ptr(const void* p, const char* name) {
     throw std::invalid_argument(std::string(name) + ": null device pointer");
 }
 
+template <typename T>
+void check_records(const Records<T>& rec) {
+  check_ptr(rec.policy, "policy_logps");
+  check_ptr(rec.ref, "ref_logps");
+  check_ptr(rec.offsets, "offsets");
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid sizes are int: refuse sizes whose grid would not fit rather than truncate.
@@ -312,15 +319,6 @@ __device__ __forceinline__ bool group_loglik(const T* __restrict__ p, const T* _
                                              int64_t M, const Record& rec, int kc, A c, A* out,
                                              int stride) {
   const int m = rec.m, L = rec.L;
-#if defined(EMDPO_CUDA_PROBE_M) && !defined(EMDPO_CUDA_PROBE_EXACT)
-#define EMDPO_CUDA_PROBE_EXACT true
-#endif
-#if defined(EMDPO_CUDA_PROBE_M)
-  // Instruction-count probe (benchmarks/sass_count.py): only the path of lists of this
-  // length in full groups is compiled. Never defined in a real build.
-  return group_loglik_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT, kGroupTypes>(
-      p, ref, M, m, L, kc, c, out, stride);
-#endif
   if (kc == kGroupTypes) {
     if (m == 4) return group_loglik_short<4, true, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
     if (m == 2) return group_loglik_call<2, true, kGroupTypes>(p, ref, M, m, L, kc, c, out, stride);
@@ -1026,10 +1024,6 @@ __global__ void __launch_bounds__(kTile)
     T* rl = record_loss ? record_loss + i : nullptr;
     const int m = rec.m, L = rec.L;
     double* acc = s_acc + r;
-#if defined(EMDPO_CUDA_PROBE_M)
-    status = loss_record_short<EMDPO_CUDA_PROBE_M, EMDPO_CUDA_PROBE_EXACT>(
-        p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
-#else
     if (m == 4)
       status = loss_record_short<4, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
     else if (m == 2)
@@ -1041,7 +1035,6 @@ __global__ void __launch_bounds__(kTile)
                                                   rl, acc);
     else
       status = loss_record_long<A>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
-#endif
     if (status != 0) s_acc[r] = nan("");  // this thread's own slot
   }
   const double s = block_sum(s_acc[r], scratch);
@@ -1067,21 +1060,19 @@ __global__ void __launch_bounds__(kSumThreads)
 // Host entry points
 
 template <typename T>
-void listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
-                     const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
-                     T* out, unsigned long long* first_bad, void* stream) {
+void listwise_loglik(const Records<T>& rec, T* out, const Launch& launch) {
+  const int64_t N = rec.N, K = rec.K;
   check_size(N, "N");
-  check_slots(M);
+  check_slots(rec.M);
   check_size(K, "K");
   if (N == 0 || K == 0) return;
-  check_ptr(policy, "policy_logps");
-  check_ptr(ref, "ref_logps");
-  check_ptr(offsets, "offsets");
+  check_records(rec);
   check_ptr(out, "out");
-  check_ptr(first_bad, "first_bad");
+  check_ptr(launch.first_bad, "first_bad");
   const unsigned blocks = grid_size(ceil_div(N, kTile), "listwise_loglik");
-  listwise_loglik_kernel<T><<<blocks, kTile, 0, as_stream(stream)>>>(
-      policy, ref, offsets, n_ranked, N, M, K, beta, out, first_bad);
+  listwise_loglik_kernel<T><<<blocks, kTile, 0, as_stream(launch.stream)>>>(
+      rec.policy, rec.ref, rec.offsets, rec.n_ranked, N, rec.M, K, rec.beta, out,
+      launch.first_bad);
   check_launch("listwise_loglik");
 }
 
@@ -1095,45 +1086,40 @@ size_t e_step_workspace_bytes(int64_t N, int64_t H, int64_t K) {
 }
 
 template <typename T>
-void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
-            const T* record_weights, const int64_t* annotator_offsets,
-            const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
-            T* responsibilities, T* annotator_loglik, double* loglik, T* record_ll,
-            unsigned long long* first_bad, void* workspace, size_t workspace_bytes,
-            void* stream, const double* annotator_weights, double* type_totals) {
+void e_step(const Records<T>& rec, const Annotators<T>& ann, const EStepOut<T>& out,
+            const Launch& launch) {
+  const int64_t N = rec.N, K = rec.K, H = ann.H;
   check_size(N, "N");
-  check_slots(M);
+  check_slots(rec.M);
   check_size(H, "H");
   if (K < 1)
     throw std::invalid_argument("K: expected at least one type, got " + std::to_string(K));
-  check_ptr(loglik, "loglik");
-  const cudaStream_t s = as_stream(stream);
+  check_ptr(out.loglik, "loglik");
+  const cudaStream_t s = as_stream(launch.stream);
   if (H == 0) {  // empty sums
-    check_call(cudaMemsetAsync(loglik, 0, sizeof(double), s), "cudaMemsetAsync(loglik)");
-    if (type_totals)
-      check_call(cudaMemsetAsync(type_totals, 0, size_t(K) * sizeof(double), s),
+    check_call(cudaMemsetAsync(out.loglik, 0, sizeof(double), s), "cudaMemsetAsync(loglik)");
+    if (out.type_totals)
+      check_call(cudaMemsetAsync(out.type_totals, 0, size_t(K) * sizeof(double), s),
                  "cudaMemsetAsync(type_totals)");
     return;
   }
-  check_ptr(annotator_offsets, "annotator_offsets");
-  check_ptr(log_weights, "log_weights");
-  check_ptr(responsibilities, "responsibilities");
-  check_ptr(annotator_loglik, "annotator_loglik");
+  check_ptr(ann.offsets, "annotator_offsets");
+  check_ptr(ann.log_weights, "log_weights");
+  check_ptr(out.responsibilities, "responsibilities");
+  check_ptr(out.annotator_loglik, "annotator_loglik");
   size_t need = 0;
-  const EStepScratch ws = carve_e_step(workspace, N, H, K, &need);
-  check_workspace(workspace, workspace_bytes, need, "e_step");
-  const bool totals = type_totals != nullptr;
+  const EStepScratch ws = carve_e_step(launch.workspace, N, H, K, &need);
+  check_workspace(launch.workspace, launch.workspace_bytes, need, "e_step");
+  const bool totals = out.type_totals != nullptr;
 
   if (N > 0) {
-    check_ptr(policy, "policy_logps");
-    check_ptr(ref, "ref_logps");
-    check_ptr(offsets, "offsets");
-    check_ptr(first_bad, "first_bad");
+    check_records(rec);
+    check_ptr(launch.first_bad, "first_bad");
     const unsigned tiles = grid_size(ws.n_tiles, "e_step_tiles");
     e_step_tiles_kernel<T><<<tiles, kTile, 0, s>>>(
-        policy, ref, offsets, n_ranked, record_weights, annotator_offsets, log_weights,
-        annotator_weights, N, M, K, H, beta, responsibilities, annotator_loglik, record_ll,
-        totals, first_bad, ws);
+        rec.policy, rec.ref, rec.offsets, rec.n_ranked, ann.record_weights, ann.offsets,
+        ann.log_weights, ann.weights, N, rec.M, K, H, rec.beta, out.responsibilities,
+        out.annotator_loglik, out.record_ll, totals, launch.first_bad, ws);
     check_launch("e_step_tiles");
     if (ws.n_tiles > 1) {
       if (ws.n_groups > 1) {  // group 0 never lies inside a span starting after tile 0
@@ -1143,23 +1129,23 @@ void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t
       }
       const unsigned warps_blocks = grid_size(ceil_div(ws.n_tiles - 1, kWarps), "e_step_cross");
       e_step_cross_kernel<T><<<warps_blocks, kTile, 0, s>>>(
-          annotator_offsets, log_weights, annotator_weights, N, K, responsibilities,
-          annotator_loglik, totals, ws);
+          ann.offsets, ann.log_weights, ann.weights, N, K, out.responsibilities,
+          out.annotator_loglik, totals, ws);
       check_launch("e_step_cross");
     }
   } else if (ws.fused) {
-    e_step_empty_kernel<T><<<1, kSumThreads, 0, s>>>(log_weights, annotator_weights, K, H,
-                                                     responsibilities, annotator_loglik,
-                                                     totals, ws);
+    e_step_empty_kernel<T><<<1, kSumThreads, 0, s>>>(ann.log_weights, ann.weights, K, H,
+                                                     out.responsibilities,
+                                                     out.annotator_loglik, totals, ws);
     check_launch("e_step_empty");
   }
   if (!ws.fused) {
     e_step_finish_kernel<T><<<grid_size(ws.n_parts, "e_step_finish"), kSumThreads, 0, s>>>(
-        annotator_offsets, log_weights, annotator_weights, H, K, responsibilities,
-        annotator_loglik, totals, ws);
+        ann.offsets, ann.log_weights, ann.weights, H, K, out.responsibilities,
+        out.annotator_loglik, totals, ws);
     check_launch("e_step_finish");
   }
-  e_step_sum_kernel<<<1, kSumThreads, 0, s>>>(K, loglik, type_totals, ws);
+  e_step_sum_kernel<<<1, kSumThreads, 0, s>>>(K, out.loglik, out.type_totals, ws);
   check_launch("e_step_sum");
 }
 
@@ -1170,54 +1156,43 @@ size_t loss_workspace_bytes(int64_t N, int64_t K) {
 }
 
 template <typename T>
-void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* offsets,
-                                const int64_t* n_ranked, const T* weights, const double* scale,
-                                int64_t N, int64_t M, int64_t K, double beta, double* loss,
-                                T* grad, T* record_loss, unsigned long long* first_bad,
-                                void* workspace, size_t workspace_bytes, void* stream,
-                                unsigned long long* bad_weight) {
+void listwise_dpo_loss_and_grad(const Records<T>& rec, const LossArgs<T>& args,
+                                const Launch& launch, unsigned long long* bad_weight) {
+  const int64_t N = rec.N, K = rec.K;
   check_size(N, "N");
-  check_slots(M);
+  check_slots(rec.M);
   check_size(K, "K");
-  check_ptr(loss, "loss");
-  const cudaStream_t s = as_stream(stream);
+  check_ptr(args.loss, "loss");
+  const cudaStream_t s = as_stream(launch.stream);
   if (N == 0 || K == 0) {  // an empty sum; a grad over no slots has nothing to write
-    check_call(cudaMemsetAsync(loss, 0, sizeof(double), s), "cudaMemsetAsync(loss)");
+    check_call(cudaMemsetAsync(args.loss, 0, sizeof(double), s), "cudaMemsetAsync(loss)");
     return;
   }
-  check_ptr(policy, "policy_logps");
-  check_ptr(ref, "ref_logps");
-  check_ptr(offsets, "offsets");
-  check_ptr(scale, "scale");
-  check_ptr(grad, "grad");
-  check_ptr(first_bad, "first_bad");
+  check_records(rec);
+  check_ptr(args.scale, "scale");
+  check_ptr(args.grad, "grad");
+  check_ptr(launch.first_bad, "first_bad");
   const size_t need = loss_workspace_bytes(N, K);
-  check_workspace(workspace, workspace_bytes, need, "listwise_dpo_loss_and_grad");
-  double* tile_part = static_cast<double*>(workspace);
+  check_workspace(launch.workspace, launch.workspace_bytes, need, "listwise_dpo_loss_and_grad");
+  double* tile_part = static_cast<double*>(launch.workspace);
   const int64_t n_tiles = ceil_div(N, kTile);
   loss_tiles_kernel<T><<<grid_size(n_tiles, "listwise_dpo_loss_and_grad"), kTile, 0, s>>>(
-      policy, ref, offsets, n_ranked, weights, scale, N, M, K, beta, grad, record_loss,
-      first_bad, bad_weight, tile_part);
+      rec.policy, rec.ref, rec.offsets, rec.n_ranked, args.weights, args.scale, N, rec.M, K,
+      rec.beta, args.grad, args.record_loss, launch.first_bad, bad_weight, tile_part);
   check_launch("listwise_dpo_loss_and_grad");
-  sum_parts_kernel<<<1, kSumThreads, 0, s>>>(tile_part, n_tiles, loss);
+  sum_parts_kernel<<<1, kSumThreads, 0, s>>>(tile_part, n_tiles, args.loss);
   check_launch("listwise_dpo_loss_sum");
 }
 
 #define EMDPO_CUDA_INSTANTIATE(T)                                                             \
-  template void listwise_loglik<T>(const T*, const T*, const int64_t*, const int64_t*,        \
-                                   int64_t, int64_t, int64_t, double, T*, unsigned long long*, \
-                                   void*);                                                     \
-  template void e_step<T>(const T*, const T*, const int64_t*, const int64_t*, const T*,       \
-                          const int64_t*, const double*, int64_t, int64_t, int64_t, int64_t,  \
-                          double, T*, T*, double*, T*, unsigned long long*, void*, size_t,    \
-                          void*, const double*, double*);                                      \
-  template void listwise_dpo_loss_and_grad<T>(const T*, const T*, const int64_t*,             \
-                                              const int64_t*, const T*, const double*,        \
-                                              int64_t, int64_t, int64_t, double, double*, T*, \
-                                              T*, unsigned long long*, void*, size_t, void*,  \
-                                              unsigned long long*);
+  template void listwise_loglik<T>(const Records<T>&, T*, const Launch&);                     \
+  template void e_step<T>(const Records<T>&, const Annotators<T>&, const EStepOut<T>&,        \
+                          const Launch&);                                                     \
+  template void listwise_dpo_loss_and_grad<T>(const Records<T>&, const LossArgs<T>&,          \
+                                              const Launch&, unsigned long long*);
 EMDPO_CUDA_INSTANTIATE(float)
 EMDPO_CUDA_INSTANTIATE(double)
+#undef EMDPO_CUDA_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace emdpo

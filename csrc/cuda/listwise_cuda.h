@@ -12,47 +12,44 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/records.h"
+
 namespace emdpo {
 namespace cuda {
 
-// out (N, K).
+// How a kernel runs: first_bad as above, the caller's workspace (the *_workspace_bytes
+// functions give its size; null and 0 where none is needed) and the stream.
+struct Launch {
+  unsigned long long* first_bad;
+  void* workspace;
+  size_t workspace_bytes;
+  void* stream;
+};
+
+// out (N, K). Needs no workspace.
 template <typename T>
-void listwise_loglik(const T* policy, const T* ref, const int64_t* offsets,
-                     const int64_t* n_ranked, int64_t N, int64_t M, int64_t K, double beta,
-                     T* out, unsigned long long* first_bad, void* stream);
+void listwise_loglik(const Records<T>& rec, T* out, const Launch& launch);
 
 // Bytes of scratch the E-step needs (the caller allocates it, e.g. through torch's caching
 // allocator).
 size_t e_step_workspace_bytes(int64_t N, int64_t H, int64_t K);
 
-// log_weights (K,) float64 on the device; loglik: one float64 on the device.
-// record_ll (N, K) or null; record_weights (N,) or null.
-// annotator_weights (H,) float64 or null (all ones): loglik = sum_h v_h lse_h with
-// lse_h = logsumexp_k (log eta_k + S_hk); the posteriors do not depend on v.
-// type_totals (K,) float64 or null: sum_h v_h g_hk, summed in a fixed order.
+// Annotators' log_weights and weights are float64; out.loglik and out.type_totals are
+// float64 on the device. The posteriors do not depend on the annotator weights; the type
+// totals are summed in a fixed order.
 template <typename T>
-void e_step(const T* policy, const T* ref, const int64_t* offsets, const int64_t* n_ranked,
-            const T* record_weights, const int64_t* annotator_offsets,
-            const double* log_weights, int64_t N, int64_t M, int64_t K, int64_t H, double beta,
-            T* responsibilities, T* annotator_loglik, double* loglik, T* record_ll,
-            unsigned long long* first_bad, void* workspace, size_t workspace_bytes,
-            void* stream, const double* annotator_weights = nullptr,
-            double* type_totals = nullptr);
+void e_step(const Records<T>& rec, const Annotators<T>& ann, const EStepOut<T>& out,
+            const Launch& launch);
 
 size_t loss_workspace_bytes(int64_t N, int64_t K);
 
-// scale (K,) float64 on the device; loss: one float64 on the device; weights (K, N) or null;
-// record_loss (K, N) or null. grad (K, M). A record with non-finite rewards or weights makes
-// the loss NaN. bad_weight, when not null (initialised to UINT64_MAX like first_bad), is
-// lowered to the first flat index k * N + i of a non-finite weight, so that callers need no
-// separate pass over the weights.
+// args.scale and args.loss are float64 on the device. A record with non-finite rewards or
+// weights makes the loss NaN. bad_weight, when not null (initialised to UINT64_MAX like
+// first_bad), is lowered to the first flat index k * N + i of a non-finite weight, so that
+// callers need no separate pass over the weights.
 template <typename T>
-void listwise_dpo_loss_and_grad(const T* policy, const T* ref, const int64_t* offsets,
-                                const int64_t* n_ranked, const T* weights, const double* scale,
-                                int64_t N, int64_t M, int64_t K, double beta, double* loss,
-                                T* grad, T* record_loss, unsigned long long* first_bad,
-                                void* workspace, size_t workspace_bytes, void* stream,
-                                unsigned long long* bad_weight = nullptr);
+void listwise_dpo_loss_and_grad(const Records<T>& rec, const LossArgs<T>& args,
+                                const Launch& launch, unsigned long long* bad_weight = nullptr);
 
 }  // namespace cuda
 }  // namespace emdpo
