@@ -95,3 +95,29 @@ def test_in_memory_shard_and_bad_arguments(rng):
         distributed.shard(data, rank=0)
     with pytest.raises(ValueError, match="cannot tell the format"):
         distributed.load_shard("rankings.txt", rank=0, world_size=1)
+
+
+def test_load_shard_reads_json_lines_as_from_jsonl_does(tmp_path):
+    # One JSON Lines reader for both: a byte-order mark is dropped, a bad line is named by file
+    # and line.
+    path = tmp_path / "r.jsonl"
+    bom = b"\xef\xbb\xbf"
+    path.write_bytes(bom + b'{"ranking": [0, 1], "annotator": "a"}\n\n[1, 0]\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl:3: expected a JSON object, got list"):
+        distributed.load_shard(path, rank=0, world_size=1)
+    path.write_bytes(bom + b'{"ranking": [0, 1], "annotator": "a"}\n{"ranking": [1, 0, 2]}\n')
+    with pytest.raises(ValueError, match="'annotator' is given on some rows"):
+        distributed.load_shard(path, rank=0, world_size=1)
+    path.write_bytes(bom + b'{"ranking": [0, 1], "annotator": "a"}\n'
+                           b'{"ranking": [2, 0, 1], "annotator": "b"}\n')
+    d = distributed.load_shard(path, rank=0, world_size=1)
+    assert d.n_records == 2 and d.record(1) == ([2, 0], [1])
+
+
+def test_docstring_example_of_the_public_e_step_runs():
+    import doctest
+
+    from emdpo_core.distributed import sharding
+
+    result = doctest.testmod(sharding, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

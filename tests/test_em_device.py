@@ -37,18 +37,21 @@ class HostPolicies(ec.TorchPolicies):
         return lp._replace(policy=lp.policy.cpu().numpy(), ref=lp.ref.cpu().numpy())
 
 
-def population(seed, H=60, records=4, K=2, weighted=False):
+def population(seed, H=60, records=4, K=2, weighted=None):
+    """A synthetic population; ``weighted``: "records" gives rows repeated within their
+    annotator (c_i != 1), "annotators" rows that are each their own annotator, repeated
+    (v_h != 1)."""
     from emdpo_core.datasets import make_population
 
     pop = make_population(K, n_annotators=H, records_per_annotator=records, n_prompts=15,
                           n_responses=5, n_features=4, reward_scale=2.5, random_state=seed)
-    if weighted:   # record and annotator repeats: c_i != 1 and v_h != 1 in the weights
+    if weighted is not None:
         d = pop.data
         rng = np.random.default_rng(seed)
-        pop.data = ec.PreferenceData(d.offsets, d.inputs, ref_logps=d.ref_logps,
-                                     n_ranked=d.n_ranked, annotator=d.annotator,
-                                     features=d.features,
-                                     sample_weight=rng.integers(1, 4, d.n_records))
+        pop.data = ec.PreferenceData(
+            d.offsets, d.inputs, ref_logps=d.ref_logps, n_ranked=d.n_ranked,
+            annotator=d.annotator if weighted == "records" else None, features=d.features,
+            sample_weight=rng.integers(1, 4, d.n_records))
     return pop
 
 
@@ -116,9 +119,12 @@ def test_record_weights_type_totals_and_kept_types_match_the_host(device):
 # Whole fits: the device path against the host path
 
 
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [None, "records", "annotators"])
 def test_device_path_fits_exactly_like_the_host_path_on_cpu_tensors(weighted):
     pop = population(1, weighted=weighted)
+    g = pop.data.grouped()
+    assert (g.unit_record_weight, g.unit_annotator_weight) == (
+        weighted != "records", weighted != "annotators")
     kw = dict(max_iter=6, tol=0.0, n_init=2, random_state=4)
     device = ec.EMDPO(2, family(pop), **kw).fit(pop.data)
     host = ec.EMDPO(2, family(pop, HostPolicies), **kw).fit(pop.data)
@@ -167,9 +173,11 @@ def test_a_type_collapsing_during_the_iteration_is_dropped_on_the_device(device)
     # Dropped inside the iteration (not at the start), where resp lives on the device.
     assert fit.dropped_components_ and fit.dropped_components_[0][0] >= 1
     assert fit.n_components_ == 2 and fit.responsibilities_.shape[1] == 2
-    # After the drop, the type totals are sums in another order (float64 rounding, then
-    # carried through the remaining iterations; on CUDA also the kernel's reductions).
-    assert_same_fit(fit, host, rtol=1e-9, atol=1e-12)
+    # After the drop, the type totals are sums in another order (float64 rounding, carried
+    # through the remaining iterations); on a GPU also the kernels' and the optimizer's
+    # reductions (the CPU-vs-CUDA bound of test_device_path_on_each_device_...).
+    tol = dict(rtol=1e-9, atol=1e-12) if device == "cpu" else dict(rtol=1e-6, atol=1e-8)
+    assert_same_fit(fit, host, **tol)
 
 
 # ----------------------------------------------------------------------------------------

@@ -60,6 +60,95 @@ def _over_types(fn):
 
 
 # ----------------------------------------------------------------------------------------
+# The stage sums of a type's records, shared by the MM step, the value and the Newton step
+
+
+# What one pass of _pl_stage_sums over a type's records accumulates (a compile-time constant).
+_VALUE, _NEWTON, _MM = 0, 1, 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _pl_stage_sums(items, offsets, n_ranked, w, theta, m_max, what, out, hess):
+    """One type's sums over its records, with worths scaled so that the largest is 1
+    (gamma = exp(theta - max theta)):
+
+    - ``what=_VALUE``: returns sum_r w_r ll_r(theta) (see pl_scaled_loglik);
+    - ``_NEWTON``: returns it and adds its gradient into ``out`` and its Hessian into ``hess``
+      (see pl_grad_hess);
+    - ``_MM``: adds the MM denominators into ``out`` (see pl_mm_denominators); returns 0.
+
+    All three are built from the same stage sums of each record: S_t, the worth still in play
+    at stage t (suffix sums), and c1_j = sum_{t <= min(j, L-1)} 1 / S_t over the stages that
+    have slot j in play. Slot j's item gets w_r c1_j in its MM denominator and -w_r gamma_j c1_j
+    in its gradient, so the value, the Newton step and the MM step agree by construction.
+    """
+    # A compile-time constant (one build per value): each build holds only its own code and
+    # runs as fast as a loop written for it alone (measured).
+    numba.literally(what)
+    top = theta.max()
+    gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
+    g = np.empty(m_max, dtype=np.float64)
+    suffix = np.empty(m_max, dtype=np.float64)
+    c1 = np.empty(m_max, dtype=np.float64)
+    c2 = np.empty(m_max, dtype=np.float64)
+    total = 0.0
+    for r in range(offsets.shape[0] - 1):
+        wr = w[r]
+        if wr == 0.0:
+            continue
+        a = offsets[r]
+        m = offsets[r + 1] - a
+        L = n_ranked[r]
+        acc = 0.0
+        for s in range(m - 1, -1, -1):
+            gs = gamma[items[a + s]]
+            if what == _NEWTON:
+                g[s] = gs
+            acc += gs
+            suffix[s] = acc
+        if what != _MM:
+            ll = 0.0
+            for t in range(L):
+                ll += theta[items[a + t]]
+            total += wr * (ll - L * top - _log_of_product(suffix, L))
+        if what == _VALUE:
+            continue
+        run1 = 0.0
+        run2 = 0.0
+        for j in range(m):               # stages t <= min(j, L - 1) have slot j in play
+            if j < L:
+                inv = 1.0 / suffix[j]
+                run1 += inv
+                if what == _NEWTON:
+                    run2 += inv * inv
+                    out[items[a + j]] += wr
+            if what == _MM:
+                out[items[a + j]] += wr * run1
+            else:
+                c1[j] = run1
+                c2[j] = run2
+        if what == _MM:
+            continue
+        for j in range(m):
+            ij = items[a + j]
+            wg = wr * g[j]
+            out[ij] -= wg * c1[j]
+            # Slots q > j share the stages t <= min(j, L - 1): the c2[j] terms. Each pair is
+            # added once, to whichever of (ij, iq), (iq, ij) comes first; the two triangles
+            # are summed and mirrored at the end.
+            hess[ij, ij] += wg * (g[j] * c2[j] - c1[j])
+            for q in range(j + 1, m):
+                hess[ij, items[a + q]] += wg * g[q] * c2[j]
+    n = theta.shape[0] if what == _NEWTON else 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            x = hess[i, j] + hess[j, i]
+            hess[i, j] = x
+            hess[j, i] = x
+    return total
+
+
+# ----------------------------------------------------------------------------------------
 # Weighted Plackett-Luce M-step: Hunter's (2004) minorization-maximization (MM) algorithm
 
 
@@ -79,36 +168,6 @@ def pl_wins(items, offsets, n_ranked, weights, n_items):
             for t in range(n_ranked[r]):
                 row[items[a + t]] += w[r]
     return wins
-
-
-@numba.njit(cache=True, nogil=True)
-def _pl_mm_denominators_one(items, offsets, n_ranked, w, theta, m_max, denom):
-    """Adds one type's MM denominators (see pl_mm_step) to ``denom``, on the scale of worths
-    divided by the largest, exp(theta - max theta)."""
-    # The record loop and suffix sums are those of _pl_scaled_one, written again on purpose:
-    # this is the loop of every MM iteration, and it needs neither the value's logs nor the
-    # Newton step's second sums; a third mode of _pl_scaled_one would interleave three
-    # computations in one loop body to save these few lines.
-    top = theta.max()
-    gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
-    suffix = np.empty(m_max, dtype=np.float64)
-    N = offsets.shape[0] - 1
-    for r in range(N):
-        wr = w[r]
-        if wr == 0.0:
-            continue
-        a = offsets[r]
-        m = offsets[r + 1] - a
-        L = n_ranked[r]
-        acc = 0.0
-        for s in range(m - 1, -1, -1):   # suffix sums: total worth still in play at stage s
-            acc += gamma[items[a + s]]
-            suffix[s] = acc
-        run = 0.0
-        for j in range(m):               # the item in slot j is in play at stages t <= j
-            if j < L:
-                run += wr / suffix[j]
-            denom[items[a + j]] += run
 
 
 @numba.njit(cache=True, nogil=True)
@@ -137,9 +196,10 @@ def pl_mm_denominators(items, offsets, n_ranked, weights, log_worths, m_max):
     a distributed fit add theirs. One type per thread, each in its own row."""
     K, n_items = log_worths.shape
     denom = np.zeros((K, n_items), dtype=np.float64)
+    no_hess = np.zeros((0, 0), dtype=np.float64)
     for k in numba.prange(K):
-        _pl_mm_denominators_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
-                                denom[k])
+        _pl_stage_sums(items, offsets, n_ranked, weights[k], log_worths[k], m_max, _MM,
+                       denom[k], no_hess)
     return denom
 
 
@@ -220,71 +280,6 @@ def _log_of_product(x, n):
     return logs + np.log(prod)
 
 
-@numba.njit(cache=True, nogil=True)
-def _pl_scaled_one(items, offsets, n_ranked, w, theta, m_max, derivatives, grad, hess):
-    """sum_r w_r ll_r(theta) for one type with worths scaled by the largest (see
-    pl_scaled_loglik); with ``derivatives`` it also adds the gradient and Hessian into
-    ``grad`` and ``hess`` (see pl_grad_hess). One loop serves the value and the Newton step,
-    so both read the same suffix sums: the value is bitwise the same either way."""
-    # A compile-time constant (one build per value): the value-only build holds none of the
-    # derivative code, and runs as fast as a loop written for the value alone.
-    numba.literally(derivatives)
-    top = theta.max()
-    gamma = np.exp(theta - top)          # worths scaled so that the largest is 1
-    g = np.empty(m_max, dtype=np.float64)
-    suffix = np.empty(m_max, dtype=np.float64)
-    c1 = np.empty(m_max, dtype=np.float64)
-    c2 = np.empty(m_max, dtype=np.float64)
-    total = 0.0
-    for r in range(offsets.shape[0] - 1):
-        wr = w[r]
-        if wr == 0.0:
-            continue
-        a = offsets[r]
-        m = offsets[r + 1] - a
-        L = n_ranked[r]
-        acc = 0.0
-        for s in range(m - 1, -1, -1):
-            gs = gamma[items[a + s]]
-            if derivatives:
-                g[s] = gs
-            acc += gs
-            suffix[s] = acc
-        ll = 0.0
-        for t in range(L):
-            ll += theta[items[a + t]]
-        total += wr * (ll - L * top - _log_of_product(suffix, L))
-        if not derivatives:
-            continue
-        run1 = 0.0
-        run2 = 0.0
-        for j in range(m):               # stages t <= min(j, L - 1) have slot j in play
-            if j < L:
-                inv = 1.0 / suffix[j]
-                run1 += inv
-                run2 += inv * inv
-                grad[items[a + j]] += wr
-            c1[j] = run1
-            c2[j] = run2
-        for j in range(m):
-            ij = items[a + j]
-            wg = wr * g[j]
-            grad[ij] -= wg * c1[j]
-            # Slots q > j share the stages t <= min(j, L - 1): the c2[j] terms. Each pair is
-            # added once, to whichever of (ij, iq), (iq, ij) comes first; the two triangles
-            # are summed and mirrored at the end.
-            hess[ij, ij] += wg * (g[j] * c2[j] - c1[j])
-            for q in range(j + 1, m):
-                hess[ij, items[a + q]] += wg * g[q] * c2[j]
-    n = theta.shape[0] if derivatives else 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            x = hess[i, j] + hess[j, i]
-            hess[i, j] = x
-            hess[j, i] = x
-    return total
-
-
 @_over_types
 def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
     """(K,) sum_r weights[k, r] * ll_r(log_worths[k]), like :func:`pl_weighted_loglik`, but
@@ -297,8 +292,8 @@ def pl_scaled_loglik(items, offsets, n_ranked, weights, log_worths, m_max):
     no_grad = np.zeros(0, dtype=np.float64)
     no_hess = np.zeros((0, 0), dtype=np.float64)
     for k in numba.prange(K):
-        out[k] = _pl_scaled_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
-                                False, no_grad, no_hess)
+        out[k] = _pl_stage_sums(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                _VALUE, no_grad, no_hess)
     return out
 
 
@@ -321,8 +316,8 @@ def pl_grad_hess(items, offsets, n_ranked, weights, log_worths, m_max):
     grad = np.zeros((K, n_items), dtype=np.float64)
     hess = np.zeros((K, n_items, n_items), dtype=np.float64)
     for k in numba.prange(K):
-        value[k] = _pl_scaled_one(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
-                                  True, grad[k], hess[k])
+        value[k] = _pl_stage_sums(items, offsets, n_ranked, weights[k], log_worths[k], m_max,
+                                  _NEWTON, grad[k], hess[k])
     return value, grad, hess
 
 
