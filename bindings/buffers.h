@@ -62,13 +62,18 @@ T* opt_out_ptr(py::object& a, const char* name, int64_t size) {
   return out_ptr<T>(arr, name, size);
 }
 
-inline bool is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
+// Calls f(T{}) with T the element type of `a`: float for a float32 array, double otherwise
+// (the buffer checks then refuse anything but float64), so that a binding spells its
+// kernel call once for both precisions.
+template <typename F> auto with_dtype_of(const py::array& a, F&& f) {
+  return py::isinstance<py::array_t<float>>(a) ? f(float{}) : f(double{});
+}
 
 // CUDA bindings: device pointers arrive as integers (torch's data_ptr()).
 template <typename T> T* dev_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// Calls f(T{}) with T the element type named by dtype ("float32" or "float64"), so that a
-// binding spells its kernel call once for both precisions.
+// The same for the CUDA bindings, which get the element type by name ("float32" or
+// "float64").
 template <typename F> void with_dtype(const std::string& dtype, F&& f) {
   if (dtype == "float32")
     f(float{});

@@ -168,11 +168,11 @@ PYBIND11_MODULE(_core, m) {
          int64_t M, int64_t K, double beta, py::array out) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
-        return is_float32(policy)
-                   ? listwise_loglik_impl(
-                         records<float>(policy, ref, offsets, n_ranked, N, M, K, beta), out)
-                   : listwise_loglik_impl(
-                         records<double>(policy, ref, offsets, n_ranked, N, M, K, beta), out);
+        return with_dtype_of(policy, [&](auto t) {
+          using T = decltype(t);
+          return listwise_loglik_impl(records<T>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                                      out);
+        });
       },
       "Returns the first record with non-finite rewards, or -1.");
 
@@ -192,13 +192,12 @@ PYBIND11_MODULE(_core, m) {
             in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
         if (emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)
           throw py::value_error("annotator_offsets: not a valid layout");
-        return is_float32(policy)
-                   ? e_step_impl(records<float>(policy, ref, offsets, n_ranked, N, M, K, beta),
-                                 record_weights, annotator_offsets, log_weights, H, resp,
-                                 annot_ll, record_ll, annotator_weights, type_totals)
-                   : e_step_impl(records<double>(policy, ref, offsets, n_ranked, N, M, K, beta),
-                                 record_weights, annotator_offsets, log_weights, H, resp,
-                                 annot_ll, record_ll, annotator_weights, type_totals);
+        return with_dtype_of(policy, [&](auto t) {
+          using T = decltype(t);
+          return e_step_impl(records<T>(policy, ref, offsets, n_ranked, N, M, K, beta),
+                             record_weights, annotator_offsets, log_weights, H, resp, annot_ll,
+                             record_ll, annotator_weights, type_totals);
+        });
       },
       py::arg("policy_logps"), py::arg("ref_logps"), py::arg("offsets"), py::arg("n_ranked"),
       py::arg("record_weights"), py::arg("annotator_offsets"), py::arg("log_weights"),
@@ -216,11 +215,11 @@ PYBIND11_MODULE(_core, m) {
          py::array grad, py::object record_loss) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
-        return is_float32(policy)
-                   ? loss_impl(records<float>(policy, ref, offsets, n_ranked, N, M, K, beta),
-                               weights, scale, grad, record_loss)
-                   : loss_impl(records<double>(policy, ref, offsets, n_ranked, N, M, K, beta),
-                               weights, scale, grad, record_loss);
+        return with_dtype_of(policy, [&](auto t) {
+          using T = decltype(t);
+          return loss_impl(records<T>(policy, ref, offsets, n_ranked, N, M, K, beta), weights,
+                           scale, grad, record_loss);
+        });
       },
       "Returns (first record with non-finite rewards or -1, total loss).");
 

@@ -62,9 +62,10 @@ void register_regret(py::module_& m) {
           throw py::value_error("sizes: expected K >= 1 and S >= 1, got K=" +
                                 std::to_string(K) + ", S=" + std::to_string(S));
         check_kind(kind);
-        return py::isinstance<py::array_t<float>>(logps)
-                   ? regret_matrix_impl<float>(logps, ref, offsets, weights, K, S, kind, beta, out)
-                   : regret_matrix_impl<double>(logps, ref, offsets, weights, K, S, kind, beta, out);
+        return emdpo_bindings::with_dtype_of(logps, [&](auto t) {
+          return regret_matrix_impl<decltype(t)>(logps, ref, offsets, weights, K, S, kind, beta,
+                                                 out);
+        });
       },
       py::arg("sample_logps"), py::arg("sample_ref_logps"), py::arg("source_offsets"),
       py::arg("sample_weights"), py::arg("K"), py::arg("S"), py::arg("kind"), py::arg("beta"),

@@ -61,6 +61,11 @@ EMDPO_ALWAYS_INLINE float clamp(float x, float lo, float hi) {
 }
 EMDPO_ALWAYS_INLINE int32_t sel(bool c, int32_t a, int32_t b) { return c ? a : b; }
 #if defined(EMDPO_HOST_VECTORS)
+// Every function below is always inlined, so GCC's note that passing wide vectors without
+// the matching instruction set changes the ABI does not apply (it would otherwise show in
+// every translation unit that includes this header for its scalar functions).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 // GCC vector types of 4, 8 and 16 lanes (the native widths of SSE, AVX2 and AVX-512) with
 // the same conversions and selects: a same-size vector cast reinterprets bits,
 // __builtin_convertvector converts element-wise (truncating, like static_cast), and selects
@@ -112,6 +117,7 @@ EMDPO_NATIVE_CLAMP(8, __m256, _mm256)
 EMDPO_NATIVE_CLAMP(16, __m512, _mm512)
 #endif
 #undef EMDPO_NATIVE_CLAMP
+#pragma GCC diagnostic pop
 #endif
 
 // exp(x). Inputs are clamped to [-87.3, 88.3]: below that the true result is under 1.2e-38,

@@ -294,11 +294,9 @@ __device__ __forceinline__ bool group_loglik_short(const T* __restrict__ p,
 // The less common shapes are real calls (not inlined): inlined side by side with the
 // common ones, ptxas if-converts the paths into one predicated sequence whose registers add
 // up, and spills.
-template <int MM, bool EXACT, int KC, typename A, typename T>
-__device__ __noinline__ bool group_loglik_call(const T* __restrict__ p, const T* __restrict__ ref,
-                                               int64_t M, int m, int L, int kc, A c, A* out,
-                                               int stride) {
-  return group_loglik_short<MM, EXACT, KC>(p, ref, M, m, L, kc, c, out, stride);
+template <int MM, bool EXACT, int KC, typename... Args>
+__device__ __noinline__ bool group_loglik_call(Args... args) {
+  return group_loglik_short<MM, EXACT, KC>(args...);
 }
 
 template <typename A, typename T>
@@ -835,6 +833,10 @@ __global__ void __launch_bounds__(kTile)
 // K > kGroupTypes: one warp per annotator, lanes over the types (rows read and written
 // coalesced). Block b finishes annotators [b*kFinishAnnotators, ...), warp w every
 // kWarps-th of them in order; the block's sums go to lse_part[b], tot_part[k][b].
+// Its parameters are e_step_cross_kernel's, written out again on purpose: as separate
+// __restrict__ kernel parameters the annotator arrays are read through the read-only cache
+// (LDG.CONSTANT); gathered in a struct they are not (measured on sm_90: 43 of this kernel's
+// 114 loads lose it and it needs 64 registers instead of 60).
 template <typename T>
 __global__ void __launch_bounds__(kSumThreads)
     e_step_finish_kernel(const int64_t* __restrict__ aoff, const double* __restrict__ log_weights,
@@ -917,38 +919,75 @@ __global__ void __launch_bounds__(kSumThreads)
 // sum_k scale_k sum_i w_ki (-ll_ki) goes to tile_part[tile]. Each thread adds its record's
 // terms over the types in order; one block reduction per tile.
 
-// One record over all K types. Returns a status: bit 0 set when a reward was not finite,
-// bits 1.. the first type whose weight is not finite, plus one (0: none); stores the
-// record's sum_k scale_k w_ki (-ll_ki) in *acc_out. Lists of 4 are inlined, the other
-// shapes are calls (loss_record_call), for the reason given at group_loglik_call.
-__device__ __forceinline__ int loss_status(bool finite, int64_t bad_k) {
-  return (finite ? 0 : 1) | (bad_k < 0 ? 0 : int(bad_k + 1) << 1);
-}
-
+// The list-length paths of the loss: ll and gradient of one record under one type, in two
+// steps: load(p) reads the type's row (p: the record's first slot), then loglik_grad writes
+// the gradient to g_out (same layout as p) and returns ll; the weight is read in between, so
+// the row's loads are in flight first. ShortPath keeps the record in registers (the
+// reference log-probs loaded once for all types; EXACT or padded, see load_rewards);
+// LongPath loops over memory. kUnrollTypes: types per trip of loss_record's loop (two short
+// records' loads in flight at once; the long loop gains nothing).
 template <int MM, bool EXACT, typename A, typename T>
-__device__ __forceinline__ int loss_record_short(const T* __restrict__ p, const T* __restrict__ ref,
-                                                 int64_t M, int m, int L, const T* __restrict__ w,
-                                                 int64_t N, const double* __restrict__ scale,
-                                                 int64_t K, A c, A beta, T* __restrict__ g_out,
-                                                 T* __restrict__ rec_loss, double* acc_out) {
-  bool finite = true;
-  int64_t bad_k = -1;
-  double acc = 0.0;
-  A rf[MM];
+struct ShortPath {
+  static constexpr int kUnrollTypes = 2;
+  int m, L;
+  A rf[MM], r[MM];
+  __device__ __forceinline__ ShortPath(const T* __restrict__ ref, int m_, int L_) : m(m_), L(L_) {
 #pragma unroll
-  for (int j = 0; j < MM; ++j)
-    if (EXACT || j < m) rf[j] = A(ref[j]);
-#pragma unroll 2
-  for (int64_t k = 0; k < K; ++k) {
-    A r[MM], g[MM];
+    for (int j = 0; j < MM; ++j)
+      if (EXACT || j < m) rf[j] = A(ref[j]);
+  }
+  __device__ __forceinline__ void load(const T* __restrict__ p, A c, bool& finite) {
     base2::load_rewards<MM, EXACT>(p, rf, m, c, r, finite);
-    const A w_k = w ? A(w[0]) : A(1);
-    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
-    const double sc = scale[k];
-    const A ll = base2::short_loglik_grad<MM, EXACT>(r, m, L, A(-sc) * w_k * beta, g);
+  }
+  __device__ __forceinline__ A loglik_grad(A scale, T* __restrict__ g_out, bool&) const {
+    A g[MM];
+    const A ll = base2::short_loglik_grad<MM, EXACT>(r, m, L, scale, g);
 #pragma unroll
     for (int j = 0; j < MM; ++j)
       if (EXACT || j < m) g_out[j] = T(g[j]);
+    return ll;
+  }
+};
+
+template <typename A, typename T>
+struct LongPath {
+  static constexpr int kUnrollTypes = 1;
+  int m, L;
+  const T* ref;
+  const T* p = nullptr;
+  A c = A(0);
+  __device__ __forceinline__ LongPath(const T* ref_, int m_, int L_) : m(m_), L(L_), ref(ref_) {}
+  __device__ __forceinline__ void load(const T* p_, A c_, bool&) {
+    p = p_;
+    c = c_;
+  }
+  __device__ __forceinline__ A loglik_grad(A scale, T* __restrict__ g_out, bool& finite) const {
+    return base2::long_loglik_grad<A>(p, ref, m, L, c, scale, g_out, finite);
+  }
+};
+
+// One record over all K types along a Path. Returns a status: bit 0 set when a reward was
+// not finite, bits 1.. the first type whose weight is not finite, plus one (0: none); stores
+// the record's sum_k scale_k w_ki (-ll_ki) in *acc_out. `p`, `g_out`: the record's first
+// slot in row 0; `w`, `rec_loss`: its column (stride N), or null.
+template <typename Path, typename A, typename T>
+__device__ __forceinline__ int loss_record(const T* __restrict__ ref, int m, int L,
+                                           const T* __restrict__ p, int64_t M,
+                                           const T* __restrict__ w, int64_t N,
+                                           const double* __restrict__ scale, int64_t K, A c,
+                                           A beta, T* __restrict__ g_out,
+                                           T* __restrict__ rec_loss, double* acc_out) {
+  Path path(ref, m, L);
+  bool finite = true;
+  int64_t bad_k = -1;
+  double acc = 0.0;
+#pragma unroll Path::kUnrollTypes
+  for (int64_t k = 0; k < K; ++k) {
+    path.load(p, c, finite);
+    const A w_k = w ? A(w[0]) : A(1);
+    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
+    const double sc = scale[k];
+    const A ll = path.loglik_grad(A(-sc) * w_k * beta, g_out, finite);
     const double l = -double(w_k) * double(ll);
     if (rec_loss) rec_loss[0] = T(l);
     acc += sc * l;
@@ -958,40 +997,14 @@ __device__ __forceinline__ int loss_record_short(const T* __restrict__ p, const 
     if (rec_loss) rec_loss += N;
   }
   *acc_out = acc;
-  return loss_status(finite, bad_k);
+  return (finite ? 0 : 1) | (bad_k < 0 ? 0 : int(bad_k + 1) << 1);
 }
 
-template <int MM, bool EXACT, typename A, typename T>
-__device__ __noinline__ int loss_record_call(const T* __restrict__ p, const T* __restrict__ ref,
-                                             int64_t M, int m, int L, const T* __restrict__ w,
-                                             int64_t N, const double* __restrict__ scale,
-                                             int64_t K, A c, A beta, T* __restrict__ g_out,
-                                             T* __restrict__ rec_loss, double* acc_out) {
-  return loss_record_short<MM, EXACT>(p, ref, M, m, L, w, N, scale, K, c, beta, g_out, rec_loss,
-                                      acc_out);
-}
-
-template <typename A, typename T>
-__device__ __noinline__ int loss_record_long(const T* __restrict__ p, const T* __restrict__ ref,
-                                             int64_t M, int m, int L, const T* __restrict__ w,
-                                             int64_t N, const double* __restrict__ scale,
-                                             int64_t K, A c, A beta, T* __restrict__ g,
-                                             T* __restrict__ rec_loss, double* acc_out) {
-  bool finite = true;
-  int64_t bad_k = -1;
-  double acc = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const A w_k = w ? A(w[k * N]) : A(1);
-    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
-    const double sc = scale[k];
-    const A ll = base2::long_loglik_grad<A>(p + k * M, ref, m, L, c, A(-sc) * w_k * beta,
-                                            g + k * M, finite);
-    const double l = -double(w_k) * double(ll);
-    if (rec_loss) rec_loss[k * N] = T(l);
-    acc += sc * l;
-  }
-  *acc_out = acc;
-  return loss_status(finite, bad_k);
+// Lists of 4 are inlined, the other shapes are calls, for the reason given at
+// group_loglik_call.
+template <typename Path, typename... Args>
+__device__ __noinline__ int loss_record_call(Args... args) {
+  return loss_record<Path>(args...);
 }
 
 // A record whose rewards or weights are not finite makes the tile's sum (hence the loss)
@@ -1025,16 +1038,20 @@ __global__ void __launch_bounds__(kTile)
     const int m = rec.m, L = rec.L;
     double* acc = s_acc + r;
     if (m == 4)
-      status = loss_record_short<4, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record<ShortPath<4, true, A, T>>(rf, m, L, p, M, w, N, scale, K, c, A(beta),
+                                                     g, rl, acc);
     else if (m == 2)
-      status = loss_record_call<2, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_call<ShortPath<2, true, A, T>>(rf, m, L, p, M, w, N, scale, K, c,
+                                                         A(beta), g, rl, acc);
     else if (m == 3)
-      status = loss_record_call<3, true>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_call<ShortPath<3, true, A, T>>(rf, m, L, p, M, w, N, scale, K, c,
+                                                         A(beta), g, rl, acc);
     else if (m <= kShortMax)
-      status = loss_record_call<kShortMax, false>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g,
-                                                  rl, acc);
+      status = loss_record_call<ShortPath<kShortMax, false, A, T>>(rf, m, L, p, M, w, N, scale, K,
+                                                                  c, A(beta), g, rl, acc);
     else
-      status = loss_record_long<A>(p, rf, M, m, L, w, N, scale, K, c, A(beta), g, rl, acc);
+      status = loss_record_call<LongPath<A, T>>(rf, m, L, p, M, w, N, scale, K, c, A(beta), g, rl,
+                                                acc);
     if (status != 0) s_acc[r] = nan("");  // this thread's own slot
   }
   const double s = block_sum(s_acc[r], scratch);
