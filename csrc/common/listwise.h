@@ -246,10 +246,10 @@ EMDPO_HD A record_loglik_grad_short(const T* p, const T* ref, int64_t m, int64_t
                                                                L, scale, g, finite);
 }
 
-// Log-likelihood and its gradient for one record of any length: writes g[j] = scale *
-// d ll / d r_j (natural r) for every slot j of the record and returns ll, with the
-// exponentials of the derivative in the header comment. g[0..L-1] doubles as scratch for
-// LSE_t between the two passes, so the kernel needs no temporary beyond the output.
+// Log-likelihood and its gradient for one record of any length, by the formulas of the
+// header comment (LSE_t kept, about 3m exponentials): writes g[j] = scale * d ll / d r_j
+// (natural r) for every slot j of the record and returns ll. g[0..L-1] doubles as scratch
+// for LSE_t between the two passes, so the kernel needs no temporary beyond the output.
 template <typename A, typename Base = NaturalBase, typename T, typename G>
 EMDPO_HD A record_loglik_grad(const T* p, const T* ref, int64_t m, int64_t L, A c, A scale,
                               G* EMDPO_RESTRICT g, bool& finite) {
