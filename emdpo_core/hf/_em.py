@@ -24,13 +24,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import listwise_dpo_loss_and_grad
 from .._checks import check_responsibilities, to_numpy
 from ..distributed import LocalComm
 from ..distributed import e_step as _e_step_kernel
 from ..em import _mixture
 from ..em._initialization import smoothed_assignments  # noqa: F401 (the trainer's start)
 from ..em._responsibilities import GroupedArrays
+from ..ops import listwise_dpo_loss_and_grad
 from . import _io
 from ._records import RowLayout
 from .logps import _unpack_shared
