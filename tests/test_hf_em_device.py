@@ -57,13 +57,15 @@ class HostEMTrainer(EMDPOTrainer):
     def _initialize_em(self):
         super()._initialize_em()
         em = self._em
-        em.responsibilities = em.responsibilities.cpu().numpy()
+        em.responsibilities = em.responsibilities.cpu().numpy()   # the host start
         em.log_weights = _host_log_weights(em.responsibilities, self.args.mixture_alpha)
         self._set_record_weights()
 
     def _set_record_weights(self):
         lay = self._layout
-        resp = np.asarray(self._em.responsibilities)
+        resp = self._em.responsibilities
+        if isinstance(resp, torch.Tensor):     # set on the device by the trainer's start
+            resp = resp.cpu().numpy()
         record_resp = resp[lay.annotator] * lay.record_weights[:, None]
         totals = record_resp.sum(0)
         tiny = 1e-12 * record_resp.shape[0]
