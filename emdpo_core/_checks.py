@@ -241,6 +241,21 @@ def check_annotator_weights(v, H: int) -> Optional[np.ndarray]:
     return weight_vector(v, "annotator_weights", H, "annotator")
 
 
+def check_responsibilities(r, H: int, K: int, name: str) -> np.ndarray:
+    """An (H, K) float64 array of starting responsibilities, each row normalised to sum 1;
+    ValueError naming ``name`` and the first bad row (not finite, negative or all 0)."""
+    r = np.asarray(r, dtype=np.float64)
+    if r.shape != (H, K):
+        raise ValueError(f"{name}: expected an (H, K) = ({H}, {K}) array of responsibilities, "
+                         f"got shape {r.shape}")
+    bad = np.flatnonzero(~np.isfinite(r).all(axis=1) | (r < 0).any(axis=1) |
+                         ~(r.sum(axis=1) > 0))
+    if bad.size:
+        raise ValueError(f"{name}: row {bad[0]} must be finite, >= 0 and not all 0, got "
+                         f"{r[bad[0]].tolist()}")
+    return r / r.sum(axis=1, keepdims=True)
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._checks import check_responsibilities
+
 INIT_PARAMS = ("kmeans", "random", "dirichlet")
 # Hard initial assignments (k-means, random) are smoothed: g = (1 - s) onehot + s / K, so no
 # type starts with zero weight and every record informs every type's first M-step a little.
@@ -20,17 +22,7 @@ def initial_responsibilities(init, family, g, shards, K, rng) -> np.ndarray:
     H = shards.n_annotators(g)
     rows = np.arange(H) if shards.layout is None else shards.layout.global_index
     if not isinstance(init, str):
-        r = np.asarray(init, dtype=np.float64)
-        if r.shape != (H, K):
-            raise ValueError(f"init_params: expected an (H, K) = ({H}, {K}) array of "
-                             f"responsibilities, got shape {r.shape}")
-        bad = np.flatnonzero(~np.isfinite(r).all(axis=1) | (r < 0).any(axis=1) |
-                             ~(r.sum(axis=1) > 0))
-        if bad.size:
-            raise ValueError(f"init_params: row {bad[0]} must be finite, >= 0 and not all 0, "
-                             f"got {r[bad[0]].tolist()}")
-        r = r[rows]
-        return r / r.sum(axis=1, keepdims=True)
+        return check_responsibilities(init, H, K, "init_params")[rows]
     if init == "dirichlet":
         return rng.dirichlet(np.ones(K), size=H)[rows]
     if init == "random":
@@ -44,8 +36,14 @@ def initial_responsibilities(init, family, g, shards, K, rng) -> np.ndarray:
         centers = kmeans_plus_plus(X, weight, K, rng)
         labels, _, _ = kmeans_lloyd(X, weight, centers, 100)
         labels = labels[rows]
-    resp = np.full((rows.shape[0], K), INIT_SMOOTHING / K)
-    resp[np.arange(rows.shape[0]), labels] += 1.0 - INIT_SMOOTHING
+    return smoothed_assignments(labels, K)
+
+
+def smoothed_assignments(labels: np.ndarray, K: int) -> np.ndarray:
+    """(H, K) responsibilities of hard labels: the label gets 1 - INIT_SMOOTHING, the rest is
+    spread evenly, so that no type starts with an exactly zero weight for anybody."""
+    resp = np.full((labels.shape[0], K), INIT_SMOOTHING / K)
+    resp[np.arange(labels.shape[0]), labels] += 1.0 - INIT_SMOOTHING
     return resp
 
 

@@ -22,8 +22,8 @@ See docs/hf.md.
 
 This module is the Trainer subclass: construction, the no-grad log-probability passes, the
 schedule of E- and M-steps, the loss, evaluation and checkpoints. The rows as records and
-slots are in ``_records.py``; the EM computations on the host (start, E-step, M-step
-weights, held-out metrics, EM state files) in ``_em.py``.
+slots are in ``_records.py``; the EM computations (the start on the host; E-step and
+M-step weights on the training device; held-out metrics, EM state files) in ``_em.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .. import distributed
+from .._checks import to_numpy
 from ..distributed import LocalComm
 from ..torch import mixture_dpo_loss
 from . import _em
@@ -171,6 +172,8 @@ class EMDPOTrainer(Trainer):
         self._em: Optional[_em.EMState] = None
         self._ref_logps = None           # (M,) device tensor, cached once
         self._record_weights = None      # (K, N) device tensor, g_{a_i k} / T_k
+        self._grouping = None            # all training rows grouped by annotator
+        self._my_grouping = None         # this process's rows, for the E-step
         self._slot_offsets = torch.as_tensor(self._layout.offsets)
         self._batches_cache = {}
         self._eval_cache = {}
@@ -323,20 +326,31 @@ class EMDPOTrainer(Trainer):
         ref = self._pass_logps(self.train_dataset, self._layout, "train", reference=True,
                                share=True)
         self._ref_logps = self._comm().sum_tensor(ref)
-        resp = self._initial_responsibilities()
-        self._em = _em.EMState(responsibilities=resp,
-                               log_weights=_em.mixture_log_weights(resp, self.args.mixture_alpha))
+        self._em = _em.initial_state(self._initial_responsibilities(), self.args.mixture_alpha,
+                                     self.args.device)
         self._set_record_weights()
         if self.args.reinit_types:
             self._initial_types = self._types.state_dict()
 
     # ------------------------------------------------------------------------------------
-    # E-step and M-step weights. Several processes (DDP under accelerate launch / torchrun):
-    # each computes the log-probabilities of its share of the rows (_pass_logps(share=True));
-    # the E-step adds the processes' per-annotator sums S_hk (emdpo_core.e_step on the
-    # process group), so every process holds all posteriors, and with them the global
-    # per-type totals T_k of the M-step (_type_totals); the reference log-probabilities are
-    # summed once. The M-step's gradients are averaged by DDP as usual.
+    # E-step and M-step weights, on the training device: the posteriors and the (K, N)
+    # weights stay tensors there; per E-step the log-likelihood and K-sized totals reach the
+    # host. Several processes (DDP under accelerate launch / torchrun): each computes the
+    # log-probabilities of its share of the rows (_pass_logps(share=True)); the E-step adds
+    # the processes' per-annotator sums S_hk (emdpo_core.e_step on the process group, through
+    # the host), so every process holds all posteriors, and with them the global per-type
+    # totals T_k of the M-step (_type_totals); the reference log-probabilities are summed
+    # once. The M-step's gradients are averaged by DDP as usual.
+
+    def _groupings(self):
+        """(all rows, this process's rows) grouped by annotator, built once."""
+        if self._grouping is None:
+            self._grouping = _em.Grouping(self._layout)
+        if self._my_grouping is None:
+            comm = self._comm()
+            self._my_grouping = (self._grouping if comm.world_size == 1 else _em.Grouping(
+                self._layout, self._my_rows(self.train_dataset, self._layout, "train")))
+        return self._grouping, self._my_grouping
 
     def _gather_slot_logps(self, logps: torch.Tensor) -> torch.Tensor:
         """Hook on the (K, M) slot log-probabilities of an E-step pass (this process's share
@@ -344,30 +358,26 @@ class EMDPOTrainer(Trainer):
         not log-probabilities."""
         return logps
 
-    def _type_totals(self, record_resp: np.ndarray) -> np.ndarray:
-        """(K,) T_k = sum over all training records of c_i g_{a_i k}: every process holds all
-        posteriors after the E-step's reduction, so this is the global normaliser on every
-        process, bitwise alike."""
-        return record_resp.sum(0)
+    def _type_totals(self, record_resp: torch.Tensor) -> np.ndarray:
+        """(K,) T_k = sum over all training records of c_i g_{a_i k}, on the host, from the
+        (K, N) c_i g_{a_i k} on the device: every process holds all posteriors after the
+        E-step's reduction, so this is the global normaliser on every process, bitwise
+        alike."""
+        return to_numpy(record_resp.sum(dim=1))
 
     def _set_record_weights(self):
-        """w_ik = g_{a_i k} / T_k for every record, on the device, for the M-step."""
-        record_resp = _em.record_responsibilities(self._em.responsibilities, self._layout)
-        w = _em.m_step_weights(record_resp, self._type_totals(record_resp))
-        self._record_weights = torch.as_tensor(w, dtype=torch.float32, device=self.args.device)
+        """w_ik = c_i g_{a_i k} / T_k for every record, on the device, for the M-step."""
+        record_resp = self._groupings()[0].record_responsibilities(self._em.responsibilities)
+        self._record_weights = _em.m_step_weights(record_resp, self._type_totals(record_resp))
 
     def _e_step(self, log: bool = True) -> dict:
-        lay = self._layout
-        comm = self._comm()
         logps = self._gather_slot_logps(
-            self._pass_logps(self.train_dataset, lay, "train", reference=False,
+            self._pass_logps(self.train_dataset, self._layout, "train", reference=False,
                              share=True))
-        my_rows = (None if comm.world_size == 1
-                   else self._my_rows(self.train_dataset, lay, "train"))
         em = self._em
-        entry = _em.e_step(em, lay, logps, self._ref_logps, my_rows=my_rows,
+        entry = _em.e_step(em, self._groupings()[1], logps, self._ref_logps,
                            beta=self.args.beta, mixture_alpha=self.args.mixture_alpha,
-                           comm=comm, step=self.state.global_step)
+                           comm=self._comm(), step=self.state.global_step)
         self._set_record_weights()
         if log:
             logs = {"em/iteration": em.n_e_steps, "em/loglik": entry["loglik_per_record"]}
@@ -458,7 +468,7 @@ class EMDPOTrainer(Trainer):
 
     def _set_fitted(self):
         em = self._em
-        self.responsibilities_ = em.responsibilities.copy()
+        self.responsibilities_ = np.array(to_numpy(em.responsibilities))  # once per fit
         self.weights_ = np.exp(em.log_weights)
         self.loglik_ = em.history[-1]["loglik"] if em.history else None
         self.loglik_history_ = [h["loglik"] for h in em.history]
@@ -486,14 +496,14 @@ class EMDPOTrainer(Trainer):
         if key not in self._eval_cache:
             lay = build_layout(rows, "eval_dataset")
             ref = self._pass_logps(rows, lay, key, reference=True)
-            self._eval_cache[key] = (lay, ref, ranked_pairs(lay))
-        lay, ref, pairs = self._eval_cache[key]
+            self._eval_cache[key] = (lay, _em.Grouping(lay), ref, ranked_pairs(lay))
+        lay, grouping, ref, pairs = self._eval_cache[key]
         K = len(self._types.names)
         logps = self._pass_logps(rows, lay, key, reference=False)
         log_weights = (self._em.log_weights if self._em is not None
                        else np.log(np.full(K, 1.0 / K)))
-        metrics = _em.heldout_metrics(lay, pairs, logps, ref, log_weights, beta=self.args.beta,
-                                      prefix=metric_key_prefix)
+        metrics = _em.heldout_metrics(grouping, pairs, logps, ref, log_weights,
+                                      beta=self.args.beta, prefix=metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics)
