@@ -985,7 +985,7 @@ __device__ __forceinline__ int loss_record(const T* __restrict__ ref, int m, int
   for (int64_t k = 0; k < K; ++k) {
     path.load(p, c, finite);
     const A w_k = w ? A(w[0]) : A(1);
-    if (!base2::finite2(w_k) && bad_k < 0) bad_k = k;
+    if (!finite_(w_k) && bad_k < 0) bad_k = k;
     const double sc = scale[k];
     const A ll = path.loglik_grad(A(-sc) * w_k * beta, g_out, finite);
     const double l = -double(w_k) * double(ll);

@@ -54,7 +54,6 @@ EMDPO_B2 float rcp(float x) { return 1.0f / x; }
 EMDPO_B2 double ex2(double x) { return exp2(x); }
 EMDPO_B2 double lg2(double x) { return log2(x); }
 EMDPO_B2 double rcp(double x) { return 1.0 / x; }
-template <typename A> EMDPO_B2 bool finite2(A x) { return abs_(x) < A(INFINITY); }
 
 // The base the formulas of common/listwise.h run in here.
 struct Base2 {
@@ -74,7 +73,7 @@ EMDPO_B2 void load_rewards(const T* __restrict__ p, const A (&ref)[MM], int m, A
   for (int j = 0; j < MM; ++j) {
     if (EXACT || j < m) {
       r[j] = c * (A(p[j]) - ref[j]);
-      ok = ok & finite2(r[j]);  // not &&: one predicated compare per slot, no branches
+      ok = ok & finite_(r[j]);  // not &&: one predicated compare per slot, no branches
     }
   }
   finite = finite & ok;
