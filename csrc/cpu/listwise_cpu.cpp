@@ -159,12 +159,9 @@ int64_t e_step(const Records<T>& rec, const Annotators<T>& ann, const EStepOut<T
           const T* llk = ll.data() + k * kChunk - lo;
           double acc = 0.0;
           if (record_weights) {
-            // A record of weight 0 adds exactly nothing, also when its log-likelihood is -inf
-            // (below the double range), where the product would be NaN.
-            for (int64_t i = seg_lo; i < seg_hi; ++i) {
-              const double c = double(record_weights[i]);
-              if (c != 0.0) acc += c * double(llk[i]);
-            }
+            // A record of weight 0 adds exactly nothing, also when its log-likelihood is -inf.
+            for (int64_t i = seg_lo; i < seg_hi; ++i)
+              acc += weighted(double(record_weights[i]), double(llk[i]));
           } else {
             for (int64_t i = seg_lo; i < seg_hi; ++i) acc += double(llk[i]);
           }
@@ -206,8 +203,7 @@ int64_t e_step(const Records<T>& rec, const Annotators<T>& ann, const EStepOut<T
   double total = 0.0;
   if (annotator_weights) {
     // An annotator of weight 0 adds exactly nothing, also when its lse is -inf.
-    for (int64_t h = 0; h < H; ++h)
-      if (annotator_weights[h] != 0.0) total += annotator_weights[h] * lse[h];
+    for (int64_t h = 0; h < H; ++h) total += weighted(annotator_weights[h], lse[h]);
   } else {
     for (int64_t h = 0; h < H; ++h) total += lse[h];
   }
@@ -244,7 +240,8 @@ int64_t listwise_dpo_loss_and_grad(const Records<T>& rec, const LossArgs<T>& arg
                                                           args.grad + k * M, ll.data()));
         double acc = 0.0;
         for (int64_t i = lo; i < hi; ++i) {
-          const double l_i = -(w ? double(w[i]) : 1.0) * double(ll[i - lo]);
+          // A record of weight 0 adds exactly nothing, also when its ll is -inf.
+          const double l_i = -weighted(w ? double(w[i]) : 1.0, double(ll[i - lo]));
           if (args.record_loss) args.record_loss[k * N + i] = T(l_i);
           acc += l_i;
         }

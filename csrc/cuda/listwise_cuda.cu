@@ -475,7 +475,7 @@ __device__ __forceinline__ void finish_annotator(const double* S, int stride,
       }
     }
   }
-  lse_acc += v * lse;
+  lse_acc += weighted(v, lse);
 }
 
 // Tile sums of v*g_k (k < K <= kGroupTypes) over the block's threads into
@@ -551,7 +551,7 @@ __device__ __forceinline__ void scan_group(const A* ll, double cw, int kc, bool 
 #pragma unroll
   for (int c = 0; c < kGroupTypes; ++c) {
     if (FULL || c < kc) {
-      double x = cw * double(ll[c]);
+      double x = weighted(cw, double(ll[c]));  // weight 0: exactly 0, also for ll = -inf
       if (scan) {
 #pragma unroll
         for (int b = 0; b < 5; ++b) {
@@ -876,7 +876,7 @@ __global__ void __launch_bounds__(kSumThreads)
       annotator_loglik[h * K + k] = T(Sk);
       if (want_totals) S[k] = v * gk;  // the row is finished: reuse it for the totals
     }
-    lse_acc += v * lse;
+    lse_acc += weighted(v, lse);
   }
   if (lane == 0) s_lse[warp] = lse_acc;
   __syncthreads();  // also orders the S rows rewritten above before the column sums
@@ -988,7 +988,7 @@ __device__ __forceinline__ int loss_record(const T* __restrict__ ref, int m, int
     if (!finite_(w_k) && bad_k < 0) bad_k = k;
     const double sc = scale[k];
     const A ll = path.loglik_grad(A(-sc) * w_k * beta, g_out, finite);
-    const double l = -double(w_k) * double(ll);
+    const double l = -weighted(double(w_k), double(ll));  // weight 0: 0, also for ll = -inf
     if (rec_loss) rec_loss[0] = T(l);
     acc += sc * l;
     p += M;

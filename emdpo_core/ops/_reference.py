@@ -24,6 +24,15 @@ def _logsumexp(x: np.ndarray) -> float:
     return float(mx + np.log(np.sum(np.exp(x - mx))))
 
 
+def _weighted(w, x):
+    """w * x elementwise, exactly 0 where w == 0: a weight of 0 means the term contributes
+    nothing, also when x is infinite (0 * -inf would be NaN)."""
+    w, x = np.broadcast_arrays(np.asarray(w, np.float64), np.asarray(x, np.float64))
+    out = np.zeros(w.shape)
+    np.multiply(w, x, out=out, where=w != 0)
+    return out
+
+
 def _as_2d(policy_logps):
     p = np.asarray(policy_logps, dtype=np.float64)
     return p[None, :] if p.ndim == 1 else p
@@ -81,14 +90,14 @@ def e_step(policy_logps, ref_logps, offsets, annotator_offsets, log_weights, *, 
     lw = np.asarray(log_weights, dtype=np.float64)
     S = np.zeros((H, K))
     for h in range(H):
-        S[h] = (c[ao[h]:ao[h + 1], None] * ll[ao[h]:ao[h + 1]]).sum(axis=0)
+        S[h] = _weighted(c[ao[h]:ao[h + 1], None], ll[ao[h]:ao[h + 1]]).sum(axis=0)
     v = lw[None, :] + S
     lse = np.array([_logsumexp(row) for row in v])
     # Relative to each row's largest term: exp(v - lse) would lose log z at |v| >~ 1e16.
     d = v - v.max(axis=1, keepdims=True)
     resp = np.exp(d - np.log(np.exp(d).sum(axis=1, keepdims=True)))
     aw = np.ones(H) if annotator_weights is None else np.asarray(annotator_weights, np.float64)
-    return resp, float((aw * lse).sum()), S
+    return resp, float(_weighted(aw, lse).sum()), S
 
 
 def e_step_type_totals(responsibilities, annotator_weights=None):
@@ -128,6 +137,8 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
             a, b = offsets[i], offsets[i + 1]
             L = _ranked(n_ranked, offsets, i)
             r = beta * (p[k, a:b] - ref[a:b])
+            if w[k, i] == 0:  # contributes exactly nothing, also where ll = -inf
+                continue
             per_record[k, i] = -w[k, i] * record_loglik(r, L)
             grad[k, a:b] = -scale[k] * w[k, i] * beta * record_loglik_grad_rewards(r, L)
     if one:
