@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -38,7 +39,10 @@ def require_policy_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
-def as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
+def as_tensor(x, name: str, device: torch.device, exact_floats: bool = False) -> torch.Tensor:
+    """x as a tensor on ``device``. exact_floats: Python floats become float64 (torch alone
+    reads them as its default dtype, float32: weights of a float64 policy rounded, 1e-50 read
+    as 0); set where the values end up in float64 or are checked before a cast."""
     _checks.refuse_sparse(x, name)
     if isinstance(x, torch.Tensor):
         if x.device != device:
@@ -47,6 +51,8 @@ def as_tensor(x, name: str, device: torch.device) -> torch.Tensor:
                 f"one device")
         return x
     try:
+        if exact_floats and not isinstance(x, np.ndarray):
+            x = np.asarray(x)
         return torch.as_tensor(x, device=device)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{name}: expected a tensor or array, got {_describe(x)} "
@@ -62,7 +68,8 @@ def prepare_logps(policy_logps, ref_logps):
     """(policy, ref, loss dtype): policy cast to the computation dtype (differentiably), ref
     cast and detached."""
     policy = require_policy_tensor(policy_logps, "policy_logps")
-    ref = as_tensor(ref_logps, "ref_logps", policy.device)
+    ref = as_tensor(ref_logps, "ref_logps", policy.device,
+                    exact_floats=policy.dtype == torch.float64)
     if not ref.dtype.is_floating_point:
         raise TypeError(f"ref_logps: expected a floating-point tensor, got {ref.dtype}")
     out_dtype = torch.promote_types(policy.dtype, ref.dtype)
@@ -88,7 +95,7 @@ def prepare_weights(weights, policy: torch.Tensor, N: int) -> Optional[torch.Ten
     policies of a (K, M) ``policy``."""
     if weights is None:
         return None
-    w = as_tensor(weights, "weights", policy.device)
+    w = as_tensor(weights, "weights", policy.device, exact_floats=True)  # cast to policy's
     if w.dtype.is_complex:
         raise TypeError(f"weights: expected real numbers, got {w.dtype}")
     K = policy.shape[0] if policy.dim() == 2 else 1
@@ -113,7 +120,7 @@ def prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optio
         raise ValueError(f"total_weight: only with reduction='weighted_mean' (it is that "
                          f"reduction's divisor, in place of the weights' own total), got "
                          f"reduction={reduction!r}")
-    t = as_tensor(total_weight, "total_weight", policy.device)
+    t = as_tensor(total_weight, "total_weight", policy.device, exact_floats=True)
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"total_weight: expected real numbers > 0, got {t.dtype}")
     K = policy.shape[0] if policy.dim() == 2 else None
@@ -129,6 +136,17 @@ def prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optio
         where = "" if t.dim() == 0 else f" at index {i}"
         raise ValueError(f"total_weight: expected finite numbers > 0 (each policy's total "
                          f"weight over all records), got {host[i].item()}{where}")
+    # The weights are divided by T in the computation dtype: a T below its normal range would
+    # round to 0 or lose its digits there (and w / T overflow).
+    tiny = torch.finfo(policy.dtype).tiny
+    small = torch.nonzero(host < tiny)
+    if small.numel():
+        i = int(small[0, 0])
+        where = "" if t.dim() == 0 else f" at index {i}"
+        raise ValueError(f"total_weight: {host[i].item()}{where} is below the normal range of "
+                         f"{policy.dtype} (smallest {tiny:.3g}), the dtype the loss is computed "
+                         f"in; multiply the weights and total_weight by one constant (the "
+                         f"loss does not change)")
     t = t.detach().to(policy.dtype)
     return t.reshape(()) if K is None else t.expand(K)
 

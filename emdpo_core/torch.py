@@ -170,6 +170,8 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
             per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
         total_weight: optional divisor of "weighted_mean" (only with that reduction): a
             number > 0, or (K,) one per policy for a (K, M) ``policy_logps``. A constant.
+            Values below the normal range of the computation dtype (float32: 1.2e-38) are
+            refused: scale the weights and ``total_weight`` up together.
 
     Returns:
         A 0-d tensor (or (N,) / (K, N) for "none") in the promoted dtype of the log-probabilities.

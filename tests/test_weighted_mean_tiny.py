@@ -88,3 +88,96 @@ def test_pairwise_small_batch_with_subnormal_float32_weights():
     want = -torch.nn.functional.logsigmoid(torch.tensor(0.5 * ((-1.0 + 2.0) - (-3.0 + 2.0))))
     np.testing.assert_allclose(loss.item(), want.item(), rtol=1e-6)
     assert torch.isfinite(pc.grad).all() and pc.grad[1] == 0
+
+
+# The float64 reference and the refusals, consistent across reference, NumPy and torch.
+
+from emdpo_core.ops import _reference as ref_ops  # noqa: E402
+
+
+@pytest.mark.parametrize("scale", [1e-310, 2.0 ** -1074, 2.0 ** 1021])
+def test_reference_weighted_mean_is_scale_invariant(rng, scale):
+    # 2^-1074: 1 / sum overflowed; 2^1021 * (up to 3 per record, 20 records): the sum itself
+    # overflows. Powers of two times small integers keep the weights exact (1e-310 rounds
+    # them, relative 5e-14 at that subnormal spacing, hence rtol 1e-12).
+    offsets, n_ranked = random_layout(rng, 20)
+    p, r = random_logps(rng, 2, offsets[-1])
+    w = rng.integers(0, 4, (2, 20)).astype(np.float64)
+    w[:, 0] = 3.0
+    kw = dict(beta=0.7, n_ranked=n_ranked, reduction="weighted_mean")
+    with np.errstate(all="raise"):            # no overflow, no division by zero
+        small = ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w * scale, **kw)
+    unit = ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
+    np.testing.assert_allclose(small[0], unit[0], rtol=1e-12)
+    np.testing.assert_allclose(small[1], unit[1], rtol=1e-12, atol=1e-15)
+    kernel = ec.listwise_dpo_loss_and_grad(p, r, offsets, w * scale, **kw)
+    np.testing.assert_allclose(kernel[0], small[0], rtol=1e-10)
+    np.testing.assert_allclose(kernel[1], small[1], rtol=1e-10, atol=1e-12)
+
+
+A = 2.0 ** 1023
+# Weights whose total is not positive: zero, cancelling subnormals, and a negative total whose
+# float64 running sum overflows to +inf first (A + A = inf) and used to be taken as positive.
+NOT_POSITIVE = {
+    "zeros": [0.0, 0.0, 0.0, 0.0, 0.0],
+    "cancelling_subnormals": [1e-320, -1e-320, 0.0, 0.0, 0.0],
+    "negative_past_overflow": [A, A, -A, -A, -A],
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_POSITIVE))
+@pytest.mark.parametrize("device", DEVICES)
+def test_weighted_mean_refuses_a_total_that_is_not_positive(case, device):
+    offsets = np.arange(0, 11, 2)
+    p = np.stack([np.linspace(-2, -1, 10), np.linspace(-1, -3, 10)])
+    r = np.full(10, -1.5)
+    w = np.array([[1.0] * 5, NOT_POSITIVE[case]])
+    kw = dict(beta=1.0, reduction="weighted_mean")
+    msg = "weights: reduction='weighted_mean' needs a positive sum of weights for every type; type 1"
+    with pytest.raises(ValueError, match=msg):
+        ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=msg):
+            ec.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
+    with pytest.raises(ValueError, match=msg):
+        loss = et.listwise_dpo_loss(torch.tensor(p, device=device), torch.tensor(r, device=device),
+                                    torch.tensor(offsets, device=device),
+                                    torch.tensor(w, device=device), **kw)
+        et.check_errors()
+        loss.item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_python_numbers_are_read_as_float64(device):
+    # A float64 policy's weights and total_weight given as Python numbers are used exactly:
+    # they used to go through float32 (weights rounded, 1e-50 read as 0 and refused).
+    rng = np.random.default_rng(5)
+    offsets = np.arange(0, 9, 2)
+    p = torch.tensor(rng.normal(-2, 1, 8), device=device)
+    r = torch.tensor(rng.normal(-2, 1, 8), device=device)
+    w = [0.1, 0.2, 0.3, 1e-50]
+    kw = dict(beta=1.0, reduction="weighted_mean")
+    got = et.listwise_dpo_loss(p, r, offsets, w, total_weight=1e-50, **kw)
+    want = et.listwise_dpo_loss(p, r, offsets, torch.tensor(w, dtype=torch.float64, device=device),
+                                total_weight=torch.tensor(1e-50, dtype=torch.float64), **kw)
+    assert torch.isfinite(got) and got.item() == want.item()
+    sum_w = et.listwise_dpo_loss(p, r, offsets, w, beta=1.0, reduction="sum")
+    sum_t = et.listwise_dpo_loss(p, r, offsets, torch.tensor(w, dtype=torch.float64,
+                                                               device=device), beta=1.0,
+                                 reduction="sum")
+    assert sum_w.item() == sum_t.item()
+    # ref_logps as a list: read in float64 for a float64 policy (no rounding through float32).
+    ref_list = et.listwise_dpo_loss(p, r.tolist(), offsets, beta=1.0, reduction="sum")
+    assert ref_list.item() == et.listwise_dpo_loss(p, r, offsets, beta=1.0, reduction="sum").item()
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.float32, 1e-40), (torch.float64, 1e-310)])
+def test_total_weight_below_the_normal_range_is_refused(dtype, value):
+    # w / T in the computation dtype: T = 1e-40 is subnormal in float32 (w / T = 1e40 would
+    # overflow and be reported as a non-finite weight the caller never passed).
+    p = torch.tensor([-1.0, -2.0, -1.5, -1.0], dtype=dtype, requires_grad=True)
+    r = torch.full((4,), -1.5, dtype=dtype)
+    with pytest.raises(ValueError, match=r"total_weight: .* below the normal range of "
+                                         + str(dtype)):
+        et.listwise_dpo_loss(p, r, [0, 2, 4], [1e-40, 1e-40], beta=1.0,
+                             reduction="weighted_mean", total_weight=value)

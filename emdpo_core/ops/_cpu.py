@@ -81,15 +81,17 @@ def weighted_mean_weights(w: np.ndarray, K: int, N: int):
     magnitude (in float64) before the sum: the sum is then >= 1 for non-negative weights, and
     1 / sum neither overflows (weights of 1e-320) nor leaves float32's range when the kernel
     rounds it (a nearly collapsed type's float32 responsibilities, 1e-45)."""
+    top = np.abs(w).max(axis=1, keepdims=True).astype(np.float64)
+    top[top == 0] = 1.0  # an all-zero type stays zero, and is refused below
+    w = np.ascontiguousarray(w / top, dtype=w.dtype)
+    # Signs from the rescaled sums: the raw sum of weights near 1e308 overflows.
     totals = w.sum(axis=1, dtype=np.float64)
     bad = np.flatnonzero(~(totals > 0))
     if bad.size:
         raise ValueError(
             f"weights: reduction='weighted_mean' needs a positive sum of weights for every type; "
-            f"type {bad[0]} sums to {totals[bad[0]]}")
-    top = np.abs(w).max(axis=1, keepdims=True).astype(np.float64)  # > 0, as the sum is
-    w = np.ascontiguousarray(w / top, dtype=w.dtype)
-    return w, 1.0 / w.sum(axis=1, dtype=np.float64)
+            f"type {bad[0]} sums to {totals[bad[0]] * top[bad[0], 0]}")
+    return w, 1.0 / totals
 
 
 def loss_scale(reduction: str, w: Optional[np.ndarray], K: int, N: int) -> np.ndarray:

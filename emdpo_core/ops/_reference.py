@@ -127,7 +127,19 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
     elif reduction == "mean":
         scale = np.full(K, 1.0 / N)
     elif reduction == "weighted_mean":
-        scale = 1.0 / w.sum(axis=1)
+        # 1 / sum_i w_ki overflows for weights of 1e-310, and the sum itself for weights near
+        # 1e308: the loss does not change when a type's weights are scaled, so scale them to
+        # a largest magnitude of 1 first (a power of two would do as well; any factor is exact
+        # enough for an oracle at 1e-10).
+        top = np.abs(w).max(axis=1, keepdims=True)
+        w = w / np.where(top > 0, top, 1.0)
+        totals = w.sum(axis=1)
+        bad = np.flatnonzero(~(totals > 0))
+        if bad.size:
+            raise ValueError(f"weights: reduction='weighted_mean' needs a positive sum of "
+                             f"weights for every type; type {bad[0]} sums to "
+                             f"{totals[bad[0]] * top[bad[0], 0]}")
+        scale = 1.0 / totals
     else:
         raise ValueError(reduction)
     per_record = np.zeros((K, N))

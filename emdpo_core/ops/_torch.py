@@ -411,13 +411,13 @@ def listwise_dpo_loss_and_grad(policy_logps, ref_logps, offsets, weights=None, *
         # magnitude first, so 1 / sum stays finite for tiny weights. A type whose weights do
         # not sum to a positive total is flagged on the device (read with the other flags).
         w_given = w
-        totals = w.sum(dim=1, dtype=torch.float64)
-        first = torch.where(totals > 0, K, torch.arange(K, device=device)).min()
-        flags[2] = torch.where(first < K, first, -1)
         top = w.abs().amax(dim=1, keepdim=True).to(torch.float64)
         top = torch.where(top > 0, top, torch.ones_like(top))  # an all-zero type stays zero
         w = (w.to(torch.float64) / top).to(p.dtype).contiguous()
-        scale = 1.0 / w.sum(dim=1, dtype=torch.float64)
+        totals = w.sum(dim=1, dtype=torch.float64)  # signs as _cpu's: from rescaled sums
+        first = torch.where(totals > 0, K, torch.arange(K, device=device)).min()
+        flags[2] = torch.where(first < K, first, -1)
+        scale = 1.0 / totals
     grad = torch.empty((K, M), dtype=p.dtype, device=device)
     rec = torch.empty((K, N), dtype=p.dtype, device=device) if reduction == "none" else None
     loss = torch.empty((), dtype=torch.float64, device=device)
