@@ -31,6 +31,32 @@ inline int64_t size_plus_one(int64_t n, const char* name) {
   return n + 1;
 }
 
+// Element count n of 8-byte elements (the widest the kernels take) whose byte size fits in
+// int64: a kernel forms byte offsets from element indices, and a wrapped byte offset would
+// address the start of a real buffer.
+inline int64_t elements_of_8_bytes(int64_t n, const char* what) {
+  size_product(n, 8, what);
+  return n;
+}
+
+// The sizes every listwise kernel takes, on either device: N records of at least 2 of the M
+// slots, K types. Every buffer the kernels index is sized by one of these products.
+inline void check_sizes(int64_t N, int64_t M, int64_t K) {
+  if (N < 1 || M < 2 || K < 1)
+    throw py::value_error("sizes: expected N >= 1, M >= 2, K >= 1, got N=" + std::to_string(N) +
+                          ", M=" + std::to_string(M) + ", K=" + std::to_string(K));
+  elements_of_8_bytes(size_product(K, M, "K * M"), "K * M elements, in bytes,");
+  elements_of_8_bytes(size_product(N, K, "N * K"), "N * K elements, in bytes,");
+  size_plus_one(N, "N");
+}
+
+// H annotators of the E-step: (H, K) outputs and H+1 offsets.
+inline void check_annotator_sizes(int64_t H, int64_t K) {
+  if (H < 1) throw py::value_error("sizes: expected H >= 1, got H=" + std::to_string(H));
+  elements_of_8_bytes(size_product(H, K, "H * K"), "H * K elements, in bytes,");
+  size_plus_one(H, "H");
+}
+
 template <typename T>
 const T* in_ptr(const py::array& a, const char* name, int64_t size) {
   if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style))

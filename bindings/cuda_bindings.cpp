@@ -17,6 +17,30 @@ namespace py = pybind11;
 #ifdef EMDPO_HAVE_CUDA
 namespace {
 
+// The sizes arrive next to raw device pointers, which nothing can measure: these checks, made
+// before any CUDA call (so that a build without a device tests them too), are what stands
+// between an absurd direct call and a kernel far out of bounds. The CPU bindings' checks of
+// N, M, K (emdpo_bindings::check_sizes), then what the CUDA kernels index in int.
+void check_cuda_sizes(int64_t N, int64_t M, int64_t K) {
+  emdpo_bindings::check_sizes(N, M, K);
+  if (M > emdpo::cuda::kMaxSlots)
+    throw py::value_error("sizes: the CUDA kernels take at most " +
+                          std::to_string(emdpo::cuda::kMaxSlots) + " slots, got M=" +
+                          std::to_string(M));
+  if (K > emdpo::cuda::kMaxTypes)
+    throw py::value_error("sizes: the CUDA kernels take at most " +
+                          std::to_string(emdpo::cuda::kMaxTypes) + " types, got K=" +
+                          std::to_string(K));
+}
+
+// The workspace sizes depend on N and K only (no M).
+void check_cuda_workspace_sizes(int64_t N, int64_t K) {
+  if (N < 1 || K < 1)
+    throw py::value_error("sizes: expected N >= 1, K >= 1, got N=" + std::to_string(N) +
+                          ", K=" + std::to_string(K));
+  check_cuda_sizes(N, 2, K);
+}
+
 template <typename T>
 emdpo::Records<T> records(uintptr_t policy, uintptr_t ref, uintptr_t offsets,
                           uintptr_t n_ranked, int64_t N, int64_t M, int64_t K, double beta) {
@@ -39,6 +63,7 @@ void register_cuda(py::module_& m) {
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, int64_t N, int64_t M, int64_t K, double beta, uintptr_t out,
            uintptr_t first_bad, uintptr_t stream) {
+          check_cuda_sizes(N, M, K);
           py::gil_scoped_release release;
           with_dtype(dtype, [&](auto t) {
             using T = decltype(t);
@@ -48,7 +73,11 @@ void register_cuda(py::module_& m) {
           });
         });
 
-  m.def("cuda_e_step_workspace_bytes", &cuda::e_step_workspace_bytes);
+  m.def("cuda_e_step_workspace_bytes", [](int64_t N, int64_t H, int64_t K) {
+    check_cuda_workspace_sizes(N, K);
+    emdpo_bindings::check_annotator_sizes(H, K);
+    return cuda::e_step_workspace_bytes(N, H, K);
+  });
   m.def("cuda_e_step",
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, uintptr_t record_weights, uintptr_t annotator_offsets,
@@ -56,6 +85,8 @@ void register_cuda(py::module_& m) {
            uintptr_t resp, uintptr_t annot_ll, uintptr_t loglik, uintptr_t record_ll,
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
            uintptr_t annotator_weights, uintptr_t type_totals) {
+          check_cuda_sizes(N, M, K);
+          emdpo_bindings::check_annotator_sizes(H, K);
           py::gil_scoped_release release;
           with_dtype(dtype, [&](auto t) {
             using T = decltype(t);
@@ -79,13 +110,17 @@ void register_cuda(py::module_& m) {
         py::arg("workspace_bytes"), py::arg("stream"), py::arg("annotator_weights_ptr") = 0,
         py::arg("type_totals_ptr") = 0);
 
-  m.def("cuda_loss_workspace_bytes", &cuda::loss_workspace_bytes);
+  m.def("cuda_loss_workspace_bytes", [](int64_t N, int64_t K) {
+    check_cuda_workspace_sizes(N, K);
+    return cuda::loss_workspace_bytes(N, K);
+  });
   m.def("cuda_listwise_dpo_loss_and_grad",
         [](const std::string& dtype, uintptr_t policy, uintptr_t ref, uintptr_t offsets,
            uintptr_t n_ranked, uintptr_t weights, uintptr_t scale, int64_t N, int64_t M,
            int64_t K, double beta, uintptr_t loss, uintptr_t grad, uintptr_t record_loss,
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
            uintptr_t bad_weight) {
+          check_cuda_sizes(N, M, K);
           py::gil_scoped_release release;
           with_dtype(dtype, [&](auto t) {
             using T = decltype(t);

@@ -100,17 +100,6 @@ py::tuple loss_impl(const emdpo::Records<T>& rec, py::object weights, py::array 
   return py::make_tuple(bad, loss);
 }
 
-void check_sizes(int64_t N, int64_t M, int64_t K) {
-  if (N < 1 || M < 2 || K < 1)
-    throw py::value_error("sizes: expected N >= 1, M >= 2, K >= 1, got N=" +
-                          std::to_string(N) + ", M=" + std::to_string(M) +
-                          ", K=" + std::to_string(K));
-  // Every buffer the kernels index is checked against these products before it is used.
-  size_product(K, M, "K * M");
-  size_product(N, K, "N * K");
-  size_plus_one(N, "N");
-}
-
 void check_layout(py::array offsets, py::object n_ranked, int64_t N, int64_t M) {
   // Memory safety of the kernels rests on these; emdpo_core/_checks.py checks them first
   // with better messages, this is the last line of defence for direct callers.
@@ -185,9 +174,7 @@ PYBIND11_MODULE(_core, m) {
          py::object type_totals) {
         check_sizes(N, M, K);
         check_layout(offsets, n_ranked, N, M);
-        if (H < 1)
-          throw py::value_error("sizes: expected H >= 1, got H=" + std::to_string(H));
-        size_product(H, K, "H * K");
+        check_annotator_sizes(H, K);
         const int64_t* ao =
             in_ptr<int64_t>(annotator_offsets, "annotator_offsets", size_plus_one(H, "H"));
         if (emdpo::cpu::first_bad_offset(ao, H + 1, N, 0) >= 0)

@@ -51,6 +51,22 @@ int64_t regret_matrix_impl(py::array logps, py::object ref, py::array offsets,
   return emdpo::cpu::regret_matrix<T>(lp, r, o, w, K, S, kind, beta, R);
 }
 
+#ifdef EMDPO_HAVE_CUDA
+// The CUDA kernel's sizes, checked before any CUDA call (the pointers cannot be measured):
+// K sources of S samples ((K, S) log-probabilities, K+1 offsets), and one grid block per
+// (k, j) pair and slice, so K * K must stay within int (K <= 46340).
+void check_cuda_regret_sizes(int64_t K, int64_t S) {
+  if (K < 1 || S < 1)
+    throw py::value_error("sizes: expected K >= 1 and S >= 1, got K=" + std::to_string(K) +
+                          ", S=" + std::to_string(S));
+  emdpo_bindings::elements_of_8_bytes(emdpo_bindings::size_product(K, S, "K * S"),
+                                      "K * S elements, in bytes,");
+  if (K > 46340)
+    throw py::value_error("sizes: the CUDA regret kernel takes at most 46340 policies (K * K "
+                          "grid blocks), got K=" + std::to_string(K));
+}
+#endif
+
 }  // namespace
 
 void register_regret(py::module_& m) {
@@ -73,12 +89,16 @@ void register_regret(py::module_& m) {
       "R (K, K) float64 into `out`. Returns -1, or a sample index when R is not finite.");
 
 #ifdef EMDPO_HAVE_CUDA
-  m.def("cuda_regret_matrix_workspace_bytes", &emdpo::cuda::regret_matrix_workspace_bytes);
+  m.def("cuda_regret_matrix_workspace_bytes", [](int64_t K, int64_t S) {
+    check_cuda_regret_sizes(K, S);
+    return emdpo::cuda::regret_matrix_workspace_bytes(K, S);
+  });
   m.def("cuda_regret_matrix",
         [](const std::string& dtype, uintptr_t logps, uintptr_t ref, uintptr_t offsets,
            uintptr_t weights, int64_t K, int64_t S, int kind, double beta, uintptr_t out,
            uintptr_t first_bad, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
           check_kind(kind);
+          check_cuda_regret_sizes(K, S);
           using emdpo_bindings::dev_ptr;
           py::gil_scoped_release release;
           emdpo_bindings::with_dtype(dtype, [&](auto t) {

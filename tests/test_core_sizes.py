@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SUBPROCESS_CWD
 
 SCRIPT = r"""
@@ -132,3 +134,91 @@ def test_absurd_sizes_raise_instead_of_crashing():
     assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
     assert out.stdout.strip().endswith("done"), log
     assert "RETURNED" not in out.stdout, log
+
+
+# The CUDA entry points take device pointers as integers, which nothing can measure: the sizes
+# next to them are checked in the bindings before any CUDA call, so these run on any CUDA
+# build, with or without a device. The pointers are made up and must never be used: a call
+# that reaches the CUDA runtime (RuntimeError without a device, a kernel on made-up pointers
+# with one) fails the test.
+CUDA_SCRIPT = r"""
+import numpy as np
+from emdpo_core import _core
+
+BIG = 2**63 - 1
+K_WRAP = 2**62 + 1           # K_WRAP * 8 = 8 and K_WRAP * 4 = 4 (mod 2^64)
+P = 1 << 20                  # a made-up, non-null "device pointer"
+cases = {}
+
+def case(name):
+    def register(fn):
+        cases[name] = fn
+        return fn
+    return register
+
+def loglik(N, M, K):
+    _core.cuda_listwise_loglik("float64", P, P, P, 0, N, M, K, 1.0, P, P, 0)
+
+def e_step(N, M, K, H):
+    _core.cuda_e_step("float64", P, P, P, 0, 0, P, P, N, M, K, H, 1.0, P, P, P, 0, P, P,
+                      1 << 40, 0)
+
+def loss(N, M, K):
+    _core.cuda_listwise_dpo_loss_and_grad("float64", P, P, P, 0, P, P, N, M, K, 1.0, P, P, 0,
+                                          P, P, 1 << 40, 0)
+
+def regret(K, S):
+    _core.cuda_regret_matrix("float64", P, P, P, 0, K, S, 0, 1.0, P, P, P, 1 << 40, 0)
+
+for name, fn, args in [
+        ("listwise_loglik", loglik, {"K*M wraps": (4, 8, K_WRAP), "K = 2^53": (4, 8, 2**53),
+                                     "N = int64 max": (BIG, 8, 1), "negative K": (4, 8, -1),
+                                     "negative N": (-4, 8, 1), "M = 1": (4, 1, 1),
+                                     "M = 2^31": (4, 2**31, 1),
+                                     "N*K bytes overflow": (2**61, 8, 2)}),
+        ("loss", loss, {"K*M and N*K wrap": (4, 8, K_WRAP), "K = 2^53": (4, 8, 2**53),
+                        "N = int64 max": (BIG, 8, 1), "negative M": (4, -8, 1),
+                        "K = 0": (4, 8, 0)}),
+        ("e_step", e_step, {"H*K wraps": (4, 8, 4, K_WRAP), "H = int64 max": (4, 8, 1, BIG),
+                            "negative H": (4, 8, 1, -1), "K*M wraps": (4, 8, K_WRAP, 1),
+                            "K = 0": (4, 8, 0, 1), "H = 0": (4, 8, 1, 0)}),
+        ("regret_matrix", regret, {"K*S wraps": (4, 2**62), "K = 2^32 (K*K wraps)": (2**32, 4),
+                                   "K = 0": (0, 4), "S = int64 max": (1, BIG)}),
+        ("e_step_workspace_bytes", _core.cuda_e_step_workspace_bytes,
+         {"H*K wraps": (4, K_WRAP, 4), "N = int64 max": (BIG, 1, 1), "K = 0": (4, 1, 0),
+          "negative H": (4, -1, 1)}),
+        ("loss_workspace_bytes", _core.cuda_loss_workspace_bytes,
+         {"N = int64 max": (BIG, 1), "negative K": (4, -1), "N*K wraps": (K_WRAP, 4)}),
+        ("regret_matrix_workspace_bytes", _core.cuda_regret_matrix_workspace_bytes,
+         {"K = 0": (0, 4), "K*S wraps": (4, 2**62), "K = 2^32": (2**32, 1)}),
+]:
+    for what, a in args.items():
+        cases[f"cuda_{name} {what}"] = (lambda fn=fn, a=a: fn(*a))
+
+for name, fn in cases.items():
+    print(name, "...", end=" ", flush=True)
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        print("raised", type(e).__name__, str(e)[:100], flush=True)
+    except RuntimeError as e:
+        print("REACHED CUDA", str(e)[:100], flush=True)
+    else:
+        print("RETURNED", flush=True)
+print("done")
+"""
+
+
+def test_absurd_sizes_raise_before_any_cuda_call():
+    from emdpo_core import _core
+
+    if not _core.cuda:
+        pytest.skip("emdpo_core was built without CUDA (build_info()['cuda'] is False): no "
+                    "CUDA entry points to call")
+    out = subprocess.run([sys.executable, "-c", CUDA_SCRIPT], cwd=SUBPROCESS_CWD,
+                         capture_output=True, text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
+    assert out.stdout.strip().endswith("done"), log
+    assert "RETURNED" not in out.stdout and "REACHED CUDA" not in out.stdout, log
+    assert out.stdout.count("raised ValueError") == out.stdout.count(" ... "), log

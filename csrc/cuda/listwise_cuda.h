@@ -17,6 +17,12 @@
 namespace emdpo {
 namespace cuda {
 
+// Largest sizes the kernels index: record lengths and slot offsets within a record are int
+// on the device (M slots in all), and the loss kernel reports the first type with a
+// non-finite weight, plus one, in bits 1..30 of an int status.
+constexpr int64_t kMaxSlots = 2147483647;  // INT_MAX
+constexpr int64_t kMaxTypes = (int64_t(1) << 30) - 2;
+
 // How a kernel runs: first_bad as above, the caller's workspace (the *_workspace_bytes
 // functions give its size; null and 0 where none is needed) and the stream.
 struct Launch {

@@ -120,8 +120,9 @@ def _prepare(policy_logps, ref_logps):
     one = p.dim() == 1
     if one:
         p = p.unsqueeze(0)
-    if p.shape[1] < 2:
-        raise ValueError(f"policy_logps: expected shape (K, M) with M >= 2, got {tuple(p.shape)}")
+    if p.shape[0] < 1 or p.shape[1] < 2:
+        raise ValueError(f"policy_logps: expected shape (K, M) with K >= 1 and M >= 2, got "
+                         f"{tuple(p.shape)}")
     ref = _float_tensor(ref_logps, "ref_logps", device)
     _checks.check_matches("ref_logps", ref, "policy_logps", p, "M")
     return p, ref, one, device
