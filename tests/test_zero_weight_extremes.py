@@ -3,7 +3,9 @@
 
 Finite inputs can give ll = -inf: a pair with rewards (-R, R) has ll = -R - logaddexp(-R, R)
 = -2R, below the range of the computation dtype once R is past half its largest value (rewards
-+-3e38 in float32, +-1e308 in float64; beta = 10 times log-probability gaps of 3e37 / 1e307).
++-2e38 in float32, +-1e308 in float64; beta = 10 times log-probability gaps of 2e37 / 1e307).
+R stays below the largest value / log2(e), so that the rewards are finite also in the base-2
+units of the CUDA kernels (R log2 e: 2.9e38 and 1.4e308).
 Such a record with weight 0 must leave the loss, its gradient, the per-record losses and the
 E-step's posteriors exactly as a record of ordinary values with weight 0 does (0 * -inf would
 make them NaN). The expectations are therefore the same call with the extreme record replaced
@@ -21,7 +23,7 @@ from emdpo_core.ops import _reference as ref_ops
 
 REDUCTIONS = ["sum", "mean", "weighted_mean", "none"]
 # Half-gaps of log-probability whose rewards (beta = 10) are finite but whose ll = -2R is not.
-EXTREME = {np.float32: 3e37, np.float64: 1e307}
+EXTREME = {np.float32: 2e37, np.float64: 1e307}
 BETA = 10.0
 
 

@@ -48,7 +48,7 @@ template <typename A> EMDPO_HD A min_zero(A x) { return x < A(0) ? x : A(0); }
 // True for finite x; written with comparisons only so it survives any math flags.
 template <typename A> EMDPO_HD bool finite_(A x) { return abs_(x) < A(INFINITY); }
 // w * x, where a weight of 0 contributes exactly nothing: also when x is infinite (a
-// log-likelihood below the range of A from finite rewards, e.g. rewards -3e38 and 3e38 in
+// log-likelihood below the range of A from finite rewards, e.g. rewards -2e38 and 2e38 in
 // float), where the product would be NaN. Every weighted term of the E-step and the loss goes
 // through this, on both devices. For finite x it is w * x itself, signed zeros included.
 template <typename A> EMDPO_HD A weighted(A w, A x) {
