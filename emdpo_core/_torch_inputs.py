@@ -112,8 +112,8 @@ def prepare_weights(weights, policy: torch.Tensor, N: int) -> Optional[torch.Ten
 
 def prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optional[torch.Tensor]:
     """None, or the divisors T_k of the "weighted_mean" reduction: shape (K,) for a (K, M)
-    ``policy`` (a number is shared by all K), () for an (M,) one; detached, in the computation
-    dtype. Checked on the host: finite and > 0 (one tiny device-to-host copy on CUDA)."""
+    ``policy`` (a number is shared by all K), () for an (M,) one; detached, in float64.
+    Checked on the host: finite and > 0 (one tiny device-to-host copy on CUDA)."""
     if total_weight is None:
         return None
     if _checks.check_reduction(reduction) != "weighted_mean":
@@ -136,18 +136,10 @@ def prepare_total_weight(total_weight, reduction, policy: torch.Tensor) -> Optio
         where = "" if t.dim() == 0 else f" at index {i}"
         raise ValueError(f"total_weight: expected finite numbers > 0 (each policy's total "
                          f"weight over all records), got {host[i].item()}{where}")
-    # The weights are divided by T in the computation dtype: a T below its normal range would
-    # round to 0 or lose its digits there (and w / T overflow).
-    tiny = torch.finfo(policy.dtype).tiny
-    small = torch.nonzero(host < tiny)
-    if small.numel():
-        i = int(small[0, 0])
-        where = "" if t.dim() == 0 else f" at index {i}"
-        raise ValueError(f"total_weight: {host[i].item()}{where} is below the normal range of "
-                         f"{policy.dtype} (smallest {tiny:.3g}), the dtype the loss is computed "
-                         f"in; multiply the weights and total_weight by one constant (the "
-                         f"loss does not change)")
-    t = t.detach().to(policy.dtype)
+    # float64, as given: the caller divides the weights by it in float64 (a T below the
+    # normal range of a float32 computation, e.g. a collapsed type's clamped total times a
+    # minibatch's share, would lose its digits or become 0 in float32).
+    t = t.detach().to(torch.float64)
     return t.reshape(()) if K is None else t.expand(K)
 
 

@@ -170,8 +170,8 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
             per policy) or "none" (per-record losses w_ki * (-ll_ki), (N,) or (K, N)).
         total_weight: optional divisor of "weighted_mean" (only with that reduction): a
             number > 0, or (K,) one per policy for a (K, M) ``policy_logps``. A constant.
-            Values below the normal range of the computation dtype (float32: 1.2e-38) are
-            refused: scale the weights and ``total_weight`` up together.
+            The weights are divided by it in float64, so a tiny ``total_weight`` (below
+            float32's range) is used as given.
 
     Returns:
         A 0-d tensor (or (N,) / (K, N) for "none") in the promoted dtype of the log-probabilities.
@@ -205,7 +205,11 @@ def listwise_dpo_loss(policy_logps, ref_logps, offsets, weights=None, *, beta, n
         if weights is None:
             shape = (policy.shape[0], N) if policy.dim() == 2 else (N,)
             weights = torch.ones(shape, dtype=policy.dtype, device=policy.device)
-        weights = weights / (total[:, None] if total.dim() == 1 else total)
+        # In float64, then the computation dtype: T keeps its digits below float32's range,
+        # and for a float32 T the bits are those of the float32 division (rounding a float64
+        # quotient of float32 operands to float32 is correctly rounded).
+        divisor = total[:, None] if total.dim() == 1 else total
+        weights = (weights.to(torch.float64) / divisor).to(weights.dtype)
         reduction = "sum"
     loss = _apply(policy, ref, offsets, weights, n_ranked, beta, reduction)
     return loss if loss.dtype == out_dtype else loss.to(out_dtype)

@@ -171,13 +171,22 @@ def test_python_numbers_are_read_as_float64(device):
     assert ref_list.item() == et.listwise_dpo_loss(p, r, offsets, beta=1.0, reduction="sum").item()
 
 
-@pytest.mark.parametrize("dtype,value", [(torch.float32, 1e-40), (torch.float64, 1e-310)])
-def test_total_weight_below_the_normal_range_is_refused(dtype, value):
-    # w / T in the computation dtype: T = 1e-40 is subnormal in float32 (w / T = 1e40 would
-    # overflow and be reported as a non-finite weight the caller never passed).
-    p = torch.tensor([-1.0, -2.0, -1.5, -1.0], dtype=dtype, requires_grad=True)
-    r = torch.full((4,), -1.5, dtype=dtype)
-    with pytest.raises(ValueError, match=r"total_weight: .* below the normal range of "
-                                         + str(dtype)):
-        et.listwise_dpo_loss(p, r, [0, 2, 4], [1e-40, 1e-40], beta=1.0,
-                             reduction="weighted_mean", total_weight=value)
+@pytest.mark.parametrize("device", DEVICES)
+def test_total_weight_below_float32_range_is_used_as_given(device):
+    # A float32 policy, weights 2^-149 (the smallest float32) and total_weight 2^-160 (below
+    # float32's range: it used to be read as 0 and refused): w / T = 2^11 exactly, the loss of
+    # weights 1 with total_weight 2^-11. A collapsed type's clamped total times a minibatch's
+    # share is such a T.
+    p = torch.tensor([-1.0, -2.0, -1.5, -1.0], device=device, requires_grad=True)
+    r = torch.full((4,), -1.5, device=device)
+    w = torch.full((2,), 2.0 ** -149, device=device)
+    kw = dict(beta=1.0, reduction="weighted_mean")
+    tiny = et.listwise_dpo_loss(p, r, [0, 2, 4], w, total_weight=2.0 ** -160, **kw)
+    tiny.backward()
+    g_tiny = p.grad.clone()
+    p.grad = None
+    unit = et.listwise_dpo_loss(p, r, [0, 2, 4], torch.ones(2, device=device),
+                                total_weight=2.0 ** -11, **kw)
+    unit.backward()
+    assert torch.isfinite(tiny) and tiny.item() == unit.item()
+    assert torch.equal(g_tiny, p.grad)
