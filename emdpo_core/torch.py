@@ -290,8 +290,9 @@ def pairwise_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_reject
     device = chosen.device
     rejected = _inputs.as_tensor(_inputs.require_policy_tensor(rejected_logps, names[1]),
                                  names[1], device)
-    ref_chosen = _inputs.as_tensor(ref_chosen_logps, names[2], device)
-    ref_rejected = _inputs.as_tensor(ref_rejected_logps, names[3], device)
+    exact = chosen.dtype == torch.float64  # Python floats: float64 for a float64 policy
+    ref_chosen = _inputs.as_tensor(ref_chosen_logps, names[2], device, exact_floats=exact)
+    ref_rejected = _inputs.as_tensor(ref_rejected_logps, names[3], device, exact_floats=exact)
     cols = (chosen, rejected, ref_chosen, ref_rejected)
     _inputs.check_columns(names, cols)
     for name, t in zip(names, cols):
@@ -398,7 +399,8 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
     offsets = _inputs.as_index(offsets, "offsets", policy.device)
     N = _inputs.n_records(offsets)
     if responsibilities is not None:
-        resp = _inputs.as_tensor(responsibilities, "responsibilities", policy.device)
+        resp = _inputs.as_tensor(responsibilities, "responsibilities", policy.device,
+                                 exact_floats=True)  # cast to the policy's dtype later
         if tuple(resp.shape) != (N, K):
             raise ValueError(f"responsibilities: expected shape ({N}, {K}) (one row per record, "
                              f"one column per type), got {tuple(resp.shape)}")
@@ -412,7 +414,7 @@ def mixture_dpo_loss(policy_logps, ref_logps, offsets, responsibilities=None, *,
                              f"{resp[i, k].item()} at index ({i}, {k}) (record {i}, type {k})")
         weights = resp.t()
     else:
-        weights = _inputs.as_tensor(weights, "weights", policy.device)
+        weights = _inputs.as_tensor(weights, "weights", policy.device, exact_floats=True)
         if tuple(weights.shape) != (K, N):
             raise ValueError(f"weights: expected shape ({K}, {N}) (one row per type, one column "
                              f"per record), got {tuple(weights.shape)}")

@@ -133,7 +133,8 @@ def test_weighted_mean_refuses_a_total_that_is_not_positive(case, device):
     r = np.full(10, -1.5)
     w = np.array([[1.0] * 5, NOT_POSITIVE[case]])
     kw = dict(beta=1.0, reduction="weighted_mean")
-    msg = "weights: reduction='weighted_mean' needs a positive sum of weights for every type; type 1"
+    msg = ("weights: reduction='weighted_mean' needs a positive sum of weights for every "
+           "type; type 1")
     with pytest.raises(ValueError, match=msg):
         ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
     if device == "cpu":
@@ -156,19 +157,29 @@ def test_python_numbers_are_read_as_float64(device):
     p = torch.tensor(rng.normal(-2, 1, 8), device=device)
     r = torch.tensor(rng.normal(-2, 1, 8), device=device)
     w = [0.1, 0.2, 0.3, 1e-50]
+    w64 = torch.tensor(w, dtype=torch.float64, device=device)
     kw = dict(beta=1.0, reduction="weighted_mean")
     got = et.listwise_dpo_loss(p, r, offsets, w, total_weight=1e-50, **kw)
-    want = et.listwise_dpo_loss(p, r, offsets, torch.tensor(w, dtype=torch.float64, device=device),
-                                total_weight=torch.tensor(1e-50, dtype=torch.float64), **kw)
+    want = et.listwise_dpo_loss(p, r, offsets, w64, **kw,
+                                total_weight=torch.tensor(1e-50, dtype=torch.float64,
+                                                          device=device))
     assert torch.isfinite(got) and got.item() == want.item()
-    sum_w = et.listwise_dpo_loss(p, r, offsets, w, beta=1.0, reduction="sum")
-    sum_t = et.listwise_dpo_loss(p, r, offsets, torch.tensor(w, dtype=torch.float64,
-                                                               device=device), beta=1.0,
-                                 reduction="sum")
-    assert sum_w.item() == sum_t.item()
+    kw = dict(beta=1.0, reduction="sum")
+    assert et.listwise_dpo_loss(p, r, offsets, w, **kw).item() == \
+        et.listwise_dpo_loss(p, r, offsets, w64, **kw).item()
     # ref_logps as a list: read in float64 for a float64 policy (no rounding through float32).
-    ref_list = et.listwise_dpo_loss(p, r.tolist(), offsets, beta=1.0, reduction="sum")
-    assert ref_list.item() == et.listwise_dpo_loss(p, r, offsets, beta=1.0, reduction="sum").item()
+    assert et.listwise_dpo_loss(p, r.tolist(), offsets, **kw).item() == \
+        et.listwise_dpo_loss(p, r, offsets, **kw).item()
+    # The same for the pairwise columns and the mixture loss's responsibilities.
+    pc, pr = p[0::2], p[1::2]
+    assert et.pairwise_dpo_loss(pc, pr, r[0::2].tolist(), r[1::2].tolist(), weights=w,
+                                **kw).item() == \
+        et.pairwise_dpo_loss(pc, pr, r[0::2], r[1::2], weights=w64, **kw).item()
+    resp = [[0.3, 0.7], [0.1, 0.9], [0.55, 0.45], [0.2, 0.8]]
+    P = torch.stack([p, p - 0.5])
+    resp64 = torch.tensor(resp, dtype=torch.float64, device=device)
+    assert et.mixture_dpo_loss(P, r, offsets, resp, **kw).item() == \
+        et.mixture_dpo_loss(P, r, offsets, resp64, **kw).item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
