@@ -16,18 +16,16 @@ import numpy as np
 def estep_data(seed=0, n_annotators=23, K=3, max_records=5):
     """Global E-step inputs: records of ragged lists with partial rankings, annotator ids
     (sparse integers, records interleaved), record weights."""
+    from conftest import random_layout, random_logps
+
     rng = np.random.default_rng(seed)
     per = rng.integers(1, max_records + 1, size=n_annotators)
     ids = 1000 + 7 * rng.permutation(n_annotators)
     annot = np.repeat(ids, per)
     annot = annot[rng.permutation(annot.shape[0])]          # records interleaved
     N = annot.shape[0]
-    m = rng.integers(2, 7, size=N)
-    offsets = np.concatenate([[0], np.cumsum(m)]).astype(np.int64)
-    n_ranked = np.array([rng.integers(1, mi) for mi in m], dtype=np.int64)
-    M = int(offsets[-1])
-    policy = rng.normal(-40, 3, size=(K, M))
-    ref = rng.normal(-40, 3, size=M)
+    offsets, n_ranked = random_layout(rng, N, 2, 6)
+    policy, ref = random_logps(rng, K, int(offsets[-1]))
     weights = rng.uniform(0.5, 2.0, size=N)
     log_weights = np.log(rng.dirichlet(np.ones(K) * 3))
     return dict(policy=policy, ref=ref, offsets=offsets, n_ranked=n_ranked, annot=annot,

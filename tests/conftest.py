@@ -3,6 +3,7 @@ list (DEVICES) with its helpers for tests that run on the CPU and on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import zlib
 
@@ -106,10 +107,22 @@ def segment_sums(values, annotator_offsets):
 
 
 @pytest.fixture
-def rng(request):
+def seed(request):
     # A fresh seed per test, derived from the test's name: reproducible, never shared.
-    seed = zlib.crc32(request.node.nodeid.encode())
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def rng(seed):
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny WordLevel tokenizer of hf_utils (for modules that called require_hf())."""
+    from hf_utils import tiny_tokenizer
+
+    return tiny_tokenizer()
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,6 +153,32 @@ def _cuda_skip_reason():
 
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """torch's intra-op thread count set to 1 for the block, restored after it.
+
+    The tests' models are tiny: torch's intra-op thread pool only adds synchronization, and
+    its idle OpenMP threads spin on the cores that the compiled kernels' threads need (on a
+    busy 2-core machine that made a 14 ms M-step take 1.5 s). Results do not depend on it."""
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """single_torch_thread() around a test; a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    with single_torch_thread():
+        yield
 CUDA = pytest.param("cuda", marks=[
     pytest.mark.cuda,
     pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))])

@@ -75,36 +75,26 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, attn_implementation: str =
     import transformers
 
     common = dict(vocab_size=vocab_size(), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    if kind == "llama":
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                          num_hidden_layers=layers, num_attention_heads=4,
-                                          num_key_value_heads=2, max_position_embeddings=512,
-                                          tie_word_embeddings=False, **common)
-        cls = transformers.LlamaForCausalLM
+    # The Llama-like families share one config (rotary positions, grouped-query attention,
+    # untied embeddings): (config class, model class, their own extra fields).
+    llama_like = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        # Qwen3's default head_dim is fixed, not hidden / heads.
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": hidden // 4}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    }
+    if kind in llama_like:
+        config_name, cls_name, extra = llama_like[kind]
+        config = getattr(transformers, config_name)(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=False, **extra, **common)
+        cls = getattr(transformers, cls_name)
     elif kind == "gpt2":
         config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
         cls = transformers.GPT2LMHeadModel
-    elif kind == "qwen2":
-        config = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden,
-                                          num_hidden_layers=layers, num_attention_heads=4,
-                                          num_key_value_heads=2, max_position_embeddings=512,
-                                          tie_word_embeddings=False, **common)
-        cls = transformers.Qwen2ForCausalLM
-    elif kind == "qwen3":
-        config = transformers.Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden,
-                                          num_hidden_layers=layers, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=hidden // 4,
-                                          max_position_embeddings=512,
-                                          tie_word_embeddings=False, **common)
-        cls = transformers.Qwen3ForCausalLM
-    elif kind == "mistral":
-        config = transformers.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                            num_hidden_layers=layers, num_attention_heads=4,
-                                            num_key_value_heads=2, max_position_embeddings=512,
-                                            sliding_window=None, tie_word_embeddings=False,
-                                            **common)
-        cls = transformers.MistralForCausalLM
     else:
         raise ValueError(f"kind must be 'llama', 'gpt2', 'qwen2', 'qwen3' or 'mistral', "
                          f"got {kind!r}")

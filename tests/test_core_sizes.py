@@ -15,14 +15,13 @@ import pytest
 
 from conftest import SUBPROCESS_CWD
 
-SCRIPT = r"""
-import sys
+# What both scripts start with: the cases table, filled by the script, run by RUN_CASES.
+CASES = r"""
 import numpy as np
 from emdpo_core import _core
 
 BIG = 2**63 - 1
-f8, i8 = np.float64, np.int64
-off = lambda *v: np.array(v, dtype=i8)
+K_WRAP = 2**62 + 1           # K_WRAP * 8 = 8 and K_WRAP * 4 = 4 (mod 2^64)
 cases = {}
 
 def case(name):
@@ -30,10 +29,45 @@ def case(name):
         cases[name] = fn
         return fn
     return register
+"""
+
+# Every case must raise ValueError or TypeError. Any other exception (for the CUDA entry
+# points: a RuntimeError from a call that reached the CUDA runtime) is printed as UNEXPECTED
+# and fails the test, after the remaining cases have run.
+RUN_CASES = r"""
+for name, fn in cases.items():
+    print(name, "...", end=" ", flush=True)
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        print("raised", type(e).__name__, str(e)[:100], flush=True)
+    except Exception as e:
+        print("UNEXPECTED", type(e).__name__, str(e)[:100], flush=True)
+    else:
+        print("RETURNED", flush=True)
+print("done")
+"""
+
+
+def run_cases(script):
+    """CASES + script + RUN_CASES in a child interpreter, so that a crash fails the test
+    instead of the suite; asserts it ended normally, ran to the end, and that every case
+    raised ValueError or TypeError. Returns its stdout."""
+    out = subprocess.run([sys.executable, "-c", CASES + script + RUN_CASES], cwd=SUBPROCESS_CWD,
+                         capture_output=True, text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
+    assert out.stdout.strip().endswith("done"), log
+    assert "RETURNED" not in out.stdout and "UNEXPECTED" not in out.stdout, log
+    return out.stdout
+
+
+SCRIPT = r"""
+f8, i8 = np.float64, np.int64
+off = lambda *v: np.array(v, dtype=i8)
 
 # 4 pairs (N = 4, M = 8) with K = 2^62 + 1 types: K * M = 8 (mod 2^64) and N * K = 4, the
 # lengths of the buffers passed, so only an overflow check stands between this and the kernel.
-K_WRAP = 2**62 + 1
 p8, r8, o4 = np.zeros(8), np.zeros(8), off(0, 2, 4, 6, 8)
 
 @case("listwise_loglik K*M wraps")
@@ -114,26 +148,11 @@ def _():
     if r != 1:
         raise AssertionError(r)
     raise ValueError("checked")
-
-for name, fn in cases.items():
-    print(name, "...", end=" ", flush=True)
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        print("raised", type(e).__name__, str(e)[:100], flush=True)
-    else:
-        print("RETURNED", flush=True)
-print("done")
 """
 
 
 def test_absurd_sizes_raise_instead_of_crashing():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=SUBPROCESS_CWD, capture_output=True,
-                         text=True, timeout=120)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
-    assert out.stdout.strip().endswith("done"), log
-    assert "RETURNED" not in out.stdout, log
+    run_cases(SCRIPT)
 
 
 # The CUDA entry points take device pointers as integers, which nothing can measure: the sizes
@@ -142,19 +161,7 @@ def test_absurd_sizes_raise_instead_of_crashing():
 # that reaches the CUDA runtime (RuntimeError without a device, a kernel on made-up pointers
 # with one) fails the test.
 CUDA_SCRIPT = r"""
-import numpy as np
-from emdpo_core import _core
-
-BIG = 2**63 - 1
-K_WRAP = 2**62 + 1           # K_WRAP * 8 = 8 and K_WRAP * 4 = 4 (mod 2^64)
 P = 1 << 20                  # a made-up, non-null "device pointer"
-cases = {}
-
-def case(name):
-    def register(fn):
-        cases[name] = fn
-        return fn
-    return register
 
 def loglik(N, M, K):
     _core.cuda_listwise_loglik("float64", P, P, P, 0, N, M, K, 1.0, P, P, 0)
@@ -196,18 +203,6 @@ for name, fn, args in [
 ]:
     for what, a in args.items():
         cases[f"cuda_{name} {what}"] = (lambda fn=fn, a=a: fn(*a))
-
-for name, fn in cases.items():
-    print(name, "...", end=" ", flush=True)
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        print("raised", type(e).__name__, str(e)[:100], flush=True)
-    except RuntimeError as e:
-        print("REACHED CUDA", str(e)[:100], flush=True)
-    else:
-        print("RETURNED", flush=True)
-print("done")
 """
 
 
@@ -217,10 +212,5 @@ def test_absurd_sizes_raise_before_any_cuda_call():
     if not _core.cuda:
         pytest.skip("emdpo_core was built without CUDA (build_info()['cuda'] is False): no "
                     "CUDA entry points to call")
-    out = subprocess.run([sys.executable, "-c", CUDA_SCRIPT], cwd=SUBPROCESS_CWD,
-                         capture_output=True, text=True, timeout=120)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, f"the process ended with {out.returncode}:\n{log}"
-    assert out.stdout.strip().endswith("done"), log
-    assert "RETURNED" not in out.stdout and "REACHED CUDA" not in out.stdout, log
-    assert out.stdout.count("raised ValueError") == out.stdout.count(" ... "), log
+    stdout = run_cases(CUDA_SCRIPT)
+    assert stdout.count("raised ValueError") == stdout.count(" ... "), stdout

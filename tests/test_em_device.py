@@ -14,16 +14,9 @@ from emdpo_core.em import _responsibilities
 torch = pytest.importorskip("torch", reason="the torch policy family needs torch")
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::emdpo_core.ConvergenceWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models: torch's thread pool only adds synchronization on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one torch thread (see conftest.single_torch_thread).
+pytestmark = [pytest.mark.filterwarnings("ignore::emdpo_core.ConvergenceWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 class HostPolicies(ec.TorchPolicies):

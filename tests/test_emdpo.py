@@ -14,18 +14,9 @@ from emdpo_core import PlackettLuceMixture, PreferenceData, RankingData
 
 torch = pytest.importorskip("torch", reason="the torch policy family needs torch")
 
-pytestmark = pytest.mark.filterwarnings("ignore::emdpo_core.ConvergenceWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # These models are tiny: torch's intra-op thread pool only adds synchronization, and its
-    # idle OpenMP threads spin on the cores that the compiled kernels' threads need (on a
-    # busy 2-core machine that made a 14 ms M-step take 1.5 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one torch thread (see conftest.single_torch_thread).
+pytestmark = [pytest.mark.filterwarnings("ignore::emdpo_core.ConvergenceWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def planted(seed, K=2, n_items=6, H=150, records=2, candidate_size=4, scale=1.5):

@@ -45,29 +45,29 @@ def digest(_=None):
 """
 
 KERNELS = COMMON + r"""
+def in_forked_process(target, timeout):
+    """What target(queue), run in a forked process, put on the queue."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(queue,))
+    proc.start()
+    result = queue.get(timeout=timeout)
+    proc.join(timeout=60)
+    return result
+
 def put_digest(queue):
     queue.put(digest())
 
 def fork_grandchild(queue):
     # A child of a forked child: its parent never ran a parallel region, its grandparent did.
-    ctx = mp.get_context("fork")
-    inner = ctx.Queue()
-    proc = ctx.Process(target=put_digest, args=(inner,))
-    proc.start()
-    queue.put(inner.get(timeout=60))
-    proc.join(timeout=60)
+    queue.put(in_forked_process(put_digest, 60))
 
 if __name__ == "__main__":
     parent, threads = digest()
     assert threads == 2, threads
     with mp.get_context("fork").Pool(2) as pool:
         children = pool.map_async(digest, range(3)).get(timeout=60)
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=fork_grandchild, args=(queue,))
-    proc.start()
-    children.append(queue.get(timeout=90))
-    proc.join(timeout=60)
+    children.append(in_forked_process(fork_grandchild, 90))
     # Serial in every forked descendant, and bitwise the parent's results.
     assert all(c == (parent, 1) for c in children), (parent, children)
     assert digest() == (parent, 2)         # the parent keeps its threads

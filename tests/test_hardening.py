@@ -21,7 +21,7 @@ import emdpo_core as ec
 from emdpo_core import PlackettLuceMixture, RankingData
 from emdpo_core.cli import main
 
-from conftest import SUBPROCESS_CWD
+from conftest import SUBPROCESS_CWD, random_layout, random_logps
 
 
 def _planted(seed=0, n=120, n_items=6):
@@ -544,10 +544,8 @@ def test_hedge_survives_huge_regrets():
 def test_kernels_called_from_many_threads_match_a_serial_call():
     rng = np.random.default_rng(12)
     N, K = 5000, 3                        # > 2048 records: the kernels' parallel path
-    m = rng.integers(2, 6, N)
-    off = np.concatenate([[0], np.cumsum(m)])
-    M = int(off[-1])
-    p, ref = rng.normal(-30, 2, (K, M)), rng.normal(-30, 2, M)
+    off, _ = random_layout(rng, N, 2, 5, partial=False)
+    p, ref = random_logps(rng, K, int(off[-1]), center=-30, scale=2)
     ao = np.concatenate([[0], np.sort(rng.choice(np.arange(1, N), 400, replace=False)), [N]])
     lw = np.log(np.full(K, 1.0 / K))
 

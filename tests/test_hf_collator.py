@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 
@@ -16,16 +14,6 @@ import torch  # noqa: E402
 from hf_utils import random_ranked_rows, tiny_model, tiny_tokenizer  # noqa: E402
 from emdpo_core.hf import (RankedListCollator, sequence_logps, token_logps,  # noqa: E402
                            validate_ranked_rows)
-
-
-@pytest.fixture
-def seed(request):
-    return zlib.crc32(request.node.nodeid.encode())
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def ids(tok, text):

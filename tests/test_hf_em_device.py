@@ -34,13 +34,8 @@ from emdpo_core.hf import EMDPOConfig, EMDPOTrainer  # noqa: E402
 LORA = {"llama": LORA_TARGETS, "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is fastest on a loaded machine; results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one torch thread (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _host_log_weights(resp, alpha):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ require_hf()
 
 import torch  # noqa: E402
 
-from hf_utils import random_ranked_rows, tiny_model, tiny_tokenizer  # noqa: E402
+from hf_utils import random_ranked_rows, tiny_model  # noqa: E402
 from emdpo_core.hf import (RankedListCollator, prefix_sharing_mask, resolve_layout,  # noqa: E402
                            sequence_logps, supports_prefix_sharing)
 
@@ -24,16 +22,6 @@ from emdpo_core.hf import (RankedListCollator, prefix_sharing_mask, resolve_layo
 # Parameter gradients: entries up to ~10, agree to ~1e-6 relative; we allow 1e-4 / 1e-5.
 LOGP_TOL = dict(rtol=1e-5, atol=1e-4)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture
-def seed(request):
-    return zlib.crc32(request.node.nodeid.encode())
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def test_shared_layout_positions_segments(tok):

@@ -31,14 +31,8 @@ B_WORDS = [f"w{i}" for i in range(10, 20)]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is fastest, and a shared loaded machine makes OpenMP spin-waits
-    # of two threads very slow. Results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one torch thread (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seed(name: str) -> int:

@@ -23,12 +23,8 @@ from hf_utils import tiny_model, tiny_tokenizer  # noqa: E402
 BETA = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one torch thread (see conftest.single_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pair_rows(rng, n, weights=None):

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import random_layout, random_logps
+
 import emdpo_core as ec
 from emdpo_core import diagnostics
 
@@ -39,12 +41,8 @@ def pl_loglik(policy, ref, offsets, n_ranked, beta):
 
 
 def random_records(rng, N, K):
-    lengths = rng.integers(2, 6, size=N)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    n_ranked = np.array([rng.integers(1, m) for m in lengths], dtype=np.int64)
-    M = int(offsets[-1])
-    policy = rng.normal(-20.0, 2.0, size=(K, M))
-    ref = rng.normal(-20.0, 2.0, size=M)
+    offsets, n_ranked = random_layout(rng, N, 2, 5)
+    policy, ref = random_logps(rng, K, int(offsets[-1]), center=-20.0, scale=2.0)
     return offsets, n_ranked, policy, ref
 
 

@@ -28,14 +28,21 @@ def test_subnormal_float64_weights_numpy(rng):
     np.testing.assert_array_equal(tiny[1], unit[1])
 
 
+def scaling_problem(rng, K, N, first):
+    """A random weighted_mean problem for the scale-invariance tests: (p, r, offsets, w, kw).
+    Weights are small integers 0..3 (powers of two times them are exact), the first record's
+    ``first`` for every type, so that no type's weights sum to 0."""
+    offsets, n_ranked = random_layout(rng, N)
+    p, r = random_logps(rng, K, offsets[-1])
+    w = rng.integers(0, 4, (K, N)).astype(np.float64)
+    w[:, 0] = first
+    return p, r, offsets, w, dict(beta=0.7, n_ranked=n_ranked, reduction="weighted_mean")
+
+
 @pytest.mark.parametrize("scale", [1e-300, 1e-310, 2.0 ** -1074, 1e300])
 def test_weighted_mean_is_scale_invariant_float64(rng, scale):
-    offsets, n_ranked = random_layout(rng, 30)
-    p, r = random_logps(rng, 3, offsets[-1])
     # Powers of two times small integers: exact after scaling by any power of two.
-    w = rng.integers(0, 4, (3, 30)).astype(np.float64)
-    w[:, 0] = 1.0
-    kw = dict(beta=0.7, n_ranked=n_ranked, reduction="weighted_mean")
+    p, r, offsets, w, kw = scaling_problem(rng, K=3, N=30, first=1.0)
     big = ec.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
     # 2^-1074 * 3 etc. are exact; 1e-300 and 1e-310 round w * scale, relative 1e-16 (1e-310
     # is subnormal: 1e-310 has 2^-1074 / 1e-310 ~ 5e-14 relative spacing).
@@ -100,11 +107,7 @@ def test_reference_weighted_mean_is_scale_invariant(rng, scale):
     # 2^-1074: 1 / sum overflowed; 2^1021 * (up to 3 per record, 20 records): the sum itself
     # overflows. Powers of two times small integers keep the weights exact (1e-310 rounds
     # them, relative 5e-14 at that subnormal spacing, hence rtol 1e-12).
-    offsets, n_ranked = random_layout(rng, 20)
-    p, r = random_logps(rng, 2, offsets[-1])
-    w = rng.integers(0, 4, (2, 20)).astype(np.float64)
-    w[:, 0] = 3.0
-    kw = dict(beta=0.7, n_ranked=n_ranked, reduction="weighted_mean")
+    p, r, offsets, w, kw = scaling_problem(rng, K=2, N=20, first=3.0)
     with np.errstate(all="raise"):            # no overflow, no division by zero
         small = ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w * scale, **kw)
     unit = ref_ops.listwise_dpo_loss_and_grad(p, r, offsets, w, **kw)
