@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import single_torch_thread
 
 import emdpo_core as ec
 
@@ -145,19 +146,15 @@ def test_old_plackett_luce_checkpoint_predicts_identically():
 
 
 def test_old_emdpo_checkpoint_predicts_identically():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     make = _maker()
 
     old = np.load(os.path.join(DATA, "old_predictions.npz"))
     pop = make.population()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread():
         model = ec.EMDPO.load(os.path.join(DATA, "old_emdpo.npz"), policies=make.emdpo_family(pop))
         np.testing.assert_array_equal(model.weights_, old["em_weights"])
         np.testing.assert_array_equal(model.predict(pop.data), old["em_labels"])
         # As above: summation order may change with the instruction set, by a few ulps.
         np.testing.assert_allclose(model.predict_proba(pop.data), old["em_proba"], rtol=1e-12,
                                    atol=1e-15)
-    finally:
-        torch.set_num_threads(n)

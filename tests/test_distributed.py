@@ -18,6 +18,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import _dist_scenarios as sc  # noqa: E402
 from _dist_harness import run_group, value  # noqa: E402
+from conftest import single_torch_thread  # noqa: E402
 
 import emdpo_core as ec  # noqa: E402
 from emdpo_core import distributed  # noqa: E402
@@ -414,18 +415,12 @@ def test_emdpo_trainer_under_ddp_equals_one_process(tmp_path, group):
 
 
 def _one_process_trainer(out):
-    import torch
-
     import _ddp_trainer as ddp
     from test_hf_trainer import make_trainer
 
     rows, params = ddp.rows_and_params()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread():
         t = make_trainer(str(out), rows, per_device_train_batch_size=8,
                          **dict(params, save_strategy="no"))
         t.train()
-    finally:
-        torch.set_num_threads(n)
     return t

@@ -46,7 +46,7 @@ def digest(_=None):
 
 KERNELS = COMMON + r"""
 def in_forked_process(target, timeout):
-    """What target(queue), run in a forked process, put on the queue."""
+    # What target(queue), run in a forked process, put on the queue.
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(queue,))
