@@ -23,31 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_reference as tref  # noqa: E402
 
 import emdpo_core as ec  # noqa: E402
-from emdpo_core.bench import harness  # noqa: E402
+from emdpo_core.bench import harness, make_layout  # noqa: E402
 from emdpo_core.bench.routines import reference as _reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_data(N, m, K, n_annotators, seed=0):
-    rng = np.random.default_rng(seed)
-    M = N * m
-    offsets = np.arange(0, M + 1, m, dtype=np.int64)
-    # Drawn in float32 and shifted in place: no float64 temporaries, so the process's peak
-    # memory before the E-step is its current memory (peak_extra_memory_mb relies on it).
-    policy = rng.standard_normal((K, M), dtype=np.float32)
-    policy *= 3.0
-    policy -= 40.0
-    ref = rng.standard_normal(M, dtype=np.float32)
-    ref *= 3.0
-    ref -= 40.0
-    # Records already grouped by annotator (as group_by_annotator leaves them): contiguous
-    # blocks of random sizes.
-    cuts = np.sort(rng.choice(np.arange(1, N), n_annotators - 1, replace=False))
-    aoff = np.concatenate([[0], cuts, [N]]).astype(np.int64)
-    weights = rng.uniform(0.0, 1.0, size=N).astype(np.float32)
-    log_w = np.log(rng.dirichlet(np.ones(K)))
-    return dict(policy=policy, ref=ref, offsets=offsets, aoff=aoff, weights=weights, log_w=log_w)
+    """The suite's random workload (emdpo_core.bench.make_layout: float32 drawn in place, no
+    float64 temporaries; records grouped by annotator) as a dict of arrays; the single-type
+    loss takes the first type's row of M-step weights."""
+    d = make_layout(N, m, K, n_annotators, seed)
+    return dict(policy=d.policy, ref=d.ref, offsets=d.offsets, aoff=d.aoff,
+                weights=np.ascontiguousarray(d.weights[0]), log_w=d.log_w)
 
 
 def check_against_reference(d, beta):

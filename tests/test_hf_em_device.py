@@ -86,10 +86,7 @@ class HostEMTrainer(EMDPOTrainer):
         em.history.append(entry)
         self._set_record_weights()
         if log:
-            logs = {"em/iteration": em.n_e_steps, "em/loglik": entry["loglik_per_record"]}
-            for k, w in enumerate(entry["weights"]):
-                logs[f"em/weight_{k}"] = w
-            self.log(logs)
+            self._log_e_step(entry)
         return entry
 
 

@@ -380,11 +380,15 @@ class EMDPOTrainer(Trainer):
                            comm=self._comm(), step=self.state.global_step)
         self._set_record_weights()
         if log:
-            logs = {"em/iteration": em.n_e_steps, "em/loglik": entry["loglik_per_record"]}
-            for k, w in enumerate(entry["weights"]):
-                logs[f"em/weight_{k}"] = w
-            self.log(logs)
+            self._log_e_step(entry)
         return entry
+
+    def _log_e_step(self, entry: dict) -> None:
+        """em/iteration, em/loglik (per record) and em/weight_k into the Trainer's log."""
+        logs = {"em/iteration": entry["em_iteration"], "em/loglik": entry["loglik_per_record"]}
+        for k, w in enumerate(entry["weights"]):
+            logs[f"em/weight_{k}"] = w
+        self.log(logs)
 
     def _between_m_steps(self, control):
         history = self._em.history
